@@ -1,0 +1,1 @@
+"""Core algorithms: numpy and torch only (no Qt, no napari, no file formats)."""
