@@ -43,12 +43,12 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise InputError(
-            f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps"
-        ) from None
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {name!r} asked for but this machine has no CUDA: use --device cpu")
+            raise InputError(
+                f"device {name!r} asked for but this machine has no CUDA: use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(
                 f"device {name!r} does not exist: this machine has "
@@ -57,7 +57,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise InputError(f"device {name!r} asked for but MPS is not available: use --device cpu")
+            raise InputError(
+                f"device {name!r} asked for but MPS is not available: use --device cpu"
+            )
     elif device.type != "cpu":
         raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
