@@ -78,18 +78,24 @@ def test_argmin_exact_on_adversarial_near_ties(monkeypatch: pytest.MonkeyPatch) 
     far_gaps[n // 2 :] = -1.0  # far copies compete only for the first half of the rows
     psi64[2 * n + ar] = dist(2 * n + ar) - dist(2 * ar) + far_gaps
     psi = psi64.float()
-    calls = {"multi": 0, "brute": 0}
+    calls = {"multi": 0, "across": 0, "brute": 0}
     real_multi, real_brute = semidual._resolve_multi, semidual._brute_force64
+    real_across = semidual._resolve_across_groups
 
     def multi(*a: object) -> torch.Tensor:
         calls["multi"] += 1
         return real_multi(*a)
+
+    def across(*a: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["across"] += 1
+        return real_across(*a)
 
     def brute(*a: object) -> torch.Tensor:
         calls["brute"] += 1
         return real_brute(*a)
 
     monkeypatch.setattr(semidual, "_resolve_multi", multi)
+    monkeypatch.setattr(semidual, "_resolve_across_groups", across)
     monkeypatch.setattr(semidual, "_brute_force64", brute)
     monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
     want, _ = brute_force(x, y, psi)
@@ -97,8 +103,27 @@ def test_argmin_exact_on_adversarial_near_ties(monkeypatch: pytest.MonkeyPatch) 
         np.testing.assert_array_equal(
             c_transform_argmin(x, y, psi, precision=precision).numpy(), want
         )
-    # near-ties were detected and resolved in float64 (both fallbacks exercised)
-    assert calls["multi"] > 0 and calls["brute"] > 0
+    # near-ties were detected and resolved in float64 (within and across groups)
+    assert calls["multi"] > 0 and calls["across"] > 0
+    # with room for a single candidate only, cross-group ties go to the brute force
+    monkeypatch.setattr(semidual, "CROSS_CANDIDATES", 1)
+    np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)
+    assert calls["brute"] > 0
+
+
+def test_argmin_exact_with_duplicate_references() -> None:
+    """Exact duplicates (flat regions of real scans) tie: the lowest index wins, as in float64."""
+    g = torch.Generator().manual_seed(5)
+    d = 36
+    distinct = torch.rand(200, d, generator=g)
+    flat = torch.full((1, d), 0.25)
+    # 40 identical flat patches spread over many groups, among distinct ones
+    y = torch.cat([distinct[:100], flat.expand(20, d), distinct[100:], flat.expand(20, d)])
+    x = torch.cat([flat + 1e-3 * torch.randn(300, d, generator=g), torch.rand(100, d, generator=g)])
+    psi = torch.zeros(y.shape[0])
+    want, _ = brute_force(x, y, psi)
+    np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)
+    assert (c_transform_argmin(x[:300], y, psi) == 100).float().mean() > 0.9
 
 
 def test_argmin_identical_references_and_ties_to_first() -> None:

@@ -62,6 +62,8 @@ THREADED = True
 #: Unit round-off of the precisions used for candidate scores.
 _UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8}
 _PAD_SCORE = 1e30
+#: Candidates re-ranked in float64 when a row's winner is not certified across groups.
+CROSS_CANDIDATES = 32
 
 
 def _check_inputs(x: Tensor, y: Tensor, psi: Tensor) -> None:
@@ -181,7 +183,7 @@ class _Engine:
         x_aug = torch.cat([xc, torch.ones(xc.shape[0], 1, dtype=xc.dtype, device=xc.device)], 1)
         return x_aug, 2.0 * self.bound(xc)
 
-    def block(self, x_aug: Tensor, bound2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def block(self, x_aug: Tensor, bound2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Certified candidates for prepared rows ``x_aug`` (R, d+1) with bounds ``bound2``.
 
         Returns
@@ -190,9 +192,11 @@ class _Engine:
             Winning index (valid where ``status == 0``).
         status
             0: certified single candidate, 1: several candidates in the winning group
-            (re-rank ``group`` in float64), 2: not certified (float64 brute force).
+            (re-rank ``group`` in float64), 2: not certified across groups.
         group
             Winning group per row.
+        scores
+            The computed (M_pad, R) score block.
         """
         r = x_aug.shape[0]
         if self.precision == "bf16":
@@ -222,7 +226,7 @@ class _Engine:
         idx = g1 * b + cand.argmin(1)
         status = torch.where(n_cand > 1, 1, 0)
         status = torch.where(group_ok, status, 2)
-        return idx, status, g1
+        return idx, status, g1, scores
 
 
 def _resolve_multi(
@@ -238,6 +242,39 @@ def _resolve_multi(
     s = _exact_scores(x[rows].double(), y64, p64)
     s = s.masked_fill(~valid, math.inf)
     return kc.gather(1, s.argmin(1, keepdim=True)).squeeze(1)
+
+
+def _resolve_across_groups(
+    engine: _Engine,
+    x: Tensor,
+    y: Tensor,
+    psi: Tensor,
+    rows: Tensor,
+    scores: Tensor,
+    bound2: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Float64 re-rank of every candidate within the error bound, across groups.
+
+    Real patches contain exact duplicates (flat regions, saturated pixels) whose ties span
+    groups. For such rows the ``CROSS_CANDIDATES`` smallest computed scores hold every point
+    within ``2 E_j`` of the best one, unless more points are that close; those candidates are
+    re-ranked exactly. Returns the winners and the mask of rows resolved this way (the others
+    go to the float64 brute force).
+    """
+    k = min(CROSS_CANDIDATES + 1, scores.shape[0])
+    vals, cand = scores[:, rows].T.topk(k, dim=1, largest=False)  # (U, k), ascending
+    within = vals <= vals[:, :1] + bound2[rows][:, None]
+    if k > CROSS_CANDIDATES:
+        ok = ~within[:, -1]
+    else:
+        ok = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    cand = cand.clamp(max=engine.m - 1)
+    s64 = _exact_scores(x[rows].double(), y[cand].double(), psi[cand].double())
+    s64 = s64.masked_fill(~within, math.inf)
+    # the lowest index among exact ties, as a float64 brute-force argmin picks
+    tied = s64 == s64.min(1, keepdim=True).values
+    winner = torch.where(tied, cand, torch.full_like(cand, engine.m)).min(1).values
+    return winner, ok
 
 
 def _run_blocks(
@@ -256,12 +293,18 @@ def _run_blocks(
     pending: list[Tensor] = []
     for start in starts:
         stop = min(n, start + rows)
-        idx, status, groups = engine.block(x_aug[start:stop], bound2[start:stop])
+        idx, status, groups, scores = engine.block(x_aug[start:stop], bound2[start:stop])
         multi = torch.nonzero(status == 1).squeeze(1)
         if multi.numel():
             idx[multi] = _resolve_multi(engine, x[start:stop], y, psi, multi, groups[multi])
-        out[start:stop] = idx
         bad = torch.nonzero(status == 2).squeeze(1)
+        if bad.numel():
+            winner, ok = _resolve_across_groups(
+                engine, x[start:stop], y, psi, bad, scores, bound2[start:stop]
+            )
+            idx[bad[ok]] = winner[ok]
+            bad = bad[~ok]
+        out[start:stop] = idx
         if bad.numel():
             pending.append(bad + start)
     return pending
