@@ -37,12 +37,38 @@ def float64_check(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, rows: int
     return semidual._brute_force64(x[:rows], y, psi).numpy()
 
 
-def bench_speed(n: int, m: int, d: int, repeats: int, seed: int, check_rows: int) -> None:
+def speed_inputs(
+    data: str, n: int, m: int, d: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform random clouds, or real SiC patches (with their exact duplicates) and a ψ."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, d, generator=g)
-    y = torch.rand(m, d, generator=g)
-    psi = 0.1 * torch.rand(m, generator=g)
-    print(f"## c-transform argmin: N={n:,} M={m:,} d={d}, torch threads={torch.get_num_threads()}")
+    if data == "random":
+        return (
+            torch.rand(n, d, generator=g),
+            torch.rand(m, d, generator=g),
+            0.1 * torch.rand(m, generator=g),
+        )
+    from PIL import Image
+
+    side = int(round(d**0.5))
+    ref = np.asarray(Image.open(DATA / "sic" / "ref_SiC.png"))
+    hr = np.asarray(Image.open(DATA / "sic" / "hr_SiC.png"))
+    y = sample_reference_patches(ref, m, side, seed=seed)
+    x = sample_reference_patches(hr, n, side, seed=seed + 1)
+    prior = WassersteinPatchPrior(y)
+    prior.ascend(x[:20_000], 10)  # a ψ as met during a reconstruction
+    return x, y, prior.psi.clone()
+
+
+def bench_speed(
+    n: int, m: int, d: int, repeats: int, seed: int, check_rows: int, data: str = "random"
+) -> None:
+    x, y, psi = speed_inputs(data, n, m, d, seed)
+    n = x.shape[0]
+    print(
+        f"## c-transform argmin on {data} data: N={n:,} M={m:,} d={d}, "
+        f"torch threads={torch.get_num_threads()}"
+    )
     engines = {"engine (torch, default)": lambda: c_transform_argmin(x, y, psi)}
     if semidual._faiss_available():
         engines["engine (faiss backend)"] = lambda: c_transform_argmin(x, y, psi, backend="faiss")
@@ -116,6 +142,11 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-solvers", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data",
+        default="random,sic",
+        help="speed inputs: random (uniform), sic (real patches, needs ../shared/data) or both",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +155,11 @@ def main() -> None:
 
             faiss.omp_set_num_threads(args.threads)
     if not args.skip_speed:
-        bench_speed(args.n, args.m, args.d, args.repeats, args.seed, args.check_rows)
+        for data in args.data.split(","):
+            if data == "sic" and not (DATA / "sic" / "ref_SiC.png").exists():
+                print(f"## speed on sic data: skipped, real data not found in {DATA}")
+                continue
+            bench_speed(args.n, args.m, args.d, args.repeats, args.seed, args.check_rows, data)
     if not args.skip_solvers:
         marks = sorted(int(v) for v in args.passes.split(","))
         bench_solvers(args.solver_n, marks, args.solvers.split(","))
