@@ -428,6 +428,32 @@ def test_reconstruct_three_iterations(
     assert abs(result.astype(float).mean() - low.mean()) < 10
 
 
+def test_reconstruct_one_slice_of_a_stack(
+    capsys: pytest.CaptureFixture, tmp_path: Path, small_pair: tuple[Path, Path], operators
+) -> None:
+    lr, ref = small_pair
+    stack = tmp_path / "stack.tif"
+    planes = [_uint8(_smooth_image((16, 16), seed=s)) for s in (1, 2, 3)]
+    tifffile.imwrite(stack, np.stack(planes), photometric="minisblack")
+    common = ["--reference", ref, "--scale", 2, "--iterations", 2, "--device", "cpu"]
+    out = tmp_path / "sr.tif"
+    _assert_bad_input(*_run(capsys, "reconstruct", "--lr", stack, *common, "--out", out), "--slice")
+    _assert_bad_input(
+        *_run(capsys, "reconstruct", "--lr", stack, "--slice", 3, *common, "--out", out), "0 to 2"
+    )
+    _assert_bad_input(
+        *_run(capsys, "reconstruct", "--lr", lr, "--slice", 0, *common, "--out", out), "2D"
+    )
+    assert not out.exists()
+    code, _, err = _run(capsys, "reconstruct", "--lr", stack, "--slice", 1, *common, "--out", out)
+    assert code == 0, err
+    result = tifffile.imread(out).astype(float)
+    assert result.shape == (32, 32)
+    # the chosen slice, not another one, was reconstructed
+    errors = [abs(result.mean() - plane.astype(float).mean()) for plane in planes]
+    assert int(np.argmin(errors)) == 1
+
+
 def test_reconstruct_small_reference(
     capsys: pytest.CaptureFixture, tmp_path: Path, small_pair: tuple[Path, Path], operators
 ) -> None:

@@ -199,7 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Prior, using an HR reference of the same material. The output TIFF has the LR "
         "image's dtype and intensity range.",
     )
-    p.add_argument("--lr", required=True, metavar="LR", help="LR image (2D)")
+    p.add_argument(
+        "--lr", required=True, metavar="LR", help="LR image (2D, or a 3D stack with --slice)"
+    )
+    p.add_argument(
+        "--slice",
+        type=int,
+        metavar="Z",
+        help="index of the slice to reconstruct when LR is a 3D stack",
+    )
     p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
     _add_operator_flags(p)
     p.add_argument(
@@ -207,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="lam",
         type=_lambda,
         metavar="L",
-        help="weight λ of the patch prior (default: the library default)",
+        help="weight λ of the patch prior, mean data term (default 0.008)",
     )
     p.add_argument(
         "--minutes",
@@ -764,9 +772,23 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     out = _check_output(args.out)
     device = _check_device(args.device)
     operator = _operator_from_args(args)
-    lr_data = _read(args.lr, "LR image", ndims=(2,))
+    lr_data = _read(args.lr, "LR image", ndims=(2, 3))
     ref_data = _read(args.reference, "reference", ndims=(2, 3))
     lr, ref = np.asarray(lr_data.array), np.asarray(ref_data.array)
+    if lr.ndim == 3:
+        if args.slice is None:
+            raise InputError(
+                f"LR image {args.lr!r} is a {_shape_text(lr.shape)} stack: choose the slice to "
+                "reconstruct with --slice Z"
+            )
+        if not -lr.shape[0] <= args.slice < lr.shape[0]:
+            raise InputError(
+                f"--slice {args.slice} is outside the stack of {lr.shape[0]} slices: "
+                f"use 0 to {lr.shape[0] - 1}"
+            )
+        lr = lr[args.slice]
+    elif args.slice is not None:
+        raise InputError(f"--slice is for 3D stacks but {args.lr!r} is 2D: drop --slice")
 
     from napari_wpp.core.reconstruct import (
         DEFAULT_LAMBDA,
