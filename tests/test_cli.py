@@ -700,3 +700,11 @@ def test_demo_tiny_budget(capsys: pytest.CaptureFixture, tmp_path: Path, operato
         assert set(payload["metrics"][method]) == {"psnr", "ssim", "blur_effect"}
         assert 5 < payload["metrics"][method]["psnr"] < 60
     assert payload["iterations"] >= 1
+
+
+def test_lambda_help_matches_library_default(capsys: pytest.CaptureFixture) -> None:
+    from napari_wpp.core.reconstruct import DEFAULT_LAMBDA
+
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--help"])
+    assert f"default {DEFAULT_LAMBDA:g}" in " ".join(capsys.readouterr().out.split())
