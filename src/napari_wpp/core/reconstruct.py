@@ -12,6 +12,7 @@ code: :class:`ReconstructionProgress` while it runs, :class:`ReconstructionFinis
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -205,7 +206,6 @@ def reconstruct_variational(
     reference = np.asarray(reference, dtype=np.float32)
     _check_inputs(lr, reference, config)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
     lam = DEFAULT_LAMBDA if config.lam is None else config.lam
@@ -213,7 +213,7 @@ def reconstruct_variational(
     p = config.patch_size
     border = p - 1 if config.border is None else config.border
 
-    operator = operator.to(device)
+    operator = copy.deepcopy(operator).to(device)  # Module.to would move the caller's one
     y = torch.from_numpy(lr).to(device)
     with torch.no_grad():
         init = upsample_aligned(y, operator).float()
