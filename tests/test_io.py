@@ -241,3 +241,20 @@ def test_read_operator_bad_files(tmp_path: Path, operators) -> None:
 def test_write_operator_missing_directory(tmp_path: Path, operators) -> None:
     op = operators.GaussianDownsampling(2, 1.0, anchor="center")
     _one_line_error(io.write_operator, tmp_path / "no" / "op.json", op, match="create it first")
+
+
+def test_three_slice_stack_written_with_tifffile_defaults_stays_a_stack(tmp_path) -> None:
+    """tifffile tags a (3, Y, X) uint8 array as planar RGB; it is a stack of slices here."""
+    import warnings
+
+    stack = np.arange(3 * 8 * 9, dtype=np.uint8).reshape(3, 8, 9)
+    path = tmp_path / "three.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tifffile.imwrite(path, stack)
+    np.testing.assert_array_equal(io.read_image(path).array, stack)
+    same = np.stack([stack[0]] * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tifffile.imwrite(path, same)
+    assert io.read_image(path).array.shape == (3, 8, 9)

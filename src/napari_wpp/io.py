@@ -200,6 +200,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, str 
         array = np.asarray(series.asarray())
         axes = series.axes
         pixel_size, unit = _tiff_pixel_size(tif)
+    if axes.startswith("S") and array.ndim == 3:
+        # Planar "samples" in front of Y, X: what tifffile writes by default for a stack of
+        # 3 or 4 slices (tagged RGB). Scans of materials are not colour: keep it as a stack.
+        axes = "Z" + axes[1:]
     if "S" in axes and array.shape[axes.index("S")] > 1:
         s = axes.index("S")
         array = np.moveaxis(array, s, -1)
