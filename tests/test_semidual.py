@@ -301,3 +301,40 @@ def test_argmin_exact_on_cuda() -> None:
     cpu, gpu = WassersteinPatchPrior(y), WassersteinPatchPrior(y).to("cuda")
     assert cpu.ascend(x, 3) == pytest.approx(gpu.ascend(x.cuda(), 3), rel=1e-5)
     torch.testing.assert_close(gpu.psi.cpu(), cpu.psi, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_score_error_bound_holds(scale: float) -> None:
+    """Computed float32 score differences stay within twice the bound E_j of float64 ones."""
+    g = torch.Generator().manual_seed(21)
+    d = 36
+    y = scale * (0.5 + torch.rand(300, d, generator=g))
+    x = scale * (0.5 + torch.rand(200, d, generator=g))
+    psi = scale**2 * torch.rand(300, generator=g)
+    engine = semidual._Engine(x, y, psi, "fp32")
+    x_aug, bound2 = engine.prepare_rows(x)
+    s32 = torch.mm(engine.y_aug, x_aug.T)[: y.shape[0]].T.double()  # (N, M), original order
+    x64, y64 = x.double(), y.double()
+    s64 = ((x64[:, None, :] - y64[None]) ** 2).sum(-1) - psi.double()
+    best = s64.argmin(1, keepdim=True)
+    err = (s32 - s32.gather(1, best)) - (s64 - s64.gather(1, best))
+    assert bool((err.abs() <= bound2.double()[:, None]).all())
+    # the bound is not vacuous: a few hundred ulps of the score scale
+    assert float(bound2.max()) < 1e-3 * float(s64.abs().max())
+
+
+def test_argmin_exact_with_small_cross_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-group ties are re-ranked exactly whatever the batching of their score columns."""
+    g = torch.Generator().manual_seed(8)
+    d = 16
+    flat = torch.full((1, d), 0.5)
+    y = torch.cat([torch.rand(150, d, generator=g), flat.expand(10, d), torch.rand(150, d)])
+    y = torch.cat([y, flat.expand(10, d)])
+    x = torch.cat([flat + 1e-4 * torch.randn(200, d, generator=g), torch.rand(100, d)])
+    psi = torch.zeros(y.shape[0])
+    want, _ = brute_force(x, y, psi)
+    monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
+    monkeypatch.setattr(semidual, "BLOCK_ELEMS", 8 * 1024)
+    for batch in (1, 7, 1000):
+        monkeypatch.setattr(semidual, "CROSS_BATCH", batch)
+        np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)

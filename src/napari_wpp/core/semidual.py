@@ -27,15 +27,24 @@ its operations single-threaded: many small parallel operations would otherwise e
 OpenMP barrier, which is slow on a busy machine. While a call runs, torch's thread count is
 set to 1 in the workers and restored afterwards.
 
-The error bound (u = unit round-off of the score precision, d = dimension) is
-``E_j = 2 (d + 6) u (2 |x_j| max_k |y_k| + max_k |c_k| + max_k |y_k|²)``, a safety factor 2
-over the standard bound for inner products computed with recursive or blocked summation.
+The error bound (u = unit round-off of float32, d = dimension, T_j = 2 |x_j| max_k |y_k| +
+max_k |c_k|, centred coordinates) is ``E_j = (d + 6) u T_j + 3 u max_k |y_k|²`` for float32
+inputs. It is rigorous to first order in u with room to spare: a score is a (d+1)-term dot
+product, whose error in any summation order (blocked, FMA) is at most ``γ_{d+1} Σ|terms| ≤
+γ_{d+1} T_j`` with γ_K = K u / (1 − K u); rounding the centred inputs to float32 perturbs
+``−2 x·y_k`` by at most ``2 u · 2 |x_j| |y_k|`` and ``|y_k|²`` by ``2 u |y_k|²``, rounding c by
+``u |c_k|``; twice this per-score error plus the rounding of the threshold ``m₁ + 2 E_j``
+(``u T_j``) is ``(2d + 9) u T_j + 4 u max |y_k|² ≤ 2 E_j``. (The row constant ``|x_j|²`` and
+its rounding do not change the argmin.) For other input dtypes (rounded to float32 first)
+the bound keeps a safety factor 2. Lower candidate precisions (bf16) add ``8 u_lo 2 |x_j|
+max_k |y_k|``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,11 +68,15 @@ BLOCK_ELEMS = 1 << 20
 GROUP_SIZE = 64
 #: On the CPU, run blocks on worker threads (one per torch thread) instead of parallel ops.
 THREADED = True
+#: Interleaved score rows (group minima reduce over the outer dimension).
+INTERLEAVED = True
 #: Unit round-off of the precisions used for candidate scores.
 _UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8}
 _PAD_SCORE = 1e30
 #: Candidates re-ranked in float64 when a row's winner is not certified across groups.
 CROSS_CANDIDATES = 32
+#: Rows not certified across groups whose score columns are scanned together.
+CROSS_BATCH = 64
 
 
 def _check_inputs(x: Tensor, y: Tensor, psi: Tensor) -> None:
@@ -130,12 +143,24 @@ def _brute_force64(x: Tensor, y: Tensor, psi: Tensor) -> Tensor:
     return torch.cat(out)
 
 
+#: Per-thread reusable score buffer (CPU): a fresh 4 MB block per matmul costs page faults.
+_BUFFERS = threading.local()
+
+
 def _score_block(y_aug: Tensor, x_aug: Tensor) -> Tensor:
     """Scores of one block: (M_pad, d+1) @ (R, d+1)ᵀ → (M_pad, R).
 
-    Kept as a separate function so tests can observe the block shapes (memory bound).
+    Kept as a separate function so tests can observe the block shapes (memory bound). On the
+    CPU the result lives in a per-thread buffer, valid until the thread's next block.
     """
-    return torch.mm(y_aug, x_aug.T)
+    m, r = y_aug.shape[0], x_aug.shape[0]
+    if y_aug.device.type != "cpu" or y_aug.dtype != torch.float32:
+        return torch.mm(y_aug, x_aug.T)
+    buf = getattr(_BUFFERS, "scores", None)
+    if buf is None or buf.numel() < m * r:
+        buf = torch.empty(max(m * r, BLOCK_ELEMS), dtype=torch.float32)
+        _BUFFERS.scores = buf
+    return torch.mm(y_aug, x_aug.T, out=buf[: m * r].view(m, r))
 
 
 class _Engine:
@@ -160,22 +185,37 @@ class _Engine:
         y_aug[:m, d] = c
         y_aug[m:, d] = _PAD_SCORE
         self.y_aug = y_aug
+        # score rows: point k = g B + b of group g sits at row g B + b, or interleaved at b G + g
+        # (the group minimum is then a reduction over the outer dimension, faster on the CPU)
+        g, b = self.n_groups, self.group
+        if INTERLEAVED:
+            perm = torch.arange(m_pad, device=device).view(g, b).T.reshape(-1)
+            self.y_rows = y_aug[perm].contiguous()
+            self.stride_g, self.stride_b = 1, g
+        else:
+            self.y_rows = y_aug
+            self.stride_g, self.stride_b = b, 1
+        self._offset_cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         if precision == "bf16":
             # candidate scores from bf16-rounded coordinates; c stays float32
-            self.c_pad = y_aug[:, d].clone()
-            self.y_lo = y_aug[:, :d].to(torch.bfloat16)
+            self.c_pad = self.y_rows[:, d].clone()
+            self.y_lo = self.y_rows[:, :d].to(torch.bfloat16)
         ynorm = yc.double().norm(dim=1)
         self.ymax = float(ynorm.max())
-        self.const = float(c64.abs().max()) + self.ymax**2
+        self.const = float(c64.abs().max())
         u32 = _UNIT_ROUNDOFF["fp32"]
-        self.k32 = 2.0 * (d + 6) * u32
+        # rigorous for float32 inputs (see the module docstring); other input dtypes are
+        # rounded to float32 first, for which a safety factor 2 is kept
+        native = x.dtype == y.dtype == psi.dtype == torch.float32
+        self.k32 = (1.0 if native else 2.0) * (d + 6) * u32
+        self.ksq = (1.0 if native else 2.0) * 3.0 * u32 * self.ymax**2
         self.klo = 8.0 * _UNIT_ROUNDOFF[precision] if precision != "fp32" else 0.0
 
     def bound(self, xc: Tensor) -> Tensor:
         """Error bound E_j of the computed scores for centred rows xc (R, d)."""
         xn = xc.norm(dim=1).to(torch.float32)
         cross = 2.0 * xn * self.ymax
-        return self.k32 * (cross + self.const) + self.klo * cross
+        return self.k32 * (cross + self.const) + self.ksq + self.klo * cross
 
     def prepare_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Centred, augmented rows ``[x − μ, 1]`` (N, d+1) and twice their error bound (N,)."""
@@ -183,7 +223,9 @@ class _Engine:
         x_aug = torch.cat([xc, torch.ones(xc.shape[0], 1, dtype=xc.dtype, device=xc.device)], 1)
         return x_aug, 2.0 * self.bound(xc)
 
-    def block(self, x_aug: Tensor, bound2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def block(
+        self, x_aug: Tensor, bound2: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Certified candidates for prepared rows ``x_aug`` (R, d+1) with bounds ``bound2``.
 
         Returns
@@ -197,6 +239,10 @@ class _Engine:
             Winning group per row.
         scores
             The computed (M_pad, R) score block.
+        gmin
+            Group minima (G, R).
+        thr
+            Candidate threshold per row: best computed score plus twice the error bound.
         """
         r = x_aug.shape[0]
         if self.precision == "bf16":
@@ -207,26 +253,36 @@ class _Engine:
                 prod = _score_block(self.y_lo.to(torch.float32), x_lo.to(torch.float32))
             scores = prod.add_(self.c_pad[:, None])
         else:
-            scores = _score_block(self.y_aug, x_aug)  # (M_pad, R)
+            scores = _score_block(self.y_rows, x_aug)  # (M_pad, R)
         g, b = self.n_groups, self.group
-        view = scores.view(g, b, r)
-        gmin = view.amin(1)  # (G, R)
+        if INTERLEAVED:
+            gmin = scores.view(b, g, r).amin(0)  # (G, R)
+        else:
+            gmin = scores.view(g, b, r).amin(1)
+        ar_r, off_b = self._offsets(r, x_aug.device)
         if g >= 2:
             top = gmin.topk(2, dim=0, largest=False)
             m1, g1, m2 = top.values[0], top.indices[0], top.values[1]
-            group_ok = (m2 - m1) > bound2
         else:
             m1, g1 = gmin[0], torch.zeros(r, dtype=torch.int64, device=x_aug.device)
-            group_ok = torch.ones(r, dtype=torch.bool, device=x_aug.device)
-        ar_r = torch.arange(r, device=x_aug.device)
-        ar_b = torch.arange(b, device=x_aug.device)
-        cand = view[g1[:, None], ar_b[None, :], ar_r[:, None]]  # (R, B)
-        within = cand <= (m1 + bound2)[:, None]
-        n_cand = within.sum(1)
+            m2 = torch.full_like(m1, math.inf)
+        thr = m1 + bound2
+        cand = scores.take((g1 * (self.stride_g * r) + ar_r)[:, None] + off_b)  # (R, B)
+        n_cand = (cand <= thr[:, None]).sum(1)
         idx = g1 * b + cand.argmin(1)
-        status = torch.where(n_cand > 1, 1, 0)
-        status = torch.where(group_ok, status, 2)
-        return idx, status, g1, scores
+        status = torch.where(m2 > thr, (n_cand > 1).to(torch.int64), 2)
+        return idx, status, g1, scores, gmin, thr
+
+    def _offsets(self, r: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Cached ``arange(r)`` and the (1, B) flat offsets of a group's points in a block."""
+        key = (r, str(device))
+        if key not in self._offset_cache:
+            ar_b = torch.arange(self.group, device=device)
+            self._offset_cache[key] = (
+                torch.arange(r, device=device),
+                (ar_b * (self.stride_b * r))[None, :],
+            )
+        return self._offset_cache[key]
 
 
 def _resolve_multi(
@@ -244,37 +300,58 @@ def _resolve_multi(
     return kc.gather(1, s.argmin(1, keepdim=True)).squeeze(1)
 
 
-def _resolve_across_groups(
-    engine: _Engine,
-    x: Tensor,
-    y: Tensor,
-    psi: Tensor,
-    rows: Tensor,
-    scores: Tensor,
-    bound2: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Float64 re-rank of every candidate within the error bound, across groups.
+def _cross_candidates(
+    engine: _Engine, rows: Tensor, scores: Tensor, gmin: Tensor, thr: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates of block rows not certified across groups, for a float64 re-rank.
 
     Real patches contain exact duplicates (flat regions, saturated pixels) whose ties span
-    groups. For such rows the ``CROSS_CANDIDATES`` smallest computed scores hold every point
-    within ``2 E_j`` of the best one, unless more points are that close; those candidates are
-    re-ranked exactly. Returns the winners and the mask of rows resolved this way (the others
-    go to the float64 brute force).
+    groups. The candidates of row j are the points with computed score ``<= thr_j`` (the best
+    computed score plus ``2 E_j``); they lie in the groups whose minimum is ``<= thr_j``, so
+    only those groups' scores are scanned.
+
+    Returns
+    -------
+    pair_rows, pair_points
+        (row position in ``rows``, point index) of every candidate of the rows with at most
+        ``CROSS_CANDIDATES`` candidates.
+    ok
+        Mask of those rows (the others go to the float64 brute force).
     """
-    k = min(CROSS_CANDIDATES + 1, scores.shape[0])
-    vals, cand = scores[:, rows].T.topk(k, dim=1, largest=False)  # (U, k), ascending
-    within = vals <= vals[:, :1] + bound2[rows][:, None]
-    if k > CROSS_CANDIDATES:
-        ok = ~within[:, -1]
-    else:
-        ok = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
-    cand = cand.clamp(max=engine.m - 1)
-    s64 = _exact_scores(x[rows].double(), y[cand].double(), psi[cand].double())
-    s64 = s64.masked_fill(~within, math.inf)
-    # the lowest index among exact ties, as a float64 brute-force argmin picks
-    tied = s64 == s64.min(1, keepdim=True).values
-    winner = torch.where(tied, cand, torch.full_like(cand, engine.m)).min(1).values
-    return winner, ok
+    b, m = engine.group, engine.m
+    t = thr[rows]
+    pr, pg = torch.nonzero(gmin[:, rows].T <= t[:, None], as_tuple=True)  # (row, group) pairs
+    r = scores.shape[1]
+    ar_b = torch.arange(b, device=rows.device)
+    flat = (pg * (engine.stride_g * r) + rows[pr])[:, None] + (ar_b * (engine.stride_b * r))
+    pi, bi = torch.nonzero(scores.take(flat) <= t[pr][:, None], as_tuple=True)
+    er, ek = pr[pi], (pg[pi] * b + bi).clamp(max=m - 1)
+    ok = torch.bincount(er, minlength=rows.shape[0]) <= CROSS_CANDIDATES
+    keep = ok[er]
+    return er[keep], ek[keep], ok
+
+
+def _resolve_across_groups(
+    x: Tensor, y: Tensor, psi: Tensor, pair_rows: Tensor, pair_points: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Float64 re-rank of candidate (row, point) pairs, all blocks at once.
+
+    Returns the distinct rows and their winners: the lowest index among exact float64 ties,
+    as a float64 brute-force argmin picks.
+    """
+    rows, inv = torch.unique(pair_rows, return_inverse=True)
+    u, m = rows.shape[0], y.shape[0]
+    diff = x[pair_rows].double() - y[pair_points].double()
+    s64 = (diff * diff).sum(1) - psi[pair_points].double()
+    inf = torch.full((u,), math.inf, dtype=torch.float64, device=x.device)
+    best = inf.scatter_reduce(0, inv, s64, "amin")
+    tied = s64 == best[inv]
+    top = torch.full((u,), m, dtype=torch.int64, device=x.device)
+    return rows, top.scatter_reduce(0, inv[tied], pair_points[tied], "amin")
+
+
+#: Rows left for the brute force, and candidate (row, point) pairs for the float64 re-rank.
+_Leftovers = tuple[list[Tensor], list[Tensor], list[Tensor]]
 
 
 def _run_blocks(
@@ -286,28 +363,48 @@ def _run_blocks(
     rows: int,
     out: Tensor,
     prepared: tuple[Tensor, Tensor],
-) -> list[Tensor]:
-    """Process the row blocks beginning at ``starts``; returns rows left uncertified."""
+) -> _Leftovers:
+    """Process the row blocks beginning at ``starts``; returns what is left uncertified."""
     n = x.shape[0]
     x_aug, bound2 = prepared
     pending: list[Tensor] = []
+    pair_rows: list[Tensor] = []
+    pair_points: list[Tensor] = []
+    # score columns of rows not certified across groups, scanned in batches (fewer small ops)
+    held: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    n_held = 0
+
+    def flush() -> None:
+        cols, gm, th, rws = (torch.cat(t, dim) for t, dim in zip(zip(*held), (1, 1, 0, 0)))
+        ar = torch.arange(rws.shape[0], device=rws.device)
+        er, ek, ok = _cross_candidates(engine, ar, cols, gm, th)
+        pair_rows.append(rws[er])
+        pair_points.append(ek)
+        if not bool(ok.all()):
+            pending.append(rws[~ok])
+        held.clear()
+
     for start in starts:
         stop = min(n, start + rows)
-        idx, status, groups, scores = engine.block(x_aug[start:stop], bound2[start:stop])
+        idx, status, groups, scores, gmin, thr = engine.block(x_aug[start:stop], bound2[start:stop])
+        out[start:stop] = idx
+        if not status.any():  # the common case: every row certified
+            continue
         multi = torch.nonzero(status == 1).squeeze(1)
         if multi.numel():
-            idx[multi] = _resolve_multi(engine, x[start:stop], y, psi, multi, groups[multi])
+            out[start + multi] = _resolve_multi(engine, x[start:stop], y, psi, multi, groups[multi])
         bad = torch.nonzero(status == 2).squeeze(1)
         if bad.numel():
-            winner, ok = _resolve_across_groups(
-                engine, x[start:stop], y, psi, bad, scores, bound2[start:stop]
+            held.append(
+                (scores.index_select(1, bad), gmin.index_select(1, bad), thr[bad], bad + start)
             )
-            idx[bad[ok]] = winner[ok]
-            bad = bad[~ok]
-        out[start:stop] = idx
-        if bad.numel():
-            pending.append(bad + start)
-    return pending
+            n_held += bad.numel()
+            if n_held >= CROSS_BATCH:
+                flush()
+                n_held = 0
+    if held:
+        flush()
+    return pending, pair_rows, pair_points
 
 
 def _threaded_blocks(
@@ -319,12 +416,12 @@ def _threaded_blocks(
     rows: int,
     out: Tensor,
     prepared: tuple[Tensor, Tensor],
-) -> list[Tensor]:
+) -> _Leftovers:
     """Run blocks on CPU worker threads, each single-threaded (no OpenMP barriers per op)."""
     workers = min(torch.get_num_threads(), len(starts))
     saved = torch.get_num_threads()
 
-    def work(part: list[int]) -> list[Tensor]:
+    def work(part: list[int]) -> _Leftovers:
         torch.set_num_threads(1)
         return _run_blocks(engine, x, y, psi, part, rows, out, prepared)
 
@@ -334,7 +431,7 @@ def _threaded_blocks(
             results = list(pool.map(work, parts))
     finally:
         torch.set_num_threads(saved)
-    return [t for r in results for t in r]
+    return tuple([t for r in results for t in r[i]] for i in range(3))  # type: ignore[return-value]
 
 
 def _grouped_argmin(x: Tensor, y: Tensor, psi: Tensor, precision: str) -> Tensor:
@@ -346,10 +443,17 @@ def _grouped_argmin(x: Tensor, y: Tensor, psi: Tensor, precision: str) -> Tensor
     starts = list(range(0, n, rows))
     prepared = engine.prepare_rows(x)  # O(N d) memory
     with _ieee_fp32_matmul(x.device):
-        if THREADED and x.device.type == "cpu" and torch.get_num_threads() > 1 and len(starts) > 1:
-            pending = _threaded_blocks(engine, x, y, psi, starts, rows, out, prepared)
-        else:
-            pending = _run_blocks(engine, x, y, psi, starts, rows, out, prepared)
+        try:
+            pending, pair_rows, pair_points = _dispatch_blocks(
+                engine, x, y, psi, starts, rows, out, prepared
+            )
+        finally:
+            _BUFFERS.__dict__.pop("scores", None)
+        if pair_rows:
+            won_rows, winners = _resolve_across_groups(
+                x, y, psi, torch.cat(pair_rows), torch.cat(pair_points)
+            )
+            out[won_rows] = winners
         if pending:
             bad = torch.cat(pending)
             if precision != "fp32":
@@ -357,6 +461,23 @@ def _grouped_argmin(x: Tensor, y: Tensor, psi: Tensor, precision: str) -> Tensor
             else:
                 out[bad] = _brute_force64(x[bad], y, psi)
     return out
+
+
+def _dispatch_blocks(
+    engine: _Engine,
+    x: Tensor,
+    y: Tensor,
+    psi: Tensor,
+    starts: list[int],
+    rows: int,
+    out: Tensor,
+    prepared: tuple[Tensor, Tensor],
+) -> _Leftovers:
+    """Run all blocks, on worker threads where useful; returns what is left uncertified."""
+    cpu = x.device.type == "cpu"
+    if THREADED and cpu and torch.get_num_threads() > 1 and len(starts) > 1:
+        return _threaded_blocks(engine, x, y, psi, starts, rows, out, prepared)
+    return _run_blocks(engine, x, y, psi, starts, rows, out, prepared)
 
 
 def _faiss_available() -> bool:
