@@ -20,7 +20,9 @@ Algorithm of one block of R generated patches (the "grouped" engine):
    twice the error bound ``E_j`` of the computed scores: the exact argmin must then lie in
    the winning group. Inside the group the candidates are the points within ``2 E_j`` of the
    best computed score; one candidate is the exact answer, several are re-ranked in float64.
-4. Rows that are not certified are recomputed by a float64 brute force (chunked).
+4. Rows whose best candidates span several groups (ties between duplicate patches of real
+   scans) are re-ranked in float64 among the points of every group whose minimum is within
+   the bound; a float64 brute force (chunked) remains the last resort.
 
 On the CPU the blocks are shared among worker threads (one per torch thread), each running
 its operations single-threaded: many small parallel operations would otherwise each pay an
