@@ -511,12 +511,7 @@ def _read(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:
         )
     if min(array.shape) < 1:
         raise InputError(f"{what} {path_text!r} is empty (shape {array.shape}): give an image")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise InputError(
-            f"{what} {path_text!r} contains NaN or Inf pixels: fill them (e.g. numpy.nan_to_num) "
-            "or crop them away first"
-        )
-    return data
+    return data  # NaN/Inf pixels are refused by read_image
 
 
 def _operator_from_args(args: argparse.Namespace) -> Any:
