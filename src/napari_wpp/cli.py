@@ -798,12 +798,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    p = config.patch_size
-    if min(ref.shape[-2:]) < p:
-        raise InputError(
-            f"reference {_shape_text(ref.shape[-2:])} is smaller than the {p}×{p} patch: "
-            "give a larger reference region"
-        )
+    p = config.patch_size  # a reference smaller than a patch is refused by the core
     q = int(operator.scale)
     if min(lr.shape) * q < p:
         raise InputError(

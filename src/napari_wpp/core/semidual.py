@@ -547,7 +547,7 @@ def c_transform_argmin(
         x, y, psi = x.detach(), y.detach(), psi.detach()
         if x.shape[0] == 0:
             return torch.empty(0, dtype=torch.int64, device=x.device)
-        if backend == "faiss" or (backend == "auto" and _prefer_faiss(x)):
+        if backend == "faiss":
             if x.device.type != "cpu":
                 raise InputError("the faiss backend runs on the CPU only: use backend='torch'")
             if not _faiss_available():
@@ -558,10 +558,6 @@ def c_transform_argmin(
         if backend not in ("auto", "torch"):
             raise InputError(f"unknown backend {backend!r}: use auto, torch or faiss")
         return _grouped_argmin(x, y, psi, precision)
-
-
-def _prefer_faiss(x: Tensor) -> bool:
-    return False
 
 
 def c_transform(x: Tensor, y: Tensor, psi: Tensor, **options: str) -> tuple[Tensor, Tensor]:
