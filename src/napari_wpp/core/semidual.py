@@ -629,12 +629,26 @@ class WassersteinPatchPrior:
         ``"adam"`` (default: Adam on ψ with a step of ``lr`` times the cost scale, the mean
         nearest-neighbour cost at ψ = 0), ``"asgd"`` (the published averaged SGD, lr 1) or
         ``"gd"`` (gradient ascent with a step scaled to the cost).
+    scale_momentum
+        ``None`` (default): the cost scale of the adam and gd steps is fixed at the first call.
+        A number m in (0, 1]: the scale follows the mean assigned cost as an exponential
+        average with weight m, for generated patches that change a lot (network training,
+        where the first outputs are far from the reference).
     **solver_options
         Hyper-parameters of the solver (``lr``, ``beta1``, ``beta2``, ``eps`` for adam;
         ``lr``, ``lambd``, ``alpha``, ``t0`` for asgd; ``lr`` for gd).
     """
 
-    def __init__(self, reference_patches: Tensor, solver: str = "adam", **solver_options: float):
+    def __init__(
+        self,
+        reference_patches: Tensor,
+        solver: str = "adam",
+        scale_momentum: float | None = None,
+        **solver_options: float,
+    ):
+        if scale_momentum is not None and not 0.0 < scale_momentum <= 1.0:
+            raise InputError(f"scale momentum {scale_momentum} is invalid: use a value in (0, 1]")
+        self.scale_momentum = scale_momentum
         if solver not in _SOLVER_DEFAULTS:
             names = ", ".join(_SOLVER_DEFAULTS)
             raise InputError(f"unknown psi solver {solver!r}: use one of {names}")
@@ -732,8 +746,15 @@ class WassersteinPatchPrior:
             # cost scale: the semi-dual value at the first call (mean nearest-neighbour cost
             # when psi = 0), floored to stay positive
             self._state["scale"] = torch.tensor(max(abs(value), 1e-12), dtype=torch.float64)
+        elif self.scale_momentum is not None:
+            self._track_scale(float((vals + self.psi[idx]).double().mean()))
         grad = 1.0 / m - counts / n
         return value, grad
+
+    def _track_scale(self, mean_cost: float) -> None:
+        m = float(self.scale_momentum)  # type: ignore[arg-type]
+        scale = (1 - m) * float(self._state["scale"]) + m * max(mean_cost, 1e-12)
+        self._state["scale"] = torch.tensor(scale, dtype=torch.float64)
 
     def _step(self, grad: Tensor) -> None:
         st, opt = self._state, self.options
@@ -813,6 +834,8 @@ class WassersteinPatchPrior:
                 self._state["scale"] = torch.tensor(
                     max(abs(float(loss.detach())), 1e-12), dtype=torch.float64
                 )
+            elif self.scale_momentum is not None:
+                self._track_scale(float((diff.detach() ** 2).sum(1).double().mean()))
             counts = torch.bincount(idx, minlength=m).to(torch.float32)
             self._step(1.0 / m - counts / patches.shape[0])
         return loss

@@ -1,1 +1,23 @@
-"""Trainable models (WPPNet, WPPFlow)."""
+"""Trainable models: WPPNet (CNN) and, later, WPPFlow (conditional normalizing flow)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from napari_wpp.core.errors import InputError
+from napari_wpp.core.models.wppnet import WPPNet
+
+#: Model kinds by name, as stored in model files.
+MODEL_KINDS: dict[str, type[torch.nn.Module]] = {"wppnet": WPPNet}
+
+
+def build_model(kind: str, **config: Any) -> torch.nn.Module:
+    """A fresh model of ``kind`` built from its constructor arguments."""
+    if kind not in MODEL_KINDS:
+        raise InputError(f"unknown model kind {kind!r}: use one of {', '.join(MODEL_KINDS)}")
+    try:
+        return MODEL_KINDS[kind](**config)
+    except TypeError as exc:
+        raise InputError(f"model configuration {config} does not fit {kind!r}: {exc}") from None
