@@ -1,4 +1,4 @@
-"""Reading and writing images (PNG, TIFF) and forward operators (JSON).
+"""Reading and writing images (PNG, TIFF), forward operators (JSON) and model files.
 
 Every user mistake (missing or corrupt file, wrong extension, unsupported shape, NaN pixels)
 raises :class:`napari_wpp.core.errors.InputError` with a one-line message naming the fix.
@@ -12,8 +12,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from napari_wpp.core.intensity import check_finite
 
 if TYPE_CHECKING:
     from napari_wpp.core.operators import ForwardOperator
+    from napari_wpp.core.training import TrainingState
 
 __all__ = [
     "ImageData",
@@ -32,6 +34,13 @@ __all__ = [
     "read_operator",
     "write_operator",
     "IMAGE_EXTENSIONS",
+    "save_model",
+    "load_model",
+    "read_model_metadata",
+    "MODEL_SUFFIX",
+    "open_zarr_array",
+    "create_zarr_array",
+    "superresolve_zarr",
 ]
 
 PNG_EXTENSIONS = (".png",)
@@ -443,3 +452,600 @@ def write_operator(
         tmp.write_text(text, encoding="utf-8")
 
     return _atomic_write(path, writer)
+
+
+# --------------------------------------------------------------------------- model files
+#: File suffix of model files.
+MODEL_SUFFIX = ".safetensors"
+#: Name in the ``format`` entry of the metadata and the current format version.
+MODEL_FORMAT = "napari-wpp-model"
+MODEL_FORMAT_VERSION = 1
+#: Key of the JSON metadata in the safetensors header.
+MODEL_METADATA_KEY = "napari_wpp"
+#: Model files keep at most this many per-step history records (evenly thinned).
+MAX_HISTORY = 2000
+
+
+def _cpu_copy(tensor: Any) -> Any:
+    """A detached, contiguous CPU copy that shares no memory with ``tensor``."""
+    return tensor.detach().to("cpu").contiguous().clone()
+
+
+def _plain_json(obj: Any) -> Any:
+    """JSON-ready copy of ``obj``: arrays and tensors as lists, non-finite floats as ``None``."""
+    plain = json.loads(json.dumps(obj, default=_json_default))
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(plain)
+
+
+def _thin_history(history: list[dict[str, float]], limit: int = MAX_HISTORY) -> list[dict]:
+    """At most ``limit`` evenly spaced records, always keeping the first and the last."""
+    n = len(history)
+    if n <= limit:
+        return list(history)
+    keep = np.unique(np.round(np.linspace(0, n - 1, limit)).astype(int))
+    return [history[int(i)] for i in keep]
+
+
+def save_model(
+    path: str | Path, state: TrainingState, include_training_state: bool = True
+) -> Path:
+    """Write a trained model as one self-describing ``.safetensors`` file, atomically.
+
+    Tensors are stored as ``model.<name>`` (weights), ``prior.<i>.<name>`` (ψ states),
+    ``optimizer.<param index>.<name>`` (Adam moments) and ``rng``; everything else goes as
+    JSON into the header metadata under ``"napari_wpp"`` (format and package version, model
+    kind and configuration, operator, λ, training configuration, step, normalisation,
+    optimizer parameter groups, thinned loss history, creation time).
+
+    Parameters
+    ----------
+    path
+        Target file ending in ``.safetensors``; its directory must exist.
+    state
+        A :class:`napari_wpp.core.training.TrainingState`; it is not modified.
+    include_training_state
+        ``False`` leaves out ψ, optimizer and random state: a small file that can be used
+        for prediction but not to resume training.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    import napari_wpp
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != MODEL_SUFFIX:
+        raise InputError(
+            f"cannot write model file {path.name}: model files end in {MODEL_SUFFIX}, "
+            f"use a name like {path.stem or 'model'}{MODEL_SUFFIX}"
+        )
+    if not hasattr(state, "model") or not hasattr(state.model, "state_dict"):
+        raise InputError("save_model needs a TrainingState with a model: pass a training state")
+
+    tensors: dict[str, Any] = {}
+    for name, value in state.model.state_dict().items():
+        tensors[f"model.{name}"] = _cpu_copy(value)
+    priors = list(state.priors or []) if include_training_state else []
+    for i, prior in enumerate(priors):
+        for name, value in prior.items():
+            tensors[f"prior.{i}.{name}"] = _cpu_copy(value)
+    optimizer_meta = None
+    if include_training_state and state.optimizer is not None:
+        extra: dict[str, dict[str, Any]] = {}
+        for index, param_state in state.optimizer.get("state", {}).items():
+            for name, value in param_state.items():
+                if hasattr(value, "detach"):
+                    tensors[f"optimizer.{int(index)}.{name}"] = _cpu_copy(value)
+                else:
+                    extra.setdefault(str(int(index)), {})[name] = value
+        optimizer_meta = {
+            "param_groups": state.optimizer.get("param_groups", []),
+            "extra_state": extra,
+        }
+    if include_training_state and state.rng is not None:
+        tensors["rng"] = _cpu_copy(state.rng)
+
+    model_config = dict(state.model_config or {})
+    operator = state.operator
+    scale = model_config.get("scale", operator.get("scale") if isinstance(operator, dict) else None)
+    history = list(state.history or [])
+    meta = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "napari_wpp_version": napari_wpp.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": str(state.kind),
+        "scale": scale,
+        "model_config": model_config,
+        "operator": operator,
+        "lam": state.lam,
+        "config": state.config,
+        "step": int(state.step),
+        "elapsed_s": float(state.elapsed_s),
+        "normalisation": state.normalisation,
+        "training_state": bool(include_training_state),
+        "n_priors": len(priors),
+        "optimizer": optimizer_meta,
+        "history": _thin_history(history),
+        "history_length": len(history),
+    }
+    text = json.dumps(_plain_json(meta), allow_nan=False, separators=(",", ":"))
+
+    def writer(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={MODEL_METADATA_KEY: text})
+
+    return _atomic_write(path, writer)
+
+
+def _check_model_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"model file {path} does not exist: check the path")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file: give the path of a {MODEL_SUFFIX} model file")
+    return path
+
+
+def _parse_model_metadata(path: Path, header: dict[str, str] | None) -> dict[str, Any]:
+    """Validate the ``napari_wpp`` header entry of a safetensors file and return it."""
+    foreign = (
+        f"{path.name} is not a napari-wpp model file (no {MODEL_METADATA_KEY} metadata): "
+        "train one with `napari-wpp train`"
+    )
+    if not header or MODEL_METADATA_KEY not in header:
+        raise InputError(foreign)
+    damaged = f"{path.name} has damaged napari-wpp metadata"
+    try:
+        meta = json.loads(header[MODEL_METADATA_KEY])
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise InputError(f"{damaged} ({_one_line(exc)}): save or train the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise InputError(foreign)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{damaged} (format version {version!r}): save or train the model again")
+    if version > MODEL_FORMAT_VERSION:
+        import napari_wpp
+
+        raise InputError(
+            f"{path.name} uses model file format version {version}, but napari-wpp "
+            f"{napari_wpp.__version__} reads up to version {MODEL_FORMAT_VERSION}: "
+            "update napari-wpp"
+        )
+    required = {"kind": str, "model_config": dict, "step": int}
+    for key, kind in required.items():
+        if not isinstance(meta.get(key), kind):
+            raise InputError(
+                f"{damaged} (entry {key!r} missing or invalid): save or train the model again"
+            )
+    return meta
+
+
+def _open_model_file(path: Path, with_tensors: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metadata and (optionally) all tensors of a model file, via ``safe_open`` only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata()
+            meta = _parse_model_metadata(path, header)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(f"{path.name} is too large to load into memory") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
+        raise InputError(
+            f"cannot read model file {path.name} ({_one_line(exc)}): it is truncated, damaged "
+            f"or not a {MODEL_SUFFIX} file; save or train the model again"
+        ) from None
+    return meta, tensors
+
+
+def read_model_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a model file, without reading its tensors.
+
+    Returns
+    -------
+    dict
+        ``format``, ``format_version``, ``napari_wpp_version``, ``kind``, ``scale``,
+        ``model_config``, ``operator``, ``lam``, ``config``, ``step``, ``elapsed_s``,
+        ``normalisation``, ``training_state``, ``n_priors``, ``optimizer`` (parameter groups),
+        ``history`` (thinned), ``history_length``, ``created``.
+
+    Raises
+    ------
+    InputError
+        Missing, truncated, corrupt or foreign file, or a format version this package cannot
+        read.
+    """
+    path = _check_model_path(path)
+    meta, _ = _open_model_file(path, with_tensors=False)
+    return meta
+
+
+def _split_tensors(
+    path: Path, tensors: dict[str, Any], n_priors: int
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]], Any]:
+    weights: dict[str, Any] = {}
+    priors: list[dict[str, Any]] = [{} for _ in range(n_priors)]
+    optimizer: dict[int, dict[str, Any]] = {}
+    rng = None
+    for key, value in tensors.items():
+        head, _, rest = key.partition(".")
+        ok = True
+        if head == "model" and rest:
+            weights[rest] = value
+        elif head in ("prior", "optimizer") and rest:
+            index, _, name = rest.partition(".")
+            ok = index.isdigit() and bool(name)
+            if ok and head == "prior":
+                ok = int(index) < n_priors
+                if ok:
+                    priors[int(index)][name] = value
+            elif ok:
+                optimizer.setdefault(int(index), {})[name] = value
+        elif key == "rng":
+            rng = value
+        else:
+            ok = False
+        if not ok:
+            raise InputError(
+                f"{path.name} holds an unexpected tensor {key!r}: the file is damaged or was "
+                "edited; save or train the model again"
+            )
+    return weights, priors, optimizer, rng
+
+
+def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
+    """Read a model file written by :func:`save_model` (never unpickles anything).
+
+    Parameters
+    ----------
+    path
+        ``.safetensors`` model file.
+    device
+        Device of the returned model (``"cpu"``, ``"cuda"``, ``"auto"``, ...). ψ states,
+        optimizer and random state stay on the CPU.
+
+    Returns
+    -------
+    TrainingState
+        The model rebuilt from its kind and configuration, with its weights, in eval mode;
+        ``priors``, ``optimizer`` (torch's ``state_dict`` layout) and ``rng`` when the file
+        holds the training state (else ``[]``, ``None``, ``None``).
+
+    Raises
+    ------
+    InputError
+        Missing, truncated, corrupt or foreign file, unknown format version or model kind,
+        or weights that do not fit the model configuration.
+    """
+    from napari_wpp.core.devices import resolve_device
+    from napari_wpp.core.models import MODEL_KINDS, build_model
+    from napari_wpp.core.training import TrainingState
+
+    path = _check_model_path(path)
+    target = resolve_device(device)
+    meta, tensors = _open_model_file(path, with_tensors=True)
+    kind, model_config = meta["kind"], meta["model_config"]
+    if kind not in MODEL_KINDS:
+        raise InputError(
+            f"{path.name} holds a model of unknown kind {kind!r}: update napari-wpp "
+            f"(this version knows {', '.join(MODEL_KINDS)})"
+        )
+    try:
+        model = build_model(kind, **model_config)
+    except (InputError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"{path.name} has an invalid {kind} configuration {model_config} "
+            f"({_one_line(exc)}): save or train the model again"
+        ) from None
+    n_priors = meta.get("n_priors", 0)
+    if not isinstance(n_priors, int) or n_priors < 0:
+        raise InputError(f"{path.name} has damaged napari-wpp metadata: save the model again")
+    weights, priors, opt_tensors, rng = _split_tensors(path, tensors, n_priors)
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        for label, names in problems:
+            if names:
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                parts.append(f"{label}: {', '.join(names[:3])}{more}")
+        raise InputError(
+            f"the weights in {path.name} do not fit its {kind} configuration {model_config} "
+            f"({'; '.join(parts)}): the file is damaged or was edited; save the model again"
+        )
+    model.load_state_dict(weights, strict=True)
+    model.to(target).eval()
+
+    optimizer = None
+    opt_meta = meta.get("optimizer")
+    if isinstance(opt_meta, dict):
+        state: dict[int, dict[str, Any]] = {i: dict(v) for i, v in opt_tensors.items()}
+        for index, values in (opt_meta.get("extra_state") or {}).items():
+            state.setdefault(int(index), {}).update(values)
+        groups = []
+        for group in opt_meta.get("param_groups") or []:
+            groups.append(
+                {k: (tuple(v) if isinstance(v, list) and k != "params" else v)
+                 for k, v in group.items()}
+            )
+        optimizer = {"state": dict(sorted(state.items())), "param_groups": groups}
+    elif opt_tensors:
+        raise InputError(
+            f"{path.name} holds optimizer tensors without their parameter groups: the file is "
+            "damaged; save the model again"
+        )
+
+    return TrainingState(
+        kind=kind,
+        model=model,
+        model_config=model_config,
+        operator=meta.get("operator") or {},
+        lam=float(meta["lam"]) if isinstance(meta.get("lam"), (int, float)) else 0.0,
+        config=meta.get("config") or {},
+        step=meta["step"],
+        elapsed_s=float(meta.get("elapsed_s") or 0.0),
+        normalisation=meta.get("normalisation"),
+        priors=priors,
+        optimizer=optimizer,
+        rng=rng,
+        history=list(meta.get("history") or []),
+    )
+
+
+# --------------------------------------------------------------------------- zarr volumes
+#: zarr attribute with the physical size of one voxel, one number per axis (e.g. µm).
+PIXEL_SIZE_ATTR = "pixel_size"
+#: zarr attribute with the provenance of a superresolved volume.
+PROVENANCE_ATTR = "napari_wpp"
+#: Largest output chunk written by :func:`superresolve_zarr` (bytes, about).
+ZARR_CHUNK_BYTES = 32 * 2**20
+
+
+def _import_zarr() -> Any:
+    try:
+        import zarr
+    except ImportError:
+        raise InputError(
+            "zarr is not installed: install it with pip install 'napari-wpp[large]'"
+        ) from None
+    return zarr
+
+
+def _zarr_node_type(path: Path) -> str | None:
+    """``"array"``, ``"group"`` or ``None`` from the metadata files of a zarr v2/v3 directory."""
+    if (path / ".zarray").is_file():
+        return "array"
+    if (path / ".zgroup").is_file():
+        return "group"
+    meta = path / "zarr.json"
+    if meta.is_file():
+        try:
+            node = json.loads(meta.read_text(encoding="utf-8")).get("node_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return "unknown"
+        return node if node in ("array", "group") else "unknown"
+    return None
+
+
+def open_zarr_array(path: str | Path) -> Any:
+    """Open a zarr array (format 2 or 3) read-only, lazily.
+
+    Raises
+    ------
+    InputError
+        Missing path, a file, a plain directory, a zarr group or unreadable metadata.
+    """
+    zarr = _import_zarr()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"zarr array {path} does not exist: check the path")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file, not a zarr array (a directory): check the path")
+    node = _zarr_node_type(path)
+    if node == "group":
+        raise InputError(
+            f"{path} is a zarr group, not an array: give the path of an array inside it"
+        )
+    if node is None:
+        raise InputError(f"{path} is not a zarr array (no zarr metadata): check the path")
+    try:
+        return zarr.open_array(store=str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - any metadata failure is a bad array for the user
+        raise InputError(
+            f"cannot open zarr array {path} ({_one_line(exc)}): check that it is a valid array"
+        ) from None
+
+
+def create_zarr_array(
+    path: str | Path,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks: tuple[int, ...],
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Any:
+    """Create an empty zarr array (format 3 where available) for writing, with attributes.
+
+    Parameters
+    ----------
+    path
+        Target directory; its parent must exist. An existing zarr array or group there is
+        replaced when ``overwrite``; an existing file or non-empty non-zarr directory is never
+        touched.
+    shape, dtype, chunks
+        Array shape, numpy dtype (integer or float) and chunk shape (clipped to the shape).
+    attrs
+        JSON-serialisable attributes written with the metadata.
+
+    Returns
+    -------
+    zarr.Array
+        Opened for writing; unwritten chunks read as 0.
+    """
+    zarr = _import_zarr()
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise InputError(f"output directory {path.parent} does not exist: create it first")
+    if path.exists():
+        if path.is_dir() and _zarr_node_type(path) is not None:
+            if not overwrite:
+                raise InputError(f"{path} already exists: choose another output path")
+        elif not (path.is_dir() and not any(path.iterdir())):
+            raise InputError(
+                f"output path {path} exists and is not a zarr array: choose another path"
+            )
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uif":
+        raise InputError(f"cannot write pixel type {dtype} to zarr: use integers or floats")
+    shape = tuple(int(n) for n in shape)
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) != len(shape) or any(n < 1 for n in shape) or any(c < 1 for c in chunks):
+        raise InputError(
+            f"invalid zarr shape {shape} / chunks {chunks}: give positive sizes, one per axis"
+        )
+    chunks = tuple(min(c, n) for c, n in zip(chunks, shape))
+    attributes = json.loads(json.dumps(attrs or {}, default=_json_default))
+    try:
+        if hasattr(zarr, "create_array"):  # zarr >= 3
+            return zarr.create_array(
+                store=str(path),
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks,
+                attributes=attributes,
+                overwrite=True,
+            )
+        array = zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype)
+        array.attrs.update(attributes)
+        return array
+    except OSError as exc:
+        raise InputError(
+            f"cannot create zarr array {path} ({_one_line(exc)}): check the path"
+        ) from None
+
+
+def superresolve_zarr(
+    model: Any,
+    in_path: str | Path,
+    out_path: str | Path,
+    axis: int = 0,
+    tile: int | None = None,
+    normalisation: Any = None,
+    device: str = "cpu",
+    stop: Any = None,
+    scheduler: Any = None,
+    halo: int | None = None,
+    slices_per_chunk: int = 1,
+    chunks_per_step: int = 1,
+    overwrite: bool = True,
+) -> Iterator[Any]:
+    """Superresolve a zarr volume into a new zarr array, slab by slab (a generator of events).
+
+    The input is read lazily, one slab of ``slices_per_chunk`` slices along ``axis`` per dask
+    task; memory stays bounded by about ``chunks_per_step`` slabs (see
+    :func:`napari_wpp.core.inference.superresolve_into`, whose events this yields: progress
+    after every step, then ``InferenceFinished(result=None, ...)``). The output gets chunks of
+    ``slices_per_chunk`` along ``axis`` and ``q`` times the input chunks elsewhere, the
+    attribute ``pixel_size`` of the input divided by ``q`` on the superresolved axes (with
+    ``unit`` copied), and provenance under ``napari_wpp`` (scale, axis, source, model, tile,
+    normalisation, version, ``complete`` and ``slices_done``, updated after every step, so a
+    stopped or interrupted run is recognisable). Bad input raises ``InputError`` at the first
+    ``next()``.
+    """
+    from napari_wpp import __version__
+    from napari_wpp.core import inference
+
+    source = open_zarr_array(in_path)
+    in_path, out_path = Path(in_path).expanduser(), Path(out_path).expanduser()
+    if out_path.resolve() == in_path.resolve():
+        raise InputError(f"output {out_path} is the input: choose another output path")
+    scale = inference.model_scale(model)
+    ndim = len(source.shape)
+    out_shape = inference.output_shape(source.shape, scale, axis)
+    out_dtype = inference.output_dtype(source.dtype, normalisation)
+    ax = int(axis) % 3 if ndim == 3 else None
+    grow = [i != ax for i in range(ndim)]
+    attrs: dict[str, Any] = {}
+    src_attrs = dict(source.attrs)
+    size = src_attrs.get(PIXEL_SIZE_ATTR)
+    if (
+        isinstance(size, (list, tuple))
+        and len(size) == ndim
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in size)
+    ):
+        attrs[PIXEL_SIZE_ATTR] = [float(v) / scale if g else float(v) for v, g in zip(size, grow)]
+        if isinstance(src_attrs.get("unit"), str):
+            attrs["unit"] = src_attrs["unit"]
+    config = getattr(model, "config", None)
+    provenance: dict[str, Any] = {
+        "scale": scale,
+        "axis": ax,
+        "source": str(in_path.resolve()),
+        "model": {
+            "kind": getattr(model, "kind", type(model).__name__),
+            "config": config() if callable(config) else None,
+        },
+        "tile": tile,
+        "normalisation": normalisation.to_dict() if normalisation is not None else None,
+        "version": __version__,
+        "complete": False,
+        "slices_done": 0,
+    }
+    attrs[PROVENANCE_ATTR] = provenance
+    per_chunk = max(1, int(slices_per_chunk))
+    # output chunks: the slabs as written, halved on a superresolved axis while above ~32 MiB
+    out_chunks = [n if g else per_chunk for n, g in zip(out_shape, grow)]
+    while math.prod(out_chunks) * out_dtype.itemsize > ZARR_CHUNK_BYTES:
+        i = max((i for i in range(ndim) if grow[i]), key=lambda i: out_chunks[i])
+        if out_chunks[i] == 1:
+            break
+        out_chunks[i] = -(-out_chunks[i] // 2)
+    target = create_zarr_array(
+        out_path, out_shape, out_dtype, tuple(out_chunks), attrs, overwrite
+    )
+    for event in inference.superresolve_into(
+        model,
+        source,
+        target,
+        axis=axis,
+        tile=tile,
+        normalisation=normalisation,
+        device=device,
+        stop=stop,
+        scheduler=scheduler,
+        halo=halo,
+        slices_per_chunk=per_chunk,
+        chunks_per_step=chunks_per_step,
+    ):
+        if isinstance(event, inference.InferenceProgress):
+            provenance["slices_done"] = event.done
+        else:
+            provenance["complete"] = not event.stopped_early
+        provenance["elapsed_s"] = round(event.elapsed_s, 3)
+        target.attrs[PROVENANCE_ATTR] = provenance
+        yield event
