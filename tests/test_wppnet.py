@@ -49,7 +49,7 @@ def test_fully_convolutional_output_shape(scale: int) -> None:
 
 def test_offset_is_applied_to_input_and_output() -> None:
     torch.manual_seed(0)
-    plain = WPPNet(2, features=8, blocks=2)
+    plain = WPPNet(2, features=8, blocks=2, offset=0.0)
     shifted = WPPNet(2, features=8, blocks=2, offset=0.5)
     shifted.load_state_dict(plain.state_dict())
     x = torch.rand(1, 1, 9, 9)

@@ -8,7 +8,8 @@ Architecture (REFERENCE.md §4), for one-channel images at integer scales 2, 3, 
 * one shared pixel-shuffle upsampler (per factor 2 or 3: 3×3 conv 64 → 64·r², ReLU, shuffle r)
   is applied to two branches, the summed features and the first block's activation;
 * each branch continues with two 3×3 convolutions; the branches are added, ReLU;
-* three 3×3 convolutions (ReLU, ReLU, none) end in one channel. No skip, no output clamp.
+* three 3×3 convolutions (ReLU, ReLU, none) end in one channel. No skip, no output clamp;
+  intensities are centred around ``offset`` on the way in and out (ACNet's mean shift).
 
 About 1.07 M parameters at ×4 (0.92 M at ×2, 1.26 M at ×6). Fully convolutional: any input
 size works, the output is ``q`` times larger in both axes. The receptive field radius in LR
@@ -28,6 +29,8 @@ from napari_wpp.core.errors import InputError
 SUPPORTED_SCALES = (2, 3, 4, 6, 8)
 FEATURES = 64
 N_BLOCKS = 10
+#: Input/output intensity shift (see :class:`WPPNet`).
+DEFAULT_OFFSET = 0.5
 
 
 def shuffle_factors(scale: int) -> list[int]:
@@ -82,8 +85,11 @@ class WPPNet(nn.Module):
     blocks
         Number of asymmetric blocks (10 in the paper).
     offset
-        Intensity subtracted from the input and added back to the output (0 in the paper;
-        ACNet's mean shift). Centring the [0, 1] intensities speeds up training.
+        Intensity subtracted from the input and added back to the output: ACNet's mean
+        shift, which the published WPPNet dropped. The layers and the parameter count are
+        the published ones either way; centring the [0, 1] intensities (the default 0.5)
+        makes the unsupervised training converge several times faster (docs/benchmarks.md),
+        ``offset=0`` is the published network exactly.
     """
 
     kind = "wppnet"
@@ -93,7 +99,7 @@ class WPPNet(nn.Module):
         scale: int = 4,
         features: int = FEATURES,
         blocks: int = N_BLOCKS,
-        offset: float = 0.0,
+        offset: float = DEFAULT_OFFSET,
     ) -> None:
         super().__init__()
         shuffle_factors(int(scale))  # validates the scale

@@ -1,0 +1,172 @@
+"""Seconds per WPPNet training step: published settings and napari-wpp defaults.
+
+Each configuration runs in its own subprocess so that its peak memory (max RSS) is its own:
+
+* ``published-style``: a re-implementation of the published step in the same run: float32
+  network in the default memory layout, W₂² with a chunked ``addmm + argmin`` c-transform
+  (4096 rows per chunk, as the published code's CPU path) and ASGD on ψ, 20 ascent passes
+  plus one loss pass, batch 25 of 25×25 LR crops at ×4, 10,000 reference patches, all
+  generated patches;
+* ``ours, published settings``: :func:`napari_wpp.core.training.train` with exactly those
+  settings (ASGD ψ, 20 passes, batch 25, 10,000 reference patches, all patches) on our
+  engine, mixed precision as auto-detected;
+* ``ours, defaults``: :class:`~napari_wpp.core.training.TrainingConfig` defaults.
+
+The published code itself measured about 130 s per step on these 2 cores (REFERENCE.md,
+issue 3); the ratio printed is against the published-style step measured here.
+
+    python benchmarks/bench_training.py [--steps 2] [--data sic|synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sic"
+PUBLISHED = dict(
+    batch_size=25, crop_size=25, n_reference_patches=10_000, psi_passes=20, psi_solver="asgd",
+    patches_per_step=None,
+)
+
+
+def load_data(kind: str) -> tuple[np.ndarray, np.ndarray, object]:
+    from napari_wpp.core.operators import GaussianDownsampling
+
+    operator = GaussianDownsampling(4, 2.0, kernel_size=16, anchor="corner", padding="circular")
+    if kind == "sic" and (DATA / "train_lr_SiC_x4.tif").exists():
+        import imageio.v3 as iio
+        import tifffile
+
+        lr = tifffile.imread(DATA / "train_lr_SiC_x4.tif").astype(np.float32) / 255
+        ref = iio.imread(DATA / "ref_SiC.png").astype(np.float32) / 255
+        return lr, ref, operator
+    from napari_wpp.data import synthetic_material
+
+    m = synthetic_material(shape=(16, 200, 200), scale=4, seed=0)
+    return m.lr.astype(np.float32) / 255, m.reference.astype(np.float32) / 255, operator
+
+
+def baseline_argmin(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """Chunked ``‖x‖² + ‖y‖² − 2xyᵀ − ψ`` then ``argmin`` (float32)."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    yy = (y * y).sum(1) - psi
+    for i in range(0, x.shape[0], 4096):
+        xb = x[i : i + 4096]
+        scores = torch.addmm(yy[None, :], xb, y.T, alpha=-2.0)
+        out[i : i + 4096] = scores.argmin(1)
+    return out
+
+
+def published_style_step(lr: np.ndarray, ref: np.ndarray, operator, steps: int) -> list[float]:
+    """The published step, re-implemented with the baseline c-transform and ASGD."""
+    from napari_wpp.core.models.wppnet import WPPNet
+    from napari_wpp.core.patches import extract_patches, sample_reference_patches
+
+    torch.manual_seed(0)
+    model = WPPNet(4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    y = sample_reference_patches(ref, 10_000, seed=0)
+    psi = torch.zeros(y.shape[0])
+    asgd = torch.optim.ASGD([psi.requires_grad_()], lr=1.0)
+    gen = np.random.default_rng(0)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = torch.from_numpy(lr[gen.choice(len(lr), 25, replace=False)])[:, None, :25, :25]
+        hr = model(batch)
+        data = torch.mean((operator(hr) - batch) ** 2)
+        x = extract_patches(hr, 6)
+        xd = x.detach()
+        for _ in range(20):  # ψ ascent (maximise: minimise the negative)
+            idx = baseline_argmin(xd, y, psi.detach())
+            counts = torch.bincount(idx, minlength=y.shape[0]).float()
+            asgd.zero_grad()
+            psi.grad = -(1.0 / y.shape[0] - counts / xd.shape[0])
+            asgd.step()
+        idx = baseline_argmin(xd, y, psi.detach())
+        wpp = ((x - y[idx]) ** 2).sum(1).mean() - psi.detach()[idx].mean()
+        loss = data + 0.02 * wpp
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ours(lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: dict) -> list[float]:
+    from napari_wpp.core.training import TrainingConfig, TrainingProgress, train
+
+    config = TrainingConfig(steps=steps + 1, device="cpu", **settings)
+    times, last = [], None
+    for event in train(lr, ref, operator, config):
+        if isinstance(event, TrainingProgress):
+            if last is not None:  # skip the first step (warm-up, allocations)
+                times.append(event.elapsed_s - last)
+            last = event.elapsed_s
+    return times
+
+
+def child(which: str, steps: int, data: str) -> None:
+    torch.manual_seed(0)
+    lr, ref, operator = load_data(data)
+    if which == "published-style":
+        times = published_style_step(lr, ref, operator, steps)
+    elif which == "ours-published":
+        times = ours(lr, ref, operator, steps, PUBLISHED)
+    else:
+        times = ours(lr, ref, operator, steps, {})
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"times": times, "peak_mb": peak_mb}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2, help="measured steps per configuration")
+    parser.add_argument("--data", choices=("sic", "synthetic"), default="sic")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.data)
+        return
+    from napari_wpp.core.training import TrainingConfig
+
+    defaults = TrainingConfig()
+    print(
+        f"# WPPNet training step, ×4, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, data {args.data}"
+    )
+    rows = {}
+    for which in ("published-style", "ours-published", "ours-defaults"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", which, "--steps", str(args.steps),
+             "--data", args.data],
+            capture_output=True, text=True, check=True,
+        )
+        rows[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = float(np.median(rows["published-style"]["times"]))
+    labels = {
+        "published-style": "published-style step (same run)",
+        "ours-published": "ours, published settings",
+        "ours-defaults": (
+            f"ours, defaults (batch {defaults.batch_size}, {defaults.n_reference_patches} ref, "
+            f"{defaults.psi_passes} passes, ~{defaults.patches_per_step} patches)"
+        ),
+    }
+    print(f"{'configuration':<66} {'s/step':>8} {'speed-up':>9} {'peak MB':>8}")
+    for which, row in rows.items():
+        t = float(np.median(row["times"]))
+        print(f"{labels[which]:<66} {t:8.2f} {base / t:8.2f}x {row['peak_mb']:8.0f}")
+    print("(published code as measured on these 2 cores: about 130 s/step, peak 1.7 GB)")
+
+
+if __name__ == "__main__":
+    main()
