@@ -144,7 +144,7 @@ class TrainingConfig:
     psi_solver: str = "adam"
     psi_lr: float | None = None
     n_fixed_batches: int = 40
-    patches_per_step: int | None = None
+    patches_per_step: int | None = 20_000
     patch_size: int = 6
     learning_rate: float = 1e-3
     mixed_precision: str = "auto"
