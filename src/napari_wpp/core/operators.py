@@ -393,6 +393,11 @@ class FourierDownsampling(ForwardOperator):
         return self._kernel
 
     @property
+    def kernel_size(self) -> int:
+        """Side of the (larger axis of the) kernel; the support that training keeps in crops."""
+        return int(max(self._kernel.shape))
+
+    @property
     def sampling_offset(self) -> float:
         """Kernel origin minus its centre of mass, averaged over both axes.
 
