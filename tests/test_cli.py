@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from cli_helpers import assert_bad_input as _assert_bad_input
+from cli_helpers import run_cli as _run
 
 from napari_wpp import cli
 from napari_wpp.cli import main
@@ -36,22 +38,7 @@ def _uint8(image: np.ndarray) -> np.ndarray:
     return np.round(image * 255).astype(np.uint8)
 
 
-def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def _assert_bad_input(code: int, out: str, err: str, *fragments: str) -> None:
-    """Exit code 2, exactly one ``error:`` line on stderr, no traceback, nothing on stdout."""
-    lines = err.strip().splitlines()
-    assert code == 2, (code, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert out == ""
-    for fragment in fragments:
-        assert fragment.lower() in lines[0].lower(), lines[0]
 
 
 @pytest.fixture
