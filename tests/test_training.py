@@ -206,3 +206,11 @@ def test_bad_data(material) -> None:
         collect(train((lr * 255).astype(np.uint8), ref, op, tiny_config()))
     with pytest.raises(InputError, match="smaller than"):
         collect(train(lr, ref[:4, :4], op, tiny_config()))
+
+
+def test_divergence_is_reported_with_a_hint(material) -> None:
+    from napari_wpp.core.errors import DivergenceError
+
+    lr, _, ref, op = material
+    with pytest.raises(DivergenceError, match="lower the learning rate"):
+        collect(train(lr, ref, op, tiny_config(steps=60, learning_rate=1e12)))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from napari_wpp import __version__
-from napari_wpp.core.errors import InputError
+from napari_wpp.core.errors import DivergenceError, InputError
 
 PROG = "napari-wpp"
 EXIT_OK = 0
@@ -493,6 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail("interrupted")
         return EXIT_INTERRUPTED
+    except DivergenceError as exc:
+        if debug:
+            raise
+        _fail(str(exc))
+        return EXIT_FAILURE
     except MemoryError:
         if debug:
             raise

@@ -7,3 +7,7 @@ Every ``InputError`` message is one line that names the fix; the CLI prints it a
 
 class InputError(ValueError):
     """Bad user input (shape, dtype, value, file); the message names the fix."""
+
+
+class DivergenceError(RuntimeError):
+    """An optimisation produced NaN/Inf; the message says which knob to turn down."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_wpp.core.devices import resolve_device
-from napari_wpp.core.errors import InputError
+from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, upsample_aligned
 from napari_wpp.core.patches import extract_patches, gaussian_pyramid, sample_reference_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
@@ -294,7 +294,7 @@ def reconstruct_variational(
     with torch.no_grad():
         result = x_ext[border : border + hr_h, border : border + hr_w].detach().cpu().numpy()
     if not math.isfinite(float(np.abs(result).max(initial=0.0))):
-        raise RuntimeError("reconstruction diverged (NaN/Inf): lower the learning rate or λ")
+        raise DivergenceError("reconstruction diverged (NaN/Inf): lower the learning rate or λ")
     yield ReconstructionFinished(
         image=result.astype(np.float32),
         iterations=iteration,

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from napari_wpp.core.devices import resolve_device
-from napari_wpp.core.errors import InputError
+from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.metrics import psnr
 from napari_wpp.core.models import build_model
 from napari_wpp.core.operators import ForwardOperator, add_noise
@@ -684,9 +684,9 @@ def train(
             wpp_term = torch.zeros((), device=device)
         loss = data_term + lam * wpp_term
         if not torch.isfinite(loss):
-            raise RuntimeError(
-                f"training diverged at step {step + 1} (loss {float(loss)}): lower the "
-                "learning rate; the last checkpoint is kept"
+            raise DivergenceError(
+                f"training diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
+                "learning rate or λ; checkpoints written before are kept"
             )
         loss.backward()
         optimizer.step()
