@@ -122,3 +122,18 @@ def test_gaussian_pyramid() -> None:
     assert pyr[1].std() < 0.6 * img.std()
     with pytest.raises(InputError):
         gaussian_pyramid(img, 0)
+
+
+def test_strided_patches_subsample_on_a_grid() -> None:
+    import torch
+
+    from napari_wpp.core.patches import extract_patches, strided_patches
+
+    images = torch.rand(3, 40, 40)
+    generator = torch.Generator().manual_seed(0)
+    everything = strided_patches(images, 6, None, generator)
+    assert torch.equal(everything, extract_patches(images, 6))
+    some = strided_patches(images, 6, 1200, generator)
+    assert 600 <= some.shape[0] <= 2400  # about the target, pooled over the batch
+    rows = {tuple(r.tolist()) for r in everything}
+    assert all(tuple(r.tolist()) in rows for r in some)  # real patches of the images

@@ -101,6 +101,25 @@ def extract_patches(
     return _center_rows(patches) if center else patches
 
 
+def strided_patches(
+    images: Tensor, patch_size: int, target: int | None, generator: torch.Generator
+) -> Tensor:
+    """All patches of ``images`` (..., H, W), or about ``target`` of them on a strided grid.
+
+    The grid has stride s ≈ sqrt(all / target) and a random offset drawn from ``generator``.
+    A fresh offset every call visits every patch position over s² calls; unlike a random
+    subset, every pixel is covered by about (p / s)² patches in every call. Leading
+    dimensions are pooled, as in :func:`extract_patches`.
+    """
+    h, w = images.shape[-2:]
+    n_all = images[..., 0, 0].numel() * (h - patch_size + 1) * (w - patch_size + 1)
+    stride = 1 if not target else max(1, round(math.sqrt(n_all / target)))
+    if stride == 1:
+        return extract_patches(images, patch_size=patch_size)
+    oy, ox = (int(v) for v in torch.randint(stride, (2,), generator=generator))
+    return extract_patches(images[..., oy:, ox:], patch_size=patch_size, stride=stride)
+
+
 def _as_float_tensor(reference: np.ndarray | Tensor) -> Tensor:
     if isinstance(reference, Tensor):
         ref = reference.detach()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, upsample_aligned
-from napari_wpp.core.patches import extract_patches, gaussian_pyramid, sample_reference_patches
+from napari_wpp.core.patches import gaussian_pyramid, sample_reference_patches, strided_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
 
 #: λ with the mean data term; chosen by the grid search documented in docs/algorithms.md.
@@ -157,23 +157,6 @@ def _budget(config: VariationalConfig) -> tuple[int | None, float | None]:
     return iterations, seconds
 
 
-def _strided_patches(
-    image: torch.Tensor, patch_size: int, target: int | None, generator: torch.Generator
-) -> torch.Tensor:
-    """Patches on a grid of stride s with a random offset, about ``target`` of them.
-
-    A fresh offset every iteration visits every patch position over s² iterations; unlike a
-    random subset, every pixel is covered by about (p / s)² patches in every iteration.
-    """
-    h, w = image.shape[-2:]
-    n_all = (h - patch_size + 1) * (w - patch_size + 1)
-    stride = 1 if not target else max(1, round(math.sqrt(n_all / target)))
-    if stride == 1:
-        return extract_patches(image, patch_size=patch_size)
-    oy, ox = (int(v) for v in torch.randint(stride, (2,), generator=generator))
-    return extract_patches(image[..., oy:, ox:], patch_size=patch_size, stride=stride)
-
-
 def reconstruct_variational(
     lr: np.ndarray,
     reference: np.ndarray,
@@ -270,7 +253,7 @@ def reconstruct_variational(
         wpp_terms = []
         pyramid = gaussian_pyramid(x_ext, len(priors))
         for level, prior in enumerate(priors):
-            patches = _strided_patches(pyramid[level], p, config.patches_per_iteration, generator)
+            patches = strided_patches(pyramid[level], p, config.patches_per_iteration, generator)
             wpp_terms.append(prior.loss_and_ascend(patches, config.psi_passes))
         wpp_term = torch.stack(wpp_terms).sum()
         loss = data_term + lam * wpp_term

@@ -36,7 +36,7 @@ from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.metrics import psnr
 from napari_wpp.core.models import build_model
 from napari_wpp.core.operators import ForwardOperator, add_noise
-from napari_wpp.core.patches import extract_patches, sample_reference_patches
+from napari_wpp.core.patches import sample_reference_patches, strided_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
 
 #: λ · n_LR² of the paper's rule λ = 12.5 / n_LR² (mean data term, n_LR the LR crop side).
@@ -338,19 +338,6 @@ class CropSampler:
                     crop = torch.flip(crop, (1,))
             crops.append(crop)
         return torch.stack(crops)[:, None].contiguous()
-
-
-def _strided_patches(
-    images: Tensor, patch_size: int, target: int | None, generator: torch.Generator
-) -> Tensor:
-    """All patches, or about ``target`` of them on a strided grid with a random offset."""
-    h, w = images.shape[-2:]
-    n_all = images[..., 0, 0].numel() * (h - patch_size + 1) * (w - patch_size + 1)
-    stride = 1 if not target else max(1, round(math.sqrt(n_all / target)))
-    if stride == 1:
-        return extract_patches(images, patch_size=patch_size)
-    oy, ox = (int(v) for v in torch.randint(stride, (2,), generator=generator))
-    return extract_patches(images[..., oy:, ox:], patch_size=patch_size, stride=stride)
 
 
 # --------------------------------------------------------------------------- λ
@@ -677,7 +664,7 @@ def train(
             slice(margin_start, crop - margin_end),
         )
         data_term = torch.mean((lr_hat[inner] - batch[inner]) ** 2)
-        patches = _strided_patches(hr, p, config.patches_per_step, generator)
+        patches = strided_patches(hr, p, config.patches_per_step, generator)
         if lam > 0:
             wpp_term = prior.loss_and_ascend(patches, config.psi_passes)
         else:
