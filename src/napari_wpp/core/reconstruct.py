@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_wpp.core.budget import Budget
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, upsample_aligned
@@ -149,14 +149,6 @@ def _check_inputs(lr: np.ndarray, reference: np.ndarray, config: VariationalConf
         raise InputError(f"levels must be ≥ 1, got {config.levels}")
 
 
-def _budget(config: VariationalConfig) -> tuple[int | None, float | None]:
-    iterations, minutes = config.iterations, config.minutes
-    if iterations is None and minutes is None:
-        iterations = DEFAULT_ITERATIONS
-    seconds = None if minutes is None else 60.0 * minutes
-    return iterations, seconds
-
-
 def reconstruct_variational(
     lr: np.ndarray,
     reference: np.ndarray,
@@ -192,7 +184,6 @@ def reconstruct_variational(
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
     lam = DEFAULT_LAMBDA if config.lam is None else config.lam
-    max_iterations, max_seconds = _budget(config)
     p = config.patch_size
     border = p - 1 if config.border is None else config.border
 
@@ -220,33 +211,18 @@ def reconstruct_variational(
         priors.append(WassersteinPatchPrior(ref_patches.to(device)))
 
     optimizer = torch.optim.Adam([x_ext], lr=config.learning_rate)
-    start = time.perf_counter()
+    budget = Budget(config.iterations, config.minutes, DEFAULT_ITERATIONS)
     iteration = 0
     stopped_early = False
 
-    def out_of_budget() -> bool:
-        if max_iterations is not None and iteration >= max_iterations:
-            return True
-        return max_seconds is not None and time.perf_counter() - start >= max_seconds
-
-    def budget_fraction() -> float:
-        fractions = []
-        if max_iterations:
-            fractions.append(iteration / max_iterations)
-        if max_seconds:
-            fractions.append((time.perf_counter() - start) / max_seconds)
-        return min(1.0, max(fractions, default=1.0))
-
-    while not out_of_budget():
+    while not budget.exhausted(iteration):
         if stop is not None and stop.is_set():
             stopped_early = True
             break
         # cosine decay of the image step over the budget, down to a tenth
-        decay = 0.5 * (1.0 + math.cos(math.pi * budget_fraction()))
+        factor = budget.cosine_decay(iteration, FINAL_STEP_FRACTION)
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * (
-                FINAL_STEP_FRACTION + (1 - FINAL_STEP_FRACTION) * decay
-            )
+            group["lr"] = config.learning_rate * factor
         optimizer.zero_grad(set_to_none=True)
         x = x_ext[border : border + hr_h, border : border + hr_w]
         data_term = torch.mean((operator(x) - y) ** 2)
@@ -260,13 +236,13 @@ def reconstruct_variational(
         loss.backward()
         optimizer.step()
         iteration += 1
-        elapsed = time.perf_counter() - start
+        elapsed = budget.elapsed()
         yield ReconstructionProgress(
             iteration=iteration,
             elapsed_s=elapsed,
             data_term=float(data_term.detach()),
             wpp_term=float(wpp_term.detach()),
-            fraction=budget_fraction(),
+            fraction=budget.fraction(iteration),
         )
         if config.preview_every and iteration % config.preview_every == 0:
             with torch.no_grad():
@@ -281,7 +257,7 @@ def reconstruct_variational(
     yield ReconstructionFinished(
         image=result.astype(np.float32),
         iterations=iteration,
-        elapsed_s=time.perf_counter() - start,
+        elapsed_s=budget.elapsed(),
         stopped_early=stopped_early,
     )
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from napari_wpp.core.budget import Budget
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.metrics import psnr
@@ -400,13 +401,6 @@ def choose_lambda(
 
 
 # --------------------------------------------------------------------------- training
-def _budget(config: TrainingConfig) -> tuple[int | None, float | None]:
-    steps, minutes = config.steps, config.minutes
-    if steps is None and minutes is None:
-        steps = DEFAULT_STEPS
-    return steps, None if minutes is None else 60.0 * minutes
-
-
 def _snapshot(
     model: torch.nn.Module,
     kind: str,
@@ -592,24 +586,8 @@ def train(
         use_amp = config.mixed_precision == "bf16"
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    max_steps, max_seconds = _budget(config)
-    start = time.perf_counter()
-
-    def now() -> float:
-        return elapsed_before + time.perf_counter() - start
-
-    def fraction() -> float:
-        parts = []
-        if max_steps:
-            parts.append(step / max_steps)
-        if max_seconds:
-            parts.append(now() / max_seconds)
-        return min(1.0, max(parts, default=1.0))
-
-    def out_of_budget() -> bool:
-        if max_steps is not None and step >= max_steps:
-            return True
-        return max_seconds is not None and now() >= max_seconds
+    budget = Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before)
+    now = budget.elapsed
 
     def snapshot() -> TrainingState:
         return _snapshot(
@@ -637,15 +615,13 @@ def train(
     stopped_early = False
     last_checkpoint = time.perf_counter()
     model.train()
-    while not out_of_budget():
+    while not budget.exhausted(step):
         if stop is not None and stop.is_set():
             stopped_early = True
             break
-        decay = 0.5 * (1.0 + math.cos(math.pi * fraction()))
+        factor = budget.cosine_decay(step, FINAL_LR_FRACTION)
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * (
-                FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * decay
-            )
+            group["lr"] = config.learning_rate * factor
         if fixed_batches:
             index = step % n_priors
             batch, prior = fixed_batches[index].to(device), priors[index]
@@ -697,7 +673,7 @@ def train(
             data_term=record["data_term"],
             wpp_term=record["wpp_term"],
             loss=record["loss"],
-            fraction=fraction(),
+            fraction=budget.fraction(step),
             psnr=val_psnr,
         )
         if config.preview_every and step % config.preview_every == 0:
@@ -714,7 +690,7 @@ def train(
 
 def run_training(
     lr_data: np.ndarray,
-    reference: np.ndarray,
+    reference: np.ndarray | list[np.ndarray],
     operator: ForwardOperator,
     config: TrainingConfig | None = None,
     **options: Any,
