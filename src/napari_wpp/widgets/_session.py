@@ -71,7 +71,12 @@ _SESSIONS: weakref.WeakKeyDictionary[Any, WPPSession] = weakref.WeakKeyDictionar
 
 
 def session_for(viewer: Any) -> WPPSession:
-    """The session of ``viewer`` (created on first use, dropped with the viewer)."""
+    """The session of ``viewer`` (created on first use, dropped with the viewer).
+
+    napari hands each plugin widget its own proxy of the viewer; the session is keyed on the
+    viewer behind it, so every widget of one window shares one session.
+    """
+    viewer = getattr(viewer, "__wrapped__", viewer)
     session = _SESSIONS.get(viewer)
     if session is None:
         session = WPPSession()

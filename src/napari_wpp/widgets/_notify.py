@@ -1,0 +1,87 @@
+"""Turn exceptions into one-line napari notifications with a hint on what to do next.
+
+Widgets never let a user mistake or an out-of-memory error reach napari's traceback dialog:
+they catch it and call :func:`notify_error`, which shows the message plus a short hint.
+"""
+
+from __future__ import annotations
+
+from napari_wpp.core.errors import DivergenceError, InputError
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error of torch (CUDA/MPS) or of the host."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+        if oom_type is not None and isinstance(exc, oom_type):
+            return True
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    text = str(exc).lower()
+    return "out of memory" in text or "cannot allocate memory" in text
+
+
+_NO_GPU_PHRASES = ("not available", "no cuda", "not compiled", "no nvidia", "invalid device")
+
+
+def _is_missing_cuda(exc: BaseException) -> bool:
+    """Whether ``exc`` says that CUDA (or MPS) was asked for but is not available."""
+    text = str(exc).lower()
+    missing_cuda = "cuda" in text and any(phrase in text for phrase in _NO_GPU_PHRASES)
+    return missing_cuda or ("mps" in text and "not available" in text)
+
+
+def hint_for(exc: BaseException) -> str:
+    """A one-line hint on what to change after ``exc`` (empty when there is nothing to add).
+
+    Parameters
+    ----------
+    exc
+        The exception a widget caught.
+
+    Returns
+    -------
+    str
+        For out of memory: use a smaller batch or tile; for a missing GPU: use the CPU; for a
+        diverging optimisation: lower the learning rate; for bad input the message already
+        names the fix, so the hint is empty.
+    """
+    if _is_out_of_memory(exc):
+        return "out of memory: use a smaller batch size, crop size or tile size, or the CPU"
+    if _is_missing_cuda(exc):
+        return "this GPU is not available here: choose device 'cpu' (or 'auto')"
+    if isinstance(exc, DivergenceError):
+        return "the optimisation diverged: lower the learning rate or λ and run again"
+    if isinstance(exc, InputError):
+        return ""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return "check the file path and its permissions"
+    return ""
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line text :func:`notify_error` shows for ``exc``."""
+    lines = str(exc).strip().splitlines()
+    first_line = lines[0] if lines else ""
+    message = first_line or type(exc).__name__
+    if not isinstance(exc, InputError) and first_line:
+        message = f"{type(exc).__name__}: {first_line}"
+    hint = hint_for(exc)
+    return f"{message} — {hint}" if hint else message
+
+
+def notify_error(exc: BaseException) -> None:
+    """Show ``exc`` as a napari error notification with a one-line hint (never raises).
+
+    Parameters
+    ----------
+    exc
+        The exception a widget or worker produced.
+    """
+    from napari.utils.notifications import show_error
+
+    show_error(error_message(exc))

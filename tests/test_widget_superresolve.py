@@ -1,0 +1,269 @@
+"""The Superresolve dock widget: geometry, provenance, in-place updates, zarr, cancel, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_wpp.core.inference import run_superresolve  # noqa: E402
+from napari_wpp.core.intensity import Normalisation  # noqa: E402
+from napari_wpp.core.models import build_model  # noqa: E402
+from napari_wpp.core.operators import GaussianDownsampling  # noqa: E402
+from napari_wpp.core.training import TrainingState  # noqa: E402
+from napari_wpp.io import open_zarr_array, save_model  # noqa: E402
+from napari_wpp.widgets._session import session_for  # noqa: E402
+from napari_wpp.widgets.superresolve import SuperresolveWidget, input_normalisation  # noqa: E402
+
+TIMEOUT_MS = 60_000
+Q = 4
+SCALE = (1.0, 2.0, 2.0)
+TRANSLATE = (5.0, 1.0, -3.0)
+UINT8_NORM = {"low": 0.0, "high": 255.0, "dtype": "uint8"}
+
+
+def _state(model: torch.nn.Module | None = None, normalisation=UINT8_NORM) -> TrainingState:
+    torch.manual_seed(0)
+    model = model or build_model("wppnet", scale=Q, features=8, blocks=2)
+    config = model.config() if hasattr(model, "config") else {"scale": Q}
+    return TrainingState(
+        kind=getattr(model, "kind", "wppnet"),
+        model=model.eval(),
+        model_config=config,
+        operator=GaussianDownsampling(Q, 2.0).to_dict(),
+        lam=0.02,
+        config={},
+        step=7,
+        elapsed_s=1.0,
+        normalisation=normalisation,
+    )
+
+
+@pytest.fixture
+def errors():
+    """Messages of every error notification shown during the test."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    messages: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.ERROR:
+            messages.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield messages
+    notification_manager.notification_ready.disconnect(collect)
+
+
+@pytest.fixture
+def stack() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(3, 10, 12), dtype=np.uint8)
+
+
+@pytest.fixture
+def setup(make_napari_viewer, stack):
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="LR", scale=SCALE, translate=TRANSLATE, contrast_limits=(0, 255))
+    session = session_for(viewer)
+    session.model = _state()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Superresolve")
+    assert isinstance(widget, SuperresolveWidget)
+    widget.settings.device = "cpu"
+    widget.settings.batch_size = 2
+    return viewer, session, widget
+
+
+def _run(qtbot, widget: SuperresolveWidget):
+    with qtbot.waitSignal(widget.superresolve_finished, timeout=TIMEOUT_MS) as blocker:
+        assert widget.run() is not None
+    return blocker.args[0]
+
+
+def _expected(session, data: np.ndarray, axis: int = 0) -> np.ndarray:
+    norm = Normalisation.from_dict(session.model.normalisation)
+    return run_superresolve(session.model.model, data, axis=axis, device="cpu", normalisation=norm)
+
+
+def test_stack_geometry_metadata_and_rerun_in_place(setup, qtbot, stack, errors) -> None:
+    viewer, session, widget = setup
+    assert widget.settings.input_layer == "LR"
+    layer = _run(qtbot, widget)
+    assert layer is not None and layer.name == "LR superresolved"
+    out = viewer.layers["LR superresolved"]
+    assert out.data.shape == (3, 40, 48) and out.data.dtype == np.uint8
+    assert np.array_equal(np.asarray(out.data), _expected(session, stack))
+    assert tuple(out.scale) == pytest.approx((1.0, 0.5, 0.5))
+    shift = 2.0 * (Q - 1) / (2 * Q)
+    assert tuple(out.translate) == pytest.approx((5.0, 1.0 - shift, -3.0 - shift))
+    meta = out.metadata["napari_wpp"]
+    assert meta["role"] == "superresolved" and meta["source"] == "LR"
+    assert meta["model_kind"] == "wppnet" and meta["scale"] == Q
+    assert meta["operator"] == session.model.operator
+    assert meta["model_file"] is None  # the session's model was never saved
+    assert meta["normalisation"] == UINT8_NORM and meta["axis"] == 0 and meta["slice"] is None
+
+    # current slice only: the same layer, one slice placed at its z
+    widget.settings.extent = "slice"
+    viewer.dims.set_point(0, 5.0 + 2.0)  # world z of data slice 2
+    again = _run(qtbot, widget)
+    assert getattr(again, "__wrapped__", again) is out and len(viewer.layers) == 2
+    assert out.data.shape == (1, 40, 48)
+    assert np.array_equal(out.data[0], _expected(session, stack[2]))
+    assert tuple(out.translate) == pytest.approx((7.0, 1.0 - shift, -3.0 - shift))
+    assert out.metadata["napari_wpp"]["slice"] == 2
+    assert errors == []
+
+
+def test_other_axis_and_model_file(setup, qtbot, stack, tmp_path) -> None:
+    viewer, session, widget = setup
+    path = save_model(tmp_path / "tiny.safetensors", session.model)
+    session.model = None
+    assert widget.load_model(path) is not None
+    assert widget.settings.model_source == "file"
+    widget.settings.axis = 2
+    layer = _run(qtbot, widget)
+    out = viewer.layers[layer.name]
+    assert out.data.shape == (12, 40, 12)
+    assert tuple(out.scale) == pytest.approx((0.25, 0.5, 2.0))
+    assert out.translate[2] == pytest.approx(-3.0)
+    assert out.translate[0] == pytest.approx(5.0 - 1.0 * (Q - 1) / (2 * Q))
+    meta = out.metadata["napari_wpp"]
+    assert meta["model_file"] == str(path.resolve()) and meta["axis"] == 2
+    assert meta["model_step"] == 7
+
+
+def test_zarr_output_is_lazy_and_complete(setup, qtbot, stack, tmp_path) -> None:
+    dask = pytest.importorskip("dask.array")
+    pytest.importorskip("zarr")
+    viewer, session, widget = setup
+    widget.settings.to_zarr = True
+    widget.settings.zarr_path = str(tmp_path / "out.zarr")
+    layer = _run(qtbot, widget)
+    out = viewer.layers[layer.name]
+    assert isinstance(out.data, dask.Array)
+    assert out.data.shape == (3, 40, 48) and out.data.dtype == np.uint8
+    assert np.array_equal(out.data.compute(), _expected(session, stack))
+    assert tuple(out.scale) == pytest.approx((1.0, 0.5, 0.5))
+    attrs = dict(open_zarr_array(tmp_path / "out.zarr").attrs)
+    assert attrs["napari_wpp"]["complete"] is True
+    assert attrs["napari_wpp"]["scale"] == Q
+    assert attrs["pixel_size"] == pytest.approx([1.0, 0.5, 0.5])
+    assert out.metadata["napari_wpp"]["zarr"] == str(tmp_path / "out.zarr")
+
+
+def test_zarr_layer_goes_zarr_to_zarr(make_napari_viewer, qtbot, stack, tmp_path) -> None:
+    """A layer opened from a zarr array is read slab by slab by io.superresolve_zarr."""
+    pytest.importorskip("zarr")
+    from napari_wpp.io import create_zarr_array
+
+    source = create_zarr_array(tmp_path / "in.zarr", stack.shape, stack.dtype, (1, 10, 12))
+    source[...] = stack
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "in.zarr"), plugin="napari")
+    session = session_for(viewer)
+    session.model = _state()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Superresolve")
+    widget.settings.input_layer = layer.name
+    widget.settings.device = "cpu"
+    widget.settings.to_zarr = True
+    widget.settings.zarr_path = str(tmp_path / "out.zarr")
+    out = _run(qtbot, widget)
+    assert np.array_equal(np.asarray(out.data), _expected(session, stack))
+    attrs = dict(open_zarr_array(tmp_path / "out.zarr").attrs)["napari_wpp"]
+    assert attrs["source"] == str((tmp_path / "in.zarr").resolve())  # superresolve_zarr's
+    assert attrs["complete"] is True
+
+
+class _GatedUpsampler(torch.nn.Module):
+    """Nearest-neighbour ×4 whose forward waits for GATE (to cancel deterministically)."""
+
+    kind = "gated"
+    scale = Q
+    gate = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(30)
+        return torch.nn.functional.interpolate(x, scale_factor=Q, mode="nearest")
+
+
+def test_cancel_leaves_layers_unchanged(setup, qtbot) -> None:
+    viewer, session, widget = setup
+    session.model = _state(_GatedUpsampler())
+    widget.settings.batch_size = 1
+    _GatedUpsampler.gate.clear()
+    with qtbot.waitSignal(widget.superresolve_finished, timeout=TIMEOUT_MS) as blocker:
+        assert widget.run() is not None
+        widget.cancel()  # the first batch waits on the gate, so the stop comes first
+        assert not widget.cancel_button.isEnabled()
+        _GatedUpsampler.gate.set()
+    assert blocker.args[0] is None
+    assert "LR superresolved" not in viewer.layers
+    assert "Cancelled" in widget.status_label.text()
+
+
+def test_bad_input_gives_notifications(setup, qtbot, tmp_path, errors) -> None:
+    viewer, session, widget = setup
+    model = session.model
+    session.model = None
+    assert widget.run() is None
+    assert "no model in this session" in errors[-1]
+    session.model = model
+
+    viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
+    widget.settings.input_layer = "4D"
+    assert widget.run() is None
+    assert "4D" in errors[-1]
+    widget.settings.input_layer = "LR"
+
+    widget.settings.to_zarr = True
+    widget.settings.zarr_path = str(tmp_path / "out.tif")
+    assert widget.run() is None
+    assert ".zarr" in errors[-1]
+    widget.settings.to_zarr = False
+
+    assert widget.load_model(tmp_path / "missing.safetensors") is None
+    assert "does not exist" in errors[-1]
+    widget.settings.model_source = "session"
+
+    # a float layer with NaNs fails inside the worker: a notification as well
+    viewer.add_image(np.full((4, 4), np.nan, np.float32), name="nan")
+    widget.settings.input_layer = "nan"
+    assert _run(qtbot, widget) is None
+    assert "NaN" in errors[-1]
+    assert len(errors) == 5 and widget.worker is None
+
+
+def test_input_normalisation_mirrors_the_cli() -> None:
+    sample = np.linspace(0, 1000, 100, dtype=np.float32)
+    norm, how = input_normalisation(np.uint16, UINT8_NORM, lambda: sample)
+    assert (norm.low, norm.high, norm.dtype) == (0.0, 65535.0, "uint16") and "range" in how
+    recorded = {"low": 2.0, "high": 9.0, "dtype": "float32"}
+    norm, how = input_normalisation(np.float32, recorded, lambda: sample)
+    assert (norm.low, norm.high) == (2.0, 9.0) and "model" in how
+    norm, how = input_normalisation(np.float32, UINT8_NORM, lambda: sample)
+    assert norm.low == pytest.approx(np.percentile(sample, 0.1)) and "percentiles" in how
+
+
+def test_2d_image(make_napari_viewer, qtbot) -> None:
+    viewer = make_napari_viewer()
+    image = np.linspace(0.0, 3.0, 9 * 7, dtype=np.float32).reshape(9, 7)
+    viewer.add_image(image, name="plane", scale=(0.5, 0.5), translate=(2.0, 0.0))
+    session = session_for(viewer)
+    session.model = _state(normalisation={"low": 0.0, "high": 3.0, "dtype": "float32"})
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Superresolve")
+    widget.settings.device = "cpu"
+    widget.settings.extent = "slice"  # ignored for a 2D image
+    layer = _run(qtbot, widget)
+    out = viewer.layers[layer.name]
+    assert out.data.shape == (36, 28) and out.data.dtype == np.float32
+    assert np.allclose(out.data, _expected(session, image))
+    shift = 0.5 * (Q - 1) / (2 * Q)
+    assert tuple(out.scale) == pytest.approx((0.125, 0.125))
+    assert tuple(out.translate) == pytest.approx((2.0 - shift, -shift))
+    assert out.metadata["napari_wpp"]["normalisation_from"].startswith("model's range")

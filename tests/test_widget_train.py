@@ -1,0 +1,261 @@
+"""The Train dock widget: training in a worker, live plot, preview layer, stop, files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_wpp.core.errors import InputError  # noqa: E402
+from napari_wpp.data import synthetic_material  # noqa: E402
+from napari_wpp.io import load_model, read_model_metadata  # noqa: E402
+from napari_wpp.widgets._session import ReferenceSelection, session_for  # noqa: E402
+from napari_wpp.widgets.train import TrainWidget, default_model_path, parse_lambda  # noqa: E402
+
+TIMEOUT_MS = 60_000
+LR_NAME = "LR stack"
+LR_SCALE = (1.0, 4.0, 4.0)
+LR_TRANSLATE = (0.0, 1.5, 1.5)
+
+
+@pytest.fixture(scope="module")
+def material():
+    return synthetic_material(shape=(3, 64, 64), scale=4, seed=3)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages of every error notification shown during the test."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    messages: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.ERROR:
+            messages.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield messages
+    notification_manager.notification_ready.disconnect(collect)
+
+
+def _open_widget(viewer) -> TrainWidget:
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Train")
+    assert isinstance(widget, TrainWidget)
+    return widget
+
+
+def _tiny(widget: TrainWidget, save_path: Path, steps: int, preview_every: int = 1) -> None:
+    s = widget.settings
+    s.budget_unit = "steps"
+    s.budget = steps
+    s.batch_size = 2
+    s.crop_size = 12
+    s.n_reference_patches = 200
+    s.preview_every = preview_every
+    s.device = "cpu"
+    s.save_path = str(save_path)
+    s.model_options = {"features": 8, "blocks": 2}
+    s.config_overrides = {"patches_per_step": 1500, "mixed_precision": "off"}
+
+
+@pytest.fixture
+def setup(make_napari_viewer, material):
+    viewer = make_napari_viewer()
+    viewer.add_image(
+        material.lr,
+        name=LR_NAME,
+        scale=LR_SCALE,
+        translate=LR_TRANSLATE,
+        contrast_limits=(0, 255),
+        metadata={"napari_wpp": {"role": "lr"}},
+    )
+    session = session_for(viewer)
+    reference = (material.reference[:48, :48] / 255.0).astype(np.float32)
+    session.reference = ReferenceSelection(
+        [reference], {"low": 0.0, "high": 255.0, "dtype": "uint8"}, "ref", 1849
+    )
+    session.operator = material.operator
+    return viewer, session
+
+
+def test_settings_helpers(tmp_path) -> None:
+    assert parse_lambda("") is None
+    assert parse_lambda(" Auto ") == "auto"
+    assert parse_lambda("0.02") == pytest.approx(0.02)
+    for bad in ("abc", "-1", "nan"):
+        with pytest.raises(InputError):
+            parse_lambda(bad)
+    path = default_model_path("LR stack (x4)", "wppnet", tmp_path)
+    assert path.parent == tmp_path and path.suffix == ".safetensors"
+    assert " " not in path.name and path.name.startswith("LR-stack-x4-wppnet-")
+
+
+def test_train_preview_plot_and_resume(setup, qtbot, tmp_path, errors) -> None:
+    viewer, session = setup
+    widget = _open_widget(viewer)
+    assert widget.settings.lr_layer == LR_NAME  # the layer whose role is "lr"
+    viewer.dims.set_point(0, 2.0)
+    save_path = tmp_path / "tiny.safetensors"
+    _tiny(widget, save_path, steps=3)
+    previews = []
+    widget.preview_updated.connect(previews.append)
+
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
+        assert widget.start() is not None
+        assert widget.start() is None  # a second run is refused while one runs
+    state = blocker.args[0]
+    assert errors == ["training is already running: stop it first"]
+    assert state is not None and state.step == 3
+    assert session.model is state
+    assert session.model_path == str(save_path) and save_path.is_file()
+    assert read_model_metadata(save_path)["step"] == 3
+
+    # the live plot got one point per step, with positive losses
+    assert widget.plot.steps == [1, 2, 3]
+    assert all(v > 0 for v in widget.plot.data_terms)
+    assert len(widget.plot.wpp_terms) == 3
+
+    # preview layer: the current slice's central crop, superresolved ×4 over the LR layer
+    assert len(previews) == 3
+    layer = viewer.layers[f"{LR_NAME} preview"]
+    # updated in place (the widget sees napari's public proxy of the layer)
+    assert all(getattr(p, "__wrapped__", p) is layer for p in previews)
+    assert layer.data.shape == (1, 64, 64) and layer.data.dtype == np.uint8
+    assert tuple(layer.scale) == pytest.approx((1.0, 1.0, 1.0))
+    # crop starts at LR pixel 0 (the LR slice is 16 px, smaller than the crop limit)
+    assert tuple(layer.translate) == pytest.approx((2.0, 1.5 - 4 * 3 / 8, 1.5 - 4 * 3 / 8))
+    assert layer.metadata["napari_wpp"]["role"] == "preview"
+    assert layer.metadata["napari_wpp"]["slice"] == 2
+
+    # resume continues from session.model for the budget, more steps on top
+    widget.settings.budget = 2
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
+        assert widget.resume() is not None
+    resumed = blocker.args[0]
+    assert resumed.step == 5 and session.model is resumed
+    assert widget.plot.steps == [1, 2, 3, 4, 5]
+    assert read_model_metadata(save_path)["step"] == 5
+    assert len(errors) == 1
+
+
+def test_stop_midway_keeps_a_checkpoint(setup, qtbot, tmp_path) -> None:
+    viewer, session = setup
+    widget = _open_widget(viewer)
+    save_path = tmp_path / "stopped.safetensors"
+    _tiny(widget, save_path, steps=100_000, preview_every=0)
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
+        widget.start()
+        qtbot.waitUntil(lambda: len(widget.plot.steps) >= 2, timeout=TIMEOUT_MS)
+        widget.stop()
+        assert not widget.stop_button.isEnabled()
+    state = blocker.args[0]
+    assert 2 <= state.step < 100_000
+    assert session.model is state and session.model_path == str(save_path)
+    loaded = load_model(save_path)
+    assert loaded.step == state.step and loaded.kind == "wppnet"
+    assert loaded.priors and loaded.optimizer is not None  # resumable
+    assert f"{LR_NAME} preview" not in viewer.layers  # previews were off
+    assert "Stopped" in widget.status_label.text()
+
+
+def test_closing_napari_stops_training_cleanly(setup, qtbot, tmp_path) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    save_path = tmp_path / "closed.safetensors"
+    _tiny(widget, save_path, steps=100_000, preview_every=0)
+    worker = widget.start()
+    qtbot.waitUntil(lambda: len(widget.plot.steps) >= 1, timeout=TIMEOUT_MS)
+    viewer.close()  # napari cancels its tasks: the worker ends its step and writes the file
+    assert worker.done_event.is_set()
+    assert worker.stop_event.is_set()
+    assert 1 <= read_model_metadata(save_path)["step"] < 100_000
+
+
+def test_save_and_load_model(setup, qtbot, tmp_path, errors) -> None:
+    viewer, session = setup
+    widget = _open_widget(viewer)
+    assert widget.save_model(tmp_path / "none.safetensors") is None  # no model yet
+    _tiny(widget, tmp_path / "run.safetensors", steps=2, preview_every=0)
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS):
+        widget.start()
+    copy = widget.save_model(tmp_path / "copy.safetensors")
+    assert copy is not None and session.model_path == str(copy)
+    session.model = None
+    loaded = widget.load_model(copy)
+    assert loaded is not None and session.model is loaded and loaded.step == 2
+    assert widget.plot.steps == [1, 2]  # the file's loss history is plotted
+    assert widget.resume_button.isEnabled()
+    assert widget.load_model(tmp_path / "missing.safetensors") is None
+    assert widget.save_model(tmp_path / "model.txt") is None
+    assert len(errors) == 3 and "does not exist" in errors[1] and "safetensors" in errors[2]
+
+
+def test_bad_input_gives_notifications(setup, qtbot, tmp_path, errors) -> None:
+    viewer, session = setup
+    widget = _open_widget(viewer)
+    _tiny(widget, tmp_path / "bad.safetensors", steps=2)
+
+    operator = session.operator
+    session.operator = None
+    assert widget.start() is None
+    assert "operator" in errors[-1]
+    session.operator = operator
+
+    reference = session.reference
+    session.reference = None
+    assert widget.start() is None
+    assert "reference" in errors[-1]
+    session.reference = reference
+
+    viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
+    widget.settings.lr_layer = "4D"
+    assert widget.start() is None
+    assert "4D" in errors[-1] and "2D image or a 3D stack" in errors[-1]
+    # napari has no 1D image layers: a layer of another type is refused the same way
+    viewer.add_points(np.zeros((2, 2)), name="points")
+    widget.settings.lr_layer = "points"
+    assert widget.start() is None
+    assert "not a greyscale image layer" in errors[-1]
+    widget.settings.lr_layer = LR_NAME
+
+    widget.settings.lam = "lots"
+    assert widget.start() is None
+    assert "λ" in errors[-1]
+    widget.settings.lam = ""
+
+    widget.settings.save_path = str(tmp_path / "missing-folder" / "m.safetensors")
+    assert widget.start() is None
+    assert "does not exist" in errors[-1]
+
+    assert widget.resume() is None  # no model yet
+    assert "no model to resume" in errors[-1]
+
+    # an error inside the worker (crops too small for the blur) is a notification too
+    widget.settings.save_path = str(tmp_path / "bad.safetensors")
+    widget.settings.crop_size = 4
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
+        assert widget.start() is not None
+    assert blocker.args[0] is None
+    assert "too small" in errors[-1]
+    assert "failed" in widget.status_label.text()
+    assert len(errors) == 8 and widget.worker is None
+
+
+def test_2d_lr_image_preview(setup, qtbot, tmp_path, material) -> None:
+    viewer, session = setup
+    viewer.add_image(material.lr[0], name="plane", scale=(4.0, 4.0), translate=(1.5, 1.5))
+    widget = _open_widget(viewer)
+    widget.settings.lr_layer = "plane"
+    _tiny(widget, tmp_path / "plane.safetensors", steps=1)
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
+        widget.start()
+    assert blocker.args[0].step == 1
+    layer = viewer.layers["plane preview"]
+    assert layer.data.shape == (64, 64)
+    assert tuple(layer.scale) == pytest.approx((1.0, 1.0))
+    assert tuple(layer.translate) == pytest.approx((0.0, 0.0))
