@@ -52,6 +52,12 @@ PSI_MODES = ("shared", "per_batch")
 PRECISIONS = ("auto", "bf16", "off")
 #: Weight of the newest mean assigned cost in the ψ solver's cost scale.
 PSI_SCALE_MOMENTUM = 0.1
+#: WPPFlow's default prior weight ρ (the published value, REFERENCE.md §5).
+PUBLISHED_RHO = 100.0
+#: WPPFlow: gradient norm bound (in WPPNet loss units, i.e. the flow loss times 2σ²),
+#: applied after backward so that a spike of the log-determinant cannot blow up the weights.
+FLOW_GRAD_CLIP = 1.0
+TRAINABLE_MODELS = ("wppnet", "wppflow")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -79,10 +85,16 @@ class TrainingConfig:
     Parameters
     ----------
     model
-        Model kind (``"wppnet"``).
+        Model kind: ``"wppnet"`` (a CNN) or ``"wppflow"`` (a conditional normalizing flow,
+        trained with the backward KL of REFERENCE.md §1).
     lam
-        Weight λ of the patch prior (mean data term). ``None``: the paper's rule
+        WPPNet: weight λ of the patch prior (mean data term). ``None``: the paper's rule
         :func:`paper_lambda`; ``"auto"``: chosen on the reference by :func:`choose_lambda`.
+    rho
+        WPPFlow: weight ρ of the patch prior in ``mean‖f(x) − y‖²/(2σ²) + ρ·W₂² −
+        log|det ∇T|/n_LR`` (``None``: :data:`PUBLISHED_RHO`; ``"auto"``: the λ of
+        :func:`choose_lambda` divided by 2σ², since the WPPNet loss is that loss times 2σ²
+        without the entropy). With σ = 0.01, ρ = 100 is λ = 0.02, the paper's WPPNet value.
     steps, minutes
         Budgets; training stops at whichever comes first. With neither, :data:`DEFAULT_STEPS`.
     batch_size
@@ -118,7 +130,8 @@ class TrainingConfig:
         Random flips and 90° rotations of the crops, where the operator allows them
         (:func:`augmentation_is_consistent`).
     noise_std
-        Noise level σ of the LR data (normalised units), used by ``lam="auto"``.
+        Noise level σ of the LR data (normalised units), used by ``lam="auto"`` and as the σ
+        of WPPFlow's data term.
     seed
         Seed of every random choice (crops, reference patches, initial weights).
     device
@@ -135,6 +148,7 @@ class TrainingConfig:
 
     model: str = "wppnet"
     lam: float | str | None = None
+    rho: float | str | None = None
     steps: int | None = None
     minutes: float | None = None
     batch_size: int = 8
@@ -197,6 +211,7 @@ class TrainingProgress:
     loss: float
     fraction: float
     psnr: float | None = None
+    logdet: float | None = None
 
 
 @dataclass
@@ -245,12 +260,17 @@ def _as_stack(lr_data: np.ndarray) -> np.ndarray:
 
 
 def _check_config(config: TrainingConfig) -> None:
-    if config.model != "wppnet":
-        raise InputError(f"unknown model {config.model!r} for training: use 'wppnet'")
-    if isinstance(config.lam, str) and config.lam != "auto":
-        raise InputError(f"lambda {config.lam!r} is invalid: use a number ≥ 0 or 'auto'")
-    if isinstance(config.lam, (int, float)) and config.lam < 0:
-        raise InputError(f"lambda must be ≥ 0, got {config.lam}")
+    if config.model not in TRAINABLE_MODELS:
+        raise InputError(
+            f"unknown model {config.model!r} for training: use one of {', '.join(TRAINABLE_MODELS)}"
+        )
+    for name, value in (("lambda", config.lam), ("rho", config.rho)):
+        if isinstance(value, str) and value != "auto":
+            raise InputError(f"{name} {value!r} is invalid: use a number ≥ 0 or 'auto'")
+        if isinstance(value, (int, float)) and value < 0:
+            raise InputError(f"{name} must be ≥ 0, got {value}")
+    if config.model == "wppflow" and not config.noise_std > 0:
+        raise InputError(f"WPPFlow needs a noise level σ > 0, got {config.noise_std}")
     for name in ("batch_size", "crop_size", "n_reference_patches", "psi_passes", "patch_size"):
         value = getattr(config, name)
         if int(value) != value or value < 1:
@@ -522,8 +542,25 @@ def train(
         )
     reference_patches = torch.cat(ref_patches).to(device)
 
+    flow = config.model == "wppflow"
+    weight = config.rho if flow else config.lam
+    two_sigma2 = 2.0 * config.noise_std**2
     if resume is not None:
         lam = resume.lam
+    elif flow and weight is None:
+        lam = PUBLISHED_RHO
+    elif flow and weight == "auto":
+        lam_net, _ = choose_lambda(
+            regions[0],
+            operator,
+            config.noise_std,
+            seed=config.seed,
+            device=config.device,
+            stop=stop,
+        )
+        lam = lam_net / two_sigma2
+    elif flow:
+        lam = float(weight)
     elif config.lam == "auto":
         lam, _ = choose_lambda(
             regions[0],
@@ -538,7 +575,11 @@ def train(
     else:
         lam = float(config.lam)
 
-    model = build_model(config.model, scale=q, **config.model_options).to(device)
+    model_options = dict(config.model_options)
+    if flow:
+        model_options.setdefault("sampling_offset", float(operator.sampling_offset))
+        model_options.setdefault("seed", config.seed)
+    model = build_model(config.model, scale=q, **model_options).to(device)
     n_priors = config.n_fixed_batches if config.psi_mode == "per_batch" else 1
     solver_options = {} if config.psi_lr is None else {"lr": config.psi_lr}
     momentum = None if config.psi_solver == "asgd" else PSI_SCALE_MOMENTUM
@@ -580,11 +621,13 @@ def train(
             torch.from_numpy(np.ascontiguousarray(validation[0], np.float32))[None, None],
             np.asarray(validation[1], np.float32),
         )
-    if config.mixed_precision == "auto":
+    if flow:
+        use_amp = False  # log-determinants and inverses stay in float32
+    elif config.mixed_precision == "auto":
         use_amp = native_bf16(device)
     else:
         use_amp = config.mixed_precision == "bf16"
-    if device.type == "cpu":
+    if device.type == "cpu" and not flow:
         model = model.to(memory_format=torch.channels_last)
     budget = Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before)
     now = budget.elapsed
@@ -608,7 +651,8 @@ def train(
     def run_model(lr: Tensor) -> Tensor:
         with torch.no_grad():
             model.eval()
-            out = model(lr.to(device)).float()
+            lr = lr.to(device)
+            out = (model.mode_sample(lr) if flow else model(lr)).float()
             model.train()
         return out
 
@@ -630,8 +674,15 @@ def train(
         if device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            hr = model(batch)
+        logdet = None
+        if flow:
+            z = torch.randn(
+                (batch.shape[0], 1, batch.shape[2] * q, batch.shape[3] * q), generator=generator
+            ).to(device)
+            hr, logdet = model(z, batch)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                hr = model(batch)
         hr = hr.float()
         lr_hat = op(hr)
         inner = (
@@ -645,13 +696,27 @@ def train(
             wpp_term = prior.loss_and_ascend(patches, config.psi_passes)
         else:
             wpp_term = torch.zeros((), device=device)
-        loss = data_term + lam * wpp_term
+        if flow:
+            # backward KL per LR pixel: data/(2σ²) + ρ·W₂² − log|det|/n_LR
+            entropy = logdet.mean() / float(batch.shape[2] * batch.shape[3])
+            loss = data_term / two_sigma2 + lam * wpp_term - entropy
+            scaled = loss * two_sigma2  # WPPNet units: same step sizes, same clipping bound
+        else:
+            loss = data_term + lam * wpp_term
+            scaled = loss
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"training diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
                 "learning rate or λ; checkpoints written before are kept"
             )
-        loss.backward()
+        scaled.backward()
+        if flow:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), FLOW_GRAD_CLIP)
+            if not torch.isfinite(norm):
+                raise DivergenceError(
+                    f"training diverged at step {step + 1} (non-finite gradient): lower the "
+                    "learning rate or ρ; checkpoints written before are kept"
+                )
         optimizer.step()
         step += 1
         record = {
@@ -661,6 +726,8 @@ def train(
             "wpp_term": float(wpp_term.detach()),
             "loss": float(loss.detach()),
         }
+        if logdet is not None:
+            record["logdet"] = float(logdet.detach().mean())
         val_psnr = None
         if val is not None and config.validate_every and step % config.validate_every == 0:
             out = run_model(val[0])[0, 0].cpu().numpy()
@@ -675,6 +742,7 @@ def train(
             loss=record["loss"],
             fraction=budget.fraction(step),
             psnr=val_psnr,
+            logdet=record.get("logdet"),
         )
         if config.preview_every and step % config.preview_every == 0:
             image = run_model(preview_t)[0, 0].cpu().numpy().astype(np.float32)

@@ -1,4 +1,4 @@
-"""Trainable models: WPPNet (CNN) and, later, WPPFlow (conditional normalizing flow)."""
+"""Trainable models: WPPNet (CNN) and WPPFlow (conditional normalizing flow)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.models.wppflow import WPPFlow
 from napari_wpp.core.models.wppnet import WPPNet
 
 #: Model kinds by name, as stored in model files.
-MODEL_KINDS: dict[str, type[torch.nn.Module]] = {"wppnet": WPPNet}
+MODEL_KINDS: dict[str, type[torch.nn.Module]] = {"wppnet": WPPNet, "wppflow": WPPFlow}
 
 
 def build_model(kind: str, **config: Any) -> torch.nn.Module:

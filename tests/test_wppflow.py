@@ -1,0 +1,182 @@
+"""WPPFlow: invertibility, exact log-determinant, aligned conditions, reproducible sampling."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_wpp.core.errors import InputError
+from napari_wpp.core.models import build_model
+from napari_wpp.core.models.wppflow import WPPFlow, aligned_upsample
+from napari_wpp.core.operators import GaussianDownsampling
+from napari_wpp.core.training import (
+    TrainingConfig,
+    TrainingFinished,
+    TrainingProgress,
+    run_training,
+    train,
+)
+
+TINY = {"steps": 1, "hidden": 8, "cond_features": 4, "mean_features": 8, "mean_blocks": 2}
+
+
+def _perturbed(flow: WPPFlow, lr: torch.Tensor, scale: float = 0.05, seed: int = 0) -> WPPFlow:
+    """Initialise ActNorm on data, then move every weight off its (identity) initialisation."""
+    q = flow.scale
+    flow(torch.randn(lr.shape[0], 1, lr.shape[2] * q, lr.shape[3] * q, dtype=lr.dtype), lr)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return flow
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_inverse_of_forward_is_identity(scale: int) -> None:
+    torch.manual_seed(0)
+    lr = torch.rand(2, 1, 5, 6)
+    flow = _perturbed(WPPFlow(scale, **TINY), lr)
+    z = torch.randn(2, 1, 5 * scale, 6 * scale)
+    with torch.no_grad():
+        x, logdet = flow(z, lr)
+        back = flow.inverse(x, lr)
+    assert x.shape == z.shape and logdet.shape == (2,)
+    assert not torch.allclose(x, z, atol=1e-2)  # the flow does something
+    assert torch.max(torch.abs(back - z)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logdet_matches_autograd_jacobian(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    lr = torch.rand(1, 1, 2, 2, dtype=dtype)
+    flow = _perturbed(WPPFlow(4, **TINY).to(dtype), lr, scale=0.1)
+    z = torch.randn(1, 1, 8, 8, dtype=dtype)
+
+    def generate(flat: torch.Tensor) -> torch.Tensor:
+        return flow(flat.view(1, 1, 8, 8), lr)[0].flatten()
+
+    jacobian = torch.autograd.functional.jacobian(generate, z.flatten())
+    expected = torch.linalg.slogdet(jacobian.double())[1]
+    _, logdet = flow(z, lr)
+    assert abs(float(logdet) - float(expected)) <= 1e-3 * abs(float(expected)) + 1e-4
+
+
+@pytest.mark.parametrize("anchor", ["center", "corner"])
+def test_conditions_are_registered_with_the_operator(anchor: str) -> None:
+    """A ramp whose LR values are the HR coordinates they sample upsamples to the HR ramp."""
+    q = 4
+    operator = GaussianDownsampling(q, 2.0, kernel_size=16, anchor=anchor)
+    offset = operator.sampling_offset
+    lr = (offset + q * torch.arange(8.0)).expand(1, 1, 8, 8).contiguous()
+    hr = aligned_upsample(lr, q, offset)
+    inside = slice(q * 2, q * 6)
+    expected = torch.arange(8.0 * q)[inside]
+    assert torch.allclose(hr[0, 0, 0, inside], expected, atol=1e-4)
+    flow = WPPFlow(q, sampling_offset=offset, **TINY)
+    conds = flow.conditions(lr)
+    assert [c.shape[-1] for c in conds] == [8, 16, 32]
+    assert torch.allclose(conds[-1][0, 0, 0, inside], expected, atol=1e-4)
+    # the middle level: pixel j covers HR pixels [2j, 2j + 2), centre 2j + 0.5
+    mid = conds[1][0, 0, 0, 4:12]
+    assert torch.allclose(mid, 2.0 * torch.arange(4.0, 12.0) + 0.5, atol=1e-4)
+
+
+def test_sampling_is_reproducible_and_varies_with_seed() -> None:
+    torch.manual_seed(0)
+    lr = torch.rand(1, 1, 6, 6)
+    flow = _perturbed(WPPFlow(2, **TINY), lr)
+    with torch.no_grad():
+        a = flow.sample(lr, 1.0, torch.Generator().manual_seed(3))
+        b = flow.sample(lr, 1.0, torch.Generator().manual_seed(3))
+        c = flow.sample(lr, 1.0, torch.Generator().manual_seed(4))
+        cold = flow.sample(lr, 0.0, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert torch.allclose(cold, flow.mode_sample(lr))
+
+
+def test_initial_flow_spreads_samples_around_the_mean() -> None:
+    """Zero-initialised subnets: x = mean(y) + initial_std · (orthogonal mix of z) at first."""
+    torch.manual_seed(0)
+    flow = WPPFlow(2, initial_std=0.05, **TINY)
+    lr = torch.rand(4, 1, 16, 16)
+    z = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        x, _ = flow(z, lr)
+        mean = flow.mean_net(lr)
+    noise = (x - mean) / 0.05
+    assert abs(float(noise.mean())) < 0.05
+    assert float(noise.std()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_bad_scale_and_shapes() -> None:
+    with pytest.raises(InputError, match="WPPNet"):
+        WPPFlow(3)
+    flow = build_model("wppflow", scale=2, **TINY)
+    with pytest.raises(InputError, match="latent"):
+        flow(torch.zeros(1, 1, 10, 10), torch.zeros(1, 1, 6, 6))
+
+
+def _tiny_data() -> tuple[np.ndarray, np.ndarray, GaussianDownsampling]:
+    rng = np.random.default_rng(0)
+    operator = GaussianDownsampling(2, 1.0, kernel_size=8)
+    hr = rng.random((64, 64)).astype(np.float32)
+    lr = operator(torch.from_numpy(hr)).numpy()
+    return np.stack([lr, lr[::-1].copy()]), hr, operator
+
+
+def test_flow_training_steps_and_resume() -> None:
+    lr, ref, operator = _tiny_data()
+    config = TrainingConfig(
+        model="wppflow",
+        steps=2,
+        batch_size=2,
+        crop_size=12,
+        n_reference_patches=300,
+        patches_per_step=400,
+        model_options=TINY,
+    )
+    events = list(train(lr, ref, operator, config))
+    progress = [e for e in events if isinstance(e, TrainingProgress)]
+    assert len(progress) == 2
+    assert all(np.isfinite(e.loss) and e.logdet is not None for e in progress)
+    state = events[-1].state
+    assert state.kind == "wppflow" and state.lam == 100.0
+    assert state.model.sampling_offset == operator.sampling_offset
+
+
+def test_flow_resume_continues_the_same_run() -> None:
+    lr, ref, operator = _tiny_data()
+    config = TrainingConfig(
+        model="wppflow",
+        steps=3,
+        batch_size=2,
+        crop_size=12,
+        n_reference_patches=300,
+        patches_per_step=400,
+        model_options=TINY,
+    )
+    straight = run_training(lr, ref, operator, config).state
+    stop = threading.Event()
+    first = None
+    for event in train(lr, ref, operator, config, stop=stop):
+        if isinstance(event, TrainingProgress) and event.step == 2:
+            stop.set()
+        if isinstance(event, TrainingFinished):
+            first = event.state
+    assert first is not None and first.step == 2
+    resumed = run_training(lr, ref, operator, config, resume=first).state
+    assert resumed.step == 3
+    for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_flow_rejects_wrong_weights() -> None:
+    lr, ref, operator = _tiny_data()
+    with pytest.raises(InputError, match="rho"):
+        run_training(lr, ref, operator, TrainingConfig(model="wppflow", rho=-1.0, steps=1))
+    with pytest.raises(InputError, match="noise level"):
+        run_training(lr, ref, operator, TrainingConfig(model="wppflow", noise_std=0.0, steps=1))
