@@ -235,7 +235,7 @@ def test_resume_refusals(
     [
         (("--crop-size", 8), ("too small",)),
         (("--device", "tpu"), ("unknown device",)),
-        (("--model", "wppflow"), ("not available yet",)),
+        (("--rho", 100), ("--rho", "wppflow")),
         (("--model", "unet"), ("unknown --model",)),
         (("--lambda", "much"), ("'auto'",)),
         (("--steps", 0), ("--steps",)),
@@ -524,16 +524,16 @@ def test_predict_tiff_to_zarr(
             assert list(result.attrs["pixel_size"]) == pytest.approx([PIXEL / 2, PIXEL / 2])
 
 
-def test_predict_wppflow_model_is_refused(
+def test_model_file_whose_kind_does_not_fit_its_weights_is_refused(
     capsys: pytest.CaptureFixture, tmp_path: Path, files: dict[str, Path], model_file: Path
 ) -> None:
-    """A model file whose metadata names another kind (as a WPPFlow file will)."""
+    """A WPPNet's weights in a file whose metadata names the wppflow kind."""
     state = dataclasses.replace(io.load_model(model_file), kind="wppflow")
     flow = io.save_model(tmp_path / "flow.safetensors", state)
     assert io.read_model_metadata(flow)["kind"] == "wppflow"
     out = tmp_path / "sr.tif"
     code, stdout, err = _run(capsys, "predict", flow, files["lr2d"], "--out", out)
-    _assert_bad_input(code, stdout, err, "flow.safetensors is a wppflow model", "wppnet")
+    _assert_bad_input(code, stdout, err, "flow.safetensors", "invalid wppflow configuration")
     _assert_bad_input(
         *_train(capsys, files, tmp_path / "m.safetensors", "--resume", flow, "--steps", 9),
         "wppflow",

@@ -60,9 +60,15 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 #: Minutes between two writes of the model file during ``napari-wpp train``.
 CHECKPOINT_MINUTES = 5.0
-#: Model kinds ``napari-wpp train`` will know; only those in ``TRAINABLE_MODELS`` exist yet.
-TRAINABLE_MODELS = ("wppnet",)
-PLANNED_MODELS = ("wppflow",)
+#: Model kinds ``napari-wpp train`` knows (``core.training.TRAINABLE_MODELS``, checked by a
+#: test; kept here so that ``--help`` does not import torch).
+TRAINABLE_MODELS = ("wppnet", "wppflow")
+#: WPPFlow's default prior weight ρ (``core.training.PUBLISHED_RHO``, checked by a test).
+DEFAULT_RHO = 100.0
+#: Default noise level σ of ``train --noise`` (``TrainingConfig.noise_std``, checked by a test).
+DEFAULT_NOISE_STD = 0.01
+#: Posterior samples ``predict`` draws with a WPPFlow when ``--samples`` is not given.
+DEFAULT_FLOW_SAMPLES = 8
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -114,6 +120,8 @@ def _number(kind: type, minimum: float, inclusive: bool, hint: str) -> Callable[
 _sigma = _number(float, 0.0, False, "the blur width σ in HR pixels, e.g. --sigma 2")
 _noise = _number(float, 0.0, True, "the noise std on the [0, 1] scale, e.g. --noise 0.01")
 _lambda = _number(float, 0.0, True, "e.g. --lambda 0.02")
+_rho = _number(float, 0.0, True, "e.g. --rho 100")
+_temperature = _number(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
 _minutes = _number(float, 0.0, False, "e.g. --minutes 2")
 _iterations = _number(int, 1, True, "e.g. --iterations 300")
 _kernel = _number(int, 1, True, "e.g. --kernel-size 16")
@@ -128,6 +136,7 @@ _positive = {
         ("--reference-patches", 5000),
         ("--psi-passes", 2),
         ("--tile", 256),
+        ("--samples", 8),
     )
 }
 _checkpoint_minutes = _number(float, 0.0, True, "e.g. --checkpoint-minutes 5 (0: only at the end)")
@@ -142,6 +151,18 @@ def _train_lambda(text: str) -> float | str:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --lambda 0.02 or --lambda auto"
+        ) from None
+
+
+def _train_rho(text: str) -> float | str:
+    """``--rho`` of ``train``: a number ≥ 0 or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _rho(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --rho 100 or --rho auto"
         ) from None
 
 
@@ -287,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         parents=[common],
-        help="train a WPPNet on LR data (no paired HR data needed)",
-        description="Train a WPPNet on a 2D LR image or a 3D LR stack with the Wasserstein "
+        help="train a WPPNet or a WPPFlow on LR data (no paired HR data needed)",
+        description="Train a WPPNet (or, with --model wppflow, a conditional normalizing flow "
+        "that draws posterior samples) on a 2D LR image or a 3D LR stack with the Wasserstein "
         "Patch Prior of an HR reference of the same material. The model file records the "
         "operator, the LR data's intensity normalisation and the training state; it is "
         "written every --checkpoint-minutes and at the end, also when Ctrl-C stops the run.",
@@ -303,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        default="wppnet",
         metavar="KIND",
-        help="model kind (default wppnet; wppflow is not available yet)",
+        help="wppnet (a CNN, default) or wppflow (a conditional normalizing flow: posterior "
+        "samples, mean and standard deviation with 'predict'); --resume keeps the file's kind",
     )
     p.add_argument(
         "--minutes",
@@ -325,8 +347,26 @@ def build_parser() -> argparse.ArgumentParser:
         dest="lam",
         type=_train_lambda,
         metavar="L",
-        help="weight λ of the patch prior, mean data term, or 'auto' (chosen on the reference; "
-        "default 12.5 / crop-size², 0.02 for 25-pixel crops)",
+        help="wppnet: weight λ of the patch prior, mean data term, or 'auto' (chosen on the "
+        "reference; default 12.5 / crop-size², 0.02 for 25-pixel crops)",
+    )
+    p.add_argument(
+        "--rho",
+        type=_train_rho,
+        metavar="R",
+        help=f"wppflow: weight ρ of the patch prior in the flow's loss data/(2σ²) + ρ·W₂² − "
+        f"log-det, or 'auto' (the λ chosen on the reference divided by 2σ²; default "
+        f"{DEFAULT_RHO:g}, the published value)",
+    )
+    p.add_argument(
+        "--noise",
+        "--noise-std",
+        dest="noise",
+        type=_noise,
+        metavar="SIGMA",
+        help=f"noise std σ of the LR data on the [0, 1] intensity scale, as in 'degrade "
+        f"--noise' (default {DEFAULT_NOISE_STD:g}): the σ of wppflow's data term, and used by "
+        "--lambda/--rho auto",
     )
     p.add_argument(
         "--batch-size",
@@ -382,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Superresolve a 2D image or, slice by slice, a 3D stack (TIFF/PNG) or a "
         "zarr array with a model file written by 'train'. Integer inputs are normalised by "
         "their dtype range; float inputs by the model's recorded float range, else by their "
-        "own 0.1/99.9 percentiles. The output has the input's dtype and intensity range.",
+        "own 0.1/99.9 percentiles. The output has the input's dtype and intensity range. "
+        "With a wppflow model, OUT is the pixelwise mean of --samples posterior samples, "
+        "<OUT stem>_std<ext> their standard deviation (float32, in the input's intensity "
+        "units: grey levels for integer inputs) and, with --save-samples, "
+        "<OUT stem>_samples<ext> the samples (sample axis first, the input's dtype).",
     )
     p.add_argument("model", metavar="MODEL", help="model file (.safetensors) from 'train'")
     p.add_argument(
@@ -410,7 +454,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive["--batch-size"],
         default=4,
         metavar="B",
-        help="slices per forward pass (default 4)",
+        help="slices per forward pass; posterior samples per pass for a wppflow (default 4)",
+    )
+    flow = p.add_argument_group("wppflow models (posterior samples)")
+    flow.add_argument(
+        "--samples",
+        type=_positive["--samples"],
+        metavar="K",
+        help=f"number of posterior samples per slice (default {DEFAULT_FLOW_SAMPLES}; 1 gives "
+        "a std of 0)",
+    )
+    flow.add_argument(
+        "--temperature",
+        type=_temperature,
+        metavar="T",
+        help="latent temperature: samples from T·N(0, I) (default 1; 0: every sample is the "
+        "mode)",
+    )
+    flow.add_argument(
+        "--seed",
+        type=_seed,
+        metavar="N",
+        help="seed of the latents; the same seed gives the same samples (default 0)",
+    )
+    flow.add_argument(
+        "--save-samples",
+        action="store_true",
+        help="also write the samples to <OUT stem>_samples<ext> (K times the output's size)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -1079,12 +1149,20 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _check_model_kind(kind: str) -> str:
-    """The ``--model`` of ``train``: only WPPNet exists yet."""
+    """The ``--model`` of ``train``: one of :data:`TRAINABLE_MODELS`."""
     if kind in TRAINABLE_MODELS:
         return kind
-    if kind in PLANNED_MODELS:
-        raise InputError(f"--model {kind} is not available yet: use --model wppnet")
     raise InputError(f"unknown --model {kind!r}: use --model {' or '.join(TRAINABLE_MODELS)}")
+
+
+def _check_prior_weight_flags(args: argparse.Namespace, kind: str) -> None:
+    """``--lambda`` belongs to wppnet, ``--rho`` to wppflow; σ > 0 for a flow."""
+    if kind == "wppnet" and args.rho is not None:
+        raise InputError("--rho is the prior weight of wppflow: use --lambda with wppnet")
+    if kind == "wppflow" and args.lam is not None:
+        raise InputError("--lambda is the prior weight of wppnet: use --rho with wppflow")
+    if kind == "wppflow" and args.noise is not None and not args.noise > 0:
+        raise InputError("wppflow needs a noise std σ > 0 for its data term: e.g. --noise 0.01")
 
 
 def _operator_text(data: dict[str, Any]) -> str:
@@ -1112,7 +1190,8 @@ def _load_resume(path_text: str) -> Any:
     name = Path(path_text).name
     if meta.get("kind") not in TRAINABLE_MODELS:
         raise InputError(
-            f"--resume {name} is a {meta.get('kind')} model: only wppnet runs can be resumed"
+            f"--resume {name} is a {meta.get('kind')} model: only "
+            f"{' and '.join(TRAINABLE_MODELS)} runs can be resumed"
         )
     if not meta.get("training_state"):
         raise InputError(
@@ -1166,10 +1245,25 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
                 f"{flag} {value} differs from the resumed run's {saved[key]}: drop {flag} "
                 "(a resumed run keeps its settings) or train a new model without --resume"
             )
+    if args.model is not None and args.model != state.kind:
+        raise InputError(
+            f"--model {args.model} differs from the resumed {state.kind} run: drop --model or "
+            "train a new model without --resume"
+        )
     if args.lam is not None and args.lam not in (saved.get("lam"), state.lam):
         raise InputError(
             f"--lambda {args.lam} differs from the resumed run's λ = {state.lam:g}: drop "
             "--lambda or train a new model without --resume"
+        )
+    if args.rho is not None and args.rho not in (saved.get("rho"), state.lam):
+        raise InputError(
+            f"--rho {args.rho} differs from the resumed run's ρ = {state.lam:g}: drop "
+            "--rho or train a new model without --resume"
+        )
+    if args.noise is not None and "noise_std" in saved and args.noise != saved["noise_std"]:
+        raise InputError(
+            f"--noise {args.noise:g} differs from the resumed run's σ = {saved['noise_std']:g}: "
+            "drop --noise or train a new model without --resume"
         )
     steps = args.steps
     if steps is None and args.minutes is None:
@@ -1201,9 +1295,10 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
     from napari_wpp.core.training import TrainingProgress
 
     if isinstance(event, TrainingProgress):
+        logdet = "" if event.logdet is None else f" logdet {event.logdet:.3g}"
         return (
             event.fraction,
-            f"step {event.step} data {event.data_term:.2e} wpp {event.wpp_term:.2e}",
+            f"step {event.step} data {event.data_term:.2e} wpp {event.wpp_term:.2e}{logdet}",
         )
     return None
 
@@ -1256,15 +1351,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from napari_wpp.core.training import TrainingConfig
 
     out = _check_output(args.out, "model file", suffixes=(".safetensors",))
-    kind = _check_model_kind(args.model)
+    if args.model is not None:
+        _check_model_kind(args.model)
     device = _check_device(args.device)
     resume = None
     if args.resume is not None:
         name = Path(args.resume).name
         resume = _load_resume(args.resume)
+        kind = str(resume.kind)
+        _check_prior_weight_flags(args, kind)
         operator = _resume_operator(args, resume, name)
         _check_resume_settings(args, resume, name)
     else:
+        kind = args.model or "wppnet"
+        _check_prior_weight_flags(args, kind)
         operator = _operator_from_args(args)
     lr_data = _read(args.lr_data, "LR data", ndims=(2, 3))
     ref_data = _read(args.reference, "reference", ndims=(2, 3))
@@ -1285,6 +1385,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainingConfig(
         model=kind,
         lam=args.lam,
+        rho=args.rho,
+        noise_std=DEFAULT_NOISE_STD if args.noise is None else args.noise,
         steps=args.steps,
         minutes=args.minutes,
         batch_size=args.batch_size or d["batch_size"],
@@ -1295,8 +1397,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=device,
         checkpoint_minutes=args.checkpoint_minutes or None,
     )
-    if args.lam == "auto" and resume is None:
-        sys.stderr.write("choosing λ on the reference (--lambda auto)...\n")
+    if "auto" in (args.lam, args.rho) and resume is None:
+        flag = "--lambda" if args.lam == "auto" else "--rho"
+        sys.stderr.write(f"choosing λ on the reference ({flag} auto)...\n")
         sys.stderr.flush()
     first_step = resume.step if resume is not None else 0
     final, checkpoints = _train_model(
@@ -1307,6 +1410,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     stopped = bool(final.stopped_early)
     q = int(operator.scale)
     losses = {k: last.get(k) for k in ("data_term", "wpp_term", "loss")}
+    flow = state.kind == "wppflow"
+    noise_std = (state.config or {}).get("noise_std", config.noise_std)
+    weight_text = f"ρ = {state.lam:g}, σ = {noise_std:g}" if flow else f"λ = {state.lam:g}"
     loss_text = (
         f"; data {losses['data_term']:.3e}, wpp {losses['wpp_term']:.3e}"
         if last
@@ -1322,14 +1428,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "steps_this_run": int(state.step) - first_step,
             "seconds": float(state.elapsed_s),
             **losses,
-            "lambda": float(state.lam),
+            "lambda": None if flow else float(state.lam),
+            "rho": float(state.lam) if flow else None,
+            "noise_std": float(noise_std),
             "device": device,
             "stopped_early": stopped,
             "resumed_from": args.resume,
             "checkpoints": checkpoints,
         },
         f"wrote {out} ({state.kind} ×{q}) after {state.step} steps in {state.elapsed_s:.1f} s "
-        f"(λ = {state.lam:g}, {device}){loss_text}" + (" [stopped early]" if stopped else ""),
+        f"({weight_text}, {device}){loss_text}" + (" [stopped early]" if stopped else ""),
     )
     return EXIT_OK
 
@@ -1372,17 +1480,39 @@ def _model_for_prediction(path_text: str) -> tuple[dict[str, Any], Any]:
     meta = read_model_metadata(path_text)
     kind = meta.get("kind")
     name = Path(path_text).name
-    if kind in PLANNED_MODELS:
-        raise InputError(
-            f"{name} is a {kind} model, which this version cannot run yet: use a wppnet model "
-            f"(train one with '{PROG} train')"
-        )
     if kind not in TRAINABLE_MODELS:
         raise InputError(
-            f"{name} holds a model of unknown kind {kind!r}: update napari-wpp or use a wppnet "
-            "model"
+            f"{name} holds a model of unknown kind {kind!r}: update napari-wpp or use a "
+            f"{' or '.join(TRAINABLE_MODELS)} model"
         )
     return meta, load_model(path_text, device="cpu")
+
+
+def _check_flow_flags(args: argparse.Namespace, kind: str, name: str) -> None:
+    """Refuse the sampling flags of ``predict`` for a model that draws no samples."""
+    if kind == "wppflow":
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--samples", args.samples),
+            ("--temperature", args.temperature),
+            ("--seed", args.seed),
+            ("--save-samples", args.save_samples or None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise InputError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for wppflow models but "
+            f"{name} is a {kind}, which draws no samples: drop {given[0]} or use a wppflow "
+            f"model (train one with '{PROG} train --model wppflow')"
+        )
+
+
+def _suffixed_path(out: Path, label: str) -> Path:
+    """``<OUT stem>_<label><ext>`` next to ``out``."""
+    return out.with_name(f"{out.stem}_{label}{out.suffix}")
 
 
 def _predict_normalisation(dtype: Any, recorded: Any, sample: Callable[[], Any]) -> tuple[Any, str]:
@@ -1455,6 +1585,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out, out_zarr = _check_predict_output(args.out)
     device = _check_device(args.device)
     meta, state = _model_for_prediction(args.model)
+    _check_flow_flags(args, str(state.kind), Path(args.model).name)
+    flow = state.kind == "wppflow"
+    extra_outputs: dict[str, Path] = {}
+    if flow:
+        extra_outputs["std"] = _suffixed_path(out, "std")
+        if args.save_samples:
+            extra_outputs["samples"] = _suffixed_path(out, "samples")
+        for path in extra_outputs.values():
+            _check_predict_output(str(path))
     model = state.model
     q = int(model.scale)
 
@@ -1514,6 +1653,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     grow = _grown_axes(ndim, axis)
     result_shape = output_shape(shape, q, axis or 0)
     slices = 1 if ndim == 2 else shape[axis]
+    if flow:
+        for path in (out, *extra_outputs.values()):
+            if path.resolve() == in_path.resolve():
+                raise InputError(f"output {str(path)!r} is the input: choose another --out")
+        return _predict_flow(
+            args,
+            state,
+            out,
+            extra_outputs,
+            out_zarr,
+            in_path,
+            source if in_zarr else array,
+            in_zarr,
+            norm,
+            how,
+            axis,
+            tuple(result_shape),
+            slices,
+            pixel_size,
+            unit,
+            device,
+        )
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial.zarr") if out_zarr else None
     if tmp is not None and tmp.exists():
@@ -1621,6 +1782,203 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         },
         f"wrote {out} ({_shape_text(result_shape)}, {out_dtype}, ×{q} on {axes}) in "
         f"{finished.elapsed_s:.1f} s on {device} (intensities: {how})",
+    )
+    return EXIT_OK
+
+
+def _describe_sampling(event: Any) -> tuple[float, str] | None:
+    from napari_wpp.core.inference import SamplingProgress
+
+    if isinstance(event, SamplingProgress):
+        per_slice = max(event.total // max(event.slices_total, 1), 1)
+        detail = f"sample {event.done}/{event.total}"
+        if event.slices_total > 1:
+            current = min(event.slices_done + 1, event.slices_total)
+            done_here = event.done - (current - 1) * per_slice
+            detail = f"slice {current}/{event.slices_total} sample {done_here}/{per_slice}"
+        return event.done / max(event.total, 1), detail
+    return None
+
+
+def _predict_flow(
+    args: argparse.Namespace,
+    state: Any,
+    out: Path,
+    extra_outputs: dict[str, Path],
+    out_zarr: bool,
+    in_path: Path,
+    source: Any,
+    in_zarr: bool,
+    norm: Any,
+    how: str,
+    axis: int | None,
+    result_shape: tuple[int, ...],
+    slices: int,
+    pixel_size: list[float] | None,
+    unit: str | None,
+    device: str,
+) -> int:
+    """``predict`` with a WPPFlow: mean, std and (optionally) samples of K posterior samples."""
+    import shutil
+
+    import numpy as np
+
+    from napari_wpp.core.inference import SamplingFinished, sample_volume
+
+    model = state.model
+    q = int(model.scale)
+    k = args.samples if args.samples is not None else DEFAULT_FLOW_SAMPLES
+    temperature = 1.0 if args.temperature is None else float(args.temperature)
+    seed = 0 if args.seed is None else int(args.seed)
+    ndim = len(result_shape)
+    grow = _grown_axes(ndim, axis)
+    outputs = {"mean": out, **extra_outputs}
+    stopping = f"stopping after this batch; {out} will not be written"
+    tmps: dict[str, Path] = {}
+    if out_zarr:
+        for name, path in outputs.items():
+            tmps[name] = path.with_name(f".{path.name}.{os.getpid()}.partial.zarr")
+            if tmps[name].exists():
+                shutil.rmtree(tmps[name])
+    try:
+        if in_zarr and out_zarr:
+            from napari_wpp.io import sample_zarr
+
+            finished = _drive(
+                lambda stop: sample_zarr(
+                    model,
+                    in_path,
+                    tmps["mean"],
+                    tmps["std"],
+                    k,
+                    samples_path=tmps.get("samples"),
+                    axis=axis or 0,
+                    temperature=temperature,
+                    seed=seed,
+                    batch_size=args.batch_size,
+                    tile=args.tile,
+                    normalisation=norm,
+                    device=device,
+                    stop=stop,
+                ),
+                _ProgressBar("predict"),
+                describe=_describe_sampling,
+                finished=SamplingFinished,
+                stopping=stopping,
+            )
+        else:
+            volume = np.asarray(source[...]) if in_zarr else source
+            finished = _drive(
+                lambda stop: sample_volume(
+                    model,
+                    volume,
+                    k,
+                    axis=axis or 0,
+                    temperature=temperature,
+                    seed=seed,
+                    batch_size=args.batch_size,
+                    tile=args.tile,
+                    keep_samples="samples" in outputs,
+                    device=device,
+                    normalisation=norm,
+                    stop=stop,
+                ),
+                _ProgressBar("predict"),
+                describe=_describe_sampling,
+                finished=SamplingFinished,
+                stopping=stopping,
+            )
+        if finished.stopped_early:
+            _fail(f"interrupted: {out} was not written (no partial output is kept)")
+            return EXIT_INTERRUPTED
+        result = finished.result
+        arrays = {} if result is None else {
+            "mean": result.mean,
+            "std": result.std,
+            "samples": result.samples,
+        }
+        if out_zarr:
+            if result is not None:
+                from napari_wpp import __version__
+                from napari_wpp.io import create_zarr_array
+
+                for name in outputs:
+                    array = arrays[name]
+                    lead = 1 if name == "samples" else 0
+                    attrs: dict[str, Any] = {
+                        "napari_wpp": {
+                            "scale": q,
+                            "axis": axis,
+                            "source": str(in_path.resolve()),
+                            "model": {"kind": state.kind, "config": state.model_config},
+                            "model_file": str(Path(args.model).expanduser().resolve()),
+                            "statistic": name,
+                            "k": k,
+                            "temperature": temperature,
+                            "seed": seed,
+                            "tile": args.tile,
+                            "normalisation": norm.to_dict(),
+                            "version": __version__,
+                            "complete": True,
+                            "slices_done": slices,
+                        }
+                    }
+                    if pixel_size is not None and len(pixel_size) == ndim:
+                        attrs["pixel_size"] = [1.0] * lead + [
+                            v / q if g else v for v, g in zip(pixel_size, grow, strict=True)
+                        ]
+                        if unit:
+                            attrs["unit"] = unit
+                    chunks = (1,) * lead + tuple(
+                        1 if ndim == 3 and i == axis else n for i, n in enumerate(result_shape)
+                    )
+                    target = create_zarr_array(tmps[name], array.shape, array.dtype, chunks, attrs)
+                    target[...] = array
+            for name, path in outputs.items():
+                _replace_zarr(tmps.pop(name), path)
+        else:
+            assert result is not None
+            tiff_size = None
+            if pixel_size is not None:
+                yx, grow_yx = pixel_size[-2:], grow[-2:]
+                tiff_size = tuple(v / q if g else v for v, g in zip(yx, grow_yx, strict=True))
+            for name, path in outputs.items():
+                _write_image(path, arrays[name], pixel_size=tiff_size, unit=unit)
+    finally:
+        for tmp in tmps.values():
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    mean_dtype = np.dtype(source.dtype)
+    std_units = (
+        f"grey levels of {mean_dtype}" if mean_dtype.kind in "ui" else "input intensity units"
+    )
+    written = ", ".join(f"{name} {path}" for name, path in outputs.items())
+    axes = "both axes" if ndim == 2 else f"the axes other than {axis}"
+    _emit(
+        args,
+        {
+            "out": str(out),
+            "std": str(outputs["std"]),
+            "samples": str(outputs["samples"]) if "samples" in outputs else None,
+            "k": k,
+            "temperature": temperature,
+            "seed": seed,
+            "shape": list(result_shape),
+            "dtype": str(mean_dtype),
+            "std_dtype": "float32",
+            "std_units": std_units,
+            "scale": q,
+            "axis": axis,
+            "slices": slices,
+            "seconds": float(finished.elapsed_s),
+            "device": device,
+            "normalisation": how,
+            "model": str(args.model),
+            "kind": state.kind,
+        },
+        f"wrote the mean and std of {k} posterior samples (temperature {temperature:g}, seed "
+        f"{seed}): {written} ({_shape_text(result_shape)}, ×{q} on {axes}; std float32 in "
+        f"{std_units}) in {finished.elapsed_s:.1f} s on {device} (intensities: {how})",
     )
     return EXIT_OK
 

@@ -949,6 +949,36 @@ def create_zarr_array(
         ) from None
 
 
+def _superresolved_attrs(source: Any, scale: int, grow: list[bool]) -> dict[str, Any]:
+    """``pixel_size`` (divided by ``scale`` on the ``grow`` axes) and ``unit`` of a source."""
+    attrs: dict[str, Any] = {}
+    src_attrs = dict(source.attrs)
+    size = src_attrs.get(PIXEL_SIZE_ATTR)
+    if (
+        isinstance(size, (list, tuple))
+        and len(size) == len(grow)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in size)
+    ):
+        attrs[PIXEL_SIZE_ATTR] = [float(v) / scale if g else float(v) for v, g in zip(size, grow)]
+        if isinstance(src_attrs.get("unit"), str):
+            attrs["unit"] = src_attrs["unit"]
+    return attrs
+
+
+def _slab_chunks(
+    shape: tuple[int, ...], grow: list[bool], dtype: np.dtype, per_chunk: int
+) -> tuple[int, ...]:
+    """Output chunks: slabs of ``per_chunk`` slices, halved on a superresolved axis while
+    above about :data:`ZARR_CHUNK_BYTES`."""
+    chunks = [n if g else per_chunk for n, g in zip(shape, grow)]
+    while math.prod(chunks) * dtype.itemsize > ZARR_CHUNK_BYTES:
+        i = max((i for i in range(len(shape)) if grow[i]), key=lambda i: chunks[i])
+        if chunks[i] == 1:
+            break
+        chunks[i] = -(-chunks[i] // 2)
+    return tuple(chunks)
+
+
 def superresolve_zarr(
     model: Any,
     in_path: str | Path,
@@ -990,17 +1020,7 @@ def superresolve_zarr(
     out_dtype = inference.output_dtype(source.dtype, normalisation)
     ax = int(axis) % 3 if ndim == 3 else None
     grow = [i != ax for i in range(ndim)]
-    attrs: dict[str, Any] = {}
-    src_attrs = dict(source.attrs)
-    size = src_attrs.get(PIXEL_SIZE_ATTR)
-    if (
-        isinstance(size, (list, tuple))
-        and len(size) == ndim
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in size)
-    ):
-        attrs[PIXEL_SIZE_ATTR] = [float(v) / scale if g else float(v) for v, g in zip(size, grow)]
-        if isinstance(src_attrs.get("unit"), str):
-            attrs["unit"] = src_attrs["unit"]
+    attrs = _superresolved_attrs(source, scale, grow)
     config = getattr(model, "config", None)
     provenance: dict[str, Any] = {
         "scale": scale,
@@ -1018,16 +1038,8 @@ def superresolve_zarr(
     }
     attrs[PROVENANCE_ATTR] = provenance
     per_chunk = max(1, int(slices_per_chunk))
-    # output chunks: the slabs as written, halved on a superresolved axis while above ~32 MiB
-    out_chunks = [n if g else per_chunk for n, g in zip(out_shape, grow)]
-    while math.prod(out_chunks) * out_dtype.itemsize > ZARR_CHUNK_BYTES:
-        i = max((i for i in range(ndim) if grow[i]), key=lambda i: out_chunks[i])
-        if out_chunks[i] == 1:
-            break
-        out_chunks[i] = -(-out_chunks[i] // 2)
-    target = create_zarr_array(
-        out_path, out_shape, out_dtype, tuple(out_chunks), attrs, overwrite
-    )
+    out_chunks = _slab_chunks(out_shape, grow, out_dtype, per_chunk)
+    target = create_zarr_array(out_path, out_shape, out_dtype, out_chunks, attrs, overwrite)
     for event in inference.superresolve_into(
         model,
         source,
@@ -1048,4 +1060,121 @@ def superresolve_zarr(
             provenance["complete"] = not event.stopped_early
         provenance["elapsed_s"] = round(event.elapsed_s, 3)
         target.attrs[PROVENANCE_ATTR] = provenance
+        yield event
+
+
+def sample_zarr(
+    model: Any,
+    in_path: str | Path,
+    out_path: str | Path,
+    std_path: str | Path,
+    k: int,
+    samples_path: str | Path | None = None,
+    axis: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    tile: int | None = None,
+    normalisation: Any = None,
+    device: str = "cpu",
+    stop: Any = None,
+    halo: int | None = None,
+    overwrite: bool = True,
+) -> Iterator[Any]:
+    """Posterior mean and std of a zarr volume with a WPPFlow, into new zarr arrays.
+
+    A generator of the events of :func:`napari_wpp.core.inference.sample_into`: the input is
+    read one slice at a time, the mean goes to ``out_path`` (the input's dtype with a
+    normalisation, else float32), the std to ``std_path`` (float32, in the input's intensity
+    units) and, when ``samples_path`` is given, the ``k`` samples to a ``(k, *output shape)``
+    array there (sample axis first, the mean's dtype). Every array gets chunks of one slice
+    along ``axis`` (and one sample), the input's ``pixel_size`` divided by ``q`` on the
+    superresolved axes, and provenance under ``napari_wpp`` (scale, axis, source, model,
+    ``statistic`` (``"mean"``, ``"std"`` or ``"samples"``), ``k``, ``temperature``, ``seed``,
+    tile, normalisation, version, ``complete`` and ``slices_done``, updated after every
+    slice). Bad input raises ``InputError`` at the first ``next()``.
+    """
+    from napari_wpp import __version__
+    from napari_wpp.core import inference
+
+    source = open_zarr_array(in_path)
+    in_path = Path(in_path).expanduser()
+    paths = {"mean": Path(out_path).expanduser(), "std": Path(std_path).expanduser()}
+    if samples_path is not None:
+        paths["samples"] = Path(samples_path).expanduser()
+    resolved = [p.resolve() for p in paths.values()]
+    if in_path.resolve() in resolved or len(set(resolved)) != len(resolved):
+        raise InputError(
+            "the mean, std and samples outputs must be distinct and differ from the input: "
+            "choose other output paths"
+        )
+    inference._check_flow(model)
+    scale = inference.model_scale(model)
+    ndim = len(source.shape)
+    out_shape = inference.output_shape(source.shape, scale, axis)
+    out_dtype = inference.output_dtype(source.dtype, normalisation)
+    k = inference._check_count(k)
+    temperature = inference._check_temperature(temperature)
+    seed = inference._check_seed(seed)
+    inference._check_batch_size(batch_size)
+    if inference._check_tile(tile) is not None or halo is not None:
+        inference.model_halo(model, halo)
+    ax = int(axis) % 3 if ndim == 3 else None
+    grow = [i != ax for i in range(ndim)]
+    config = getattr(model, "config", None)
+    provenance: dict[str, Any] = {
+        "scale": scale,
+        "axis": ax,
+        "source": str(in_path.resolve()),
+        "model": {"kind": "wppflow", "config": config() if callable(config) else None},
+        "k": k,
+        "temperature": float(temperature),
+        "seed": int(seed),
+        "tile": tile,
+        "normalisation": normalisation.to_dict() if normalisation is not None else None,
+        "version": __version__,
+        "complete": False,
+        "slices_done": 0,
+    }
+    targets: dict[str, Any] = {}
+    for statistic, path in paths.items():
+        dtype = np.dtype(np.float32) if statistic == "std" else out_dtype
+        chunks = _slab_chunks(out_shape, grow, dtype, 1)
+        shape = out_shape
+        if statistic == "samples":
+            shape, chunks = (k, *out_shape), (1, *chunks)
+        attrs = _superresolved_attrs(source, scale, grow)
+        if statistic == "samples" and PIXEL_SIZE_ATTR in attrs:
+            attrs[PIXEL_SIZE_ATTR] = [1.0, *attrs[PIXEL_SIZE_ATTR]]
+        attrs[PROVENANCE_ATTR] = {**provenance, "statistic": statistic}
+        targets[statistic] = create_zarr_array(path, shape, dtype, chunks, attrs, overwrite)
+    events = inference.sample_into(
+        model,
+        source,
+        targets["mean"],
+        targets["std"],
+        k,
+        samples_target=targets.get("samples"),
+        axis=axis,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        tile=tile,
+        normalisation=normalisation,
+        device=device,
+        stop=stop,
+        halo=halo,
+    )
+    slices_done = 0
+    for event in events:
+        update = isinstance(event, inference.SamplingFinished)
+        if isinstance(event, inference.SamplingProgress) and event.slices_done != slices_done:
+            slices_done, update = event.slices_done, True
+        if update:
+            provenance["slices_done"] = slices_done
+            if isinstance(event, inference.SamplingFinished):
+                provenance["complete"] = not event.stopped_early
+            provenance["elapsed_s"] = round(event.elapsed_s, 3)
+            for statistic, target in targets.items():
+                target.attrs[PROVENANCE_ATTR] = {**provenance, "statistic": statistic}
         yield event

@@ -112,6 +112,8 @@ class WPPFlow(nn.Module):
         Seed of the 1×1 convolutions' initial rotations.
     """
 
+    kind = "wppflow"
+
     def __init__(
         self,
         scale: int = 4,
