@@ -112,6 +112,19 @@ def test_initial_flow_spreads_samples_around_the_mean() -> None:
     assert float(noise.std()) == pytest.approx(1.0, abs=0.05)
 
 
+def test_repeated_image_shares_its_conditions() -> None:
+    """K samples of one image (an expanded batch) equal K separate forward passes."""
+    torch.manual_seed(0)
+    lr = torch.rand(1, 1, 6, 6)
+    flow = _perturbed(WPPFlow(2, **TINY), lr)
+    z = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        shared, logdet = flow(z, lr.expand(3, -1, -1, -1))
+        separate = [flow(z[i : i + 1], lr) for i in range(3)]
+    assert torch.allclose(shared, torch.cat([x for x, _ in separate]), atol=1e-6)
+    assert torch.allclose(logdet, torch.cat([d for _, d in separate]), atol=1e-3)
+
+
 def test_bad_scale_and_shapes() -> None:
     with pytest.raises(InputError, match="WPPNet"):
         WPPFlow(3)

@@ -202,6 +202,22 @@ class WPPFlow(nn.Module):
         log_s, shift = self.final._scale_shift(mean, torch.cat([cond_hr, mean], dim=1))
         return mean, log_s + self.log_initial_std, shift
 
+    def _context(self, lr: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """Conditions and final affine step of ``lr``; computed once for a repeated image.
+
+        ``lr.expand(K, …)`` (stride 0 along the batch, as when drawing K samples of one slice)
+        runs the condition CNN, the mean WPPNet and the final subnet on one image only.
+        """
+        batch = lr.shape[0]
+        if batch > 1 and lr.stride(0) == 0:
+            conds, final = self._context(lr[:1])
+            return (
+                [c.expand(batch, -1, -1, -1) for c in conds],
+                tuple(t.expand(batch, -1, -1, -1) for t in final),  # type: ignore[return-value]
+            )
+        conds = self.conditions(lr)
+        return conds, self._final_scale_shift(lr, conds[-1])
+
     # ------------------------------------------------------------------ flow
     def _check(self, z: Tensor, lr: Tensor) -> None:
         if lr.ndim != 4 or lr.shape[1] != 1:
@@ -216,7 +232,7 @@ class WPPFlow(nn.Module):
     def forward(self, z: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, log|det ∂x/∂z|)``: the HR sample for latent ``z`` and LR image ``lr``."""
         self._check(z, lr)
-        conds = self.conditions(lr)
+        conds, (mean, log_s, shift) = self._context(lr)
         u = z
         for _ in range(self.levels):
             u, _ = self.squeeze(u)
@@ -225,15 +241,13 @@ class WPPFlow(nn.Module):
             u, ld = steps(u, conds[level])
             logdet = logdet + ld
             u = self.squeeze.inverse(u)
-        mean, log_s, shift = self._final_scale_shift(lr, conds[-1])
         x = mean + shift + u * torch.exp(log_s)
         return x, logdet + log_s.sum(dim=(1, 2, 3))
 
     def inverse(self, x: Tensor, lr: Tensor) -> Tensor:
         """The latent ``z`` with ``forward(z, lr)[0] == x``."""
         self._check(x, lr)
-        conds = self.conditions(lr)
-        mean, log_s, shift = self._final_scale_shift(lr, conds[-1])
+        conds, (mean, log_s, shift) = self._context(lr)
         u = (x - mean - shift) * torch.exp(-log_s)
         for level in reversed(range(self.levels)):
             u, _ = self.squeeze(u)
