@@ -6,7 +6,13 @@ Run ``python benchmarks/bench_semidual.py`` (``--help`` for options). Prints
   N = 100,000, M = 10,000, d = 36 (same threads, warm-up, interleaved repeats, medians), its
   GFLOP/s-equivalent (2·N·M·d per evaluation) and an exactness check against float64;
 * the share of the exact W₂² (Hungarian) reached by each ψ solver after a number of passes
-  on 2,000 vs 2,000 real SiC 6×6 patches (needs ../shared/data).
+  on 2,000 vs 2,000 real SiC 6×6 patches (needs ../shared/data);
+* the cost of the ψ ascent passes of one training step with and without pass pruning
+  (``semidual.PASS_PRUNING``): all 225,625 6×6 patches of 25 SiC crops of 100×100 (sharp HR
+  crops, or ``blur``: ×4 average-pooled and bicubic-upsampled, like early network outputs)
+  against 10,000 reference patches, ψ warmed up by ASGD, then 20 passes where each pass runs
+  the full engine and the pruned tracker on the same ψ (interleaved, same run) and checks
+  that they agree.
 """
 
 from __future__ import annotations
@@ -126,6 +132,74 @@ def bench_solvers(n: int, marks: list[int], solvers: list[str]) -> None:
         print(f"{solver:8s} " + " ".join(f"{s:6.1f}" for s in shares), flush=True)
 
 
+def pass_inputs(data: str, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """225,625 generated-like patches of 25 crops and ``m`` reference patches (6×6)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from napari_wpp.core.patches import extract_patches
+
+    if (DATA / "sic" / "ref_SiC.png").exists():
+        hr = np.asarray(Image.open(DATA / "sic" / "hr_SiC.png"), dtype=np.float32) / 255
+        ref = np.asarray(Image.open(DATA / "sic" / "ref_SiC.png"), dtype=np.float32) / 255
+    else:  # synthetic stand-in
+        from napari_wpp.data import synthetic_material
+
+        material = synthetic_material(shape=(1, 400, 400), scale=4, seed=seed)
+        hr = material.hr[0].astype(np.float32) / 255
+        ref = material.reference.astype(np.float32) / 255
+    rng = np.random.default_rng(seed)
+    tops = rng.integers(0, hr.shape[0] - 100, 25)
+    lefts = rng.integers(0, hr.shape[1] - 100, 25)
+    crops = torch.from_numpy(np.stack([hr[t : t + 100, s : s + 100] for t, s in zip(tops, lefts)]))
+    crops = crops[:, None]
+    if data == "blur":
+        crops = F.interpolate(F.avg_pool2d(crops, 4), scale_factor=4, mode="bicubic")
+    x = extract_patches(crops, 6).contiguous()
+    y = sample_reference_patches(ref, m, 6, seed=seed)
+    return x, y
+
+
+def bench_passes(data: str, m: int, passes: int, warm: int, solver: str, seed: int) -> None:
+    x, y = pass_inputs(data, m, seed)
+    prior = WassersteinPatchPrior(y, solver=solver)
+    prior.ascend(x[:: max(1, x.shape[0] // 20_000)], warm)  # a warm ψ, as across steps
+    print(
+        f"## psi ascent passes on {data} patches: N={x.shape[0]:,} M={m:,} d={x.shape[1]}, "
+        f"{solver}, {passes} passes, torch threads={torch.get_num_threads()}"
+    )
+    tracker = semidual._PassTracker(x, y)
+    full, pruned = [], []
+    with torch.no_grad():
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            want = c_transform_argmin(x, y, prior.psi)
+            t1 = time.perf_counter()
+            got = tracker(prior.psi)
+            t2 = time.perf_counter()
+            if not torch.equal(got, want):
+                raise AssertionError("pruned pass differs from the engine")
+            full.append(t1 - t0)
+            pruned.append(t2 - t1)
+            counts = torch.bincount(want, minlength=m).to(torch.float32)
+            prior._step(1.0 / m - counts / x.shape[0])
+    later = pruned[1:]
+    print(f"full pass (engine):       median {statistics.median(full):6.3f} s")
+    print(f"pruned, first (baseline): {pruned[0]:6.3f} s")
+    if later:
+        print(
+            f"pruned, passes 2..{passes}:    mean {statistics.mean(later):6.3f} s, "
+            f"{statistics.mean(later) / statistics.mean(full[1:]):.3f} of a full pass"
+        )
+    print(
+        f"{passes} passes: engine {sum(full):.2f} s, pruned {sum(pruned):.2f} s, "
+        f"speed-up {sum(full) / sum(pruned):.2f}x (all passes equal)"
+    )
+    stats = tracker.stats
+    print(f"re-scored listed pairs per pass: {stats['pairs'][1:]}")
+    print(f"rows re-scored in full per pass: {stats['full_rows'][1:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="generated patches N")
@@ -141,6 +215,11 @@ def main() -> None:
     parser.add_argument("--solvers", type=str, default="adam,asgd,gd")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-solvers", action="store_true")
+    parser.add_argument("--skip-prune", action="store_true", help="skip the pass-pruning bench")
+    parser.add_argument("--prune-data", default="sic,blur", help="sic and/or blur patches")
+    parser.add_argument("--prune-passes", type=int, default=20, help="ψ passes timed")
+    parser.add_argument("--prune-warm", type=int, default=50, help="warm-up ASGD passes")
+    parser.add_argument("--prune-solver", default="asgd", help="ψ solver of the passes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--data",
@@ -163,6 +242,11 @@ def main() -> None:
     if not args.skip_solvers:
         marks = sorted(int(v) for v in args.passes.split(","))
         bench_solvers(args.solver_n, marks, args.solvers.split(","))
+    if not args.skip_prune:
+        for data in args.prune_data.split(","):
+            bench_passes(
+                data, args.m, args.prune_passes, args.prune_warm, args.prune_solver, args.seed
+            )
 
 
 if __name__ == "__main__":
