@@ -95,6 +95,21 @@ def test_settings_helpers(tmp_path) -> None:
     assert " " not in path.name and path.name.startswith("LR-stack-x4-wppnet-")
 
 
+def test_prior_weight_is_lambda_for_a_net_and_rho_for_a_flow(setup) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    s = widget.settings
+    s.lam = "40"
+    s.model = "wppnet"
+    config = s.training_config()
+    assert config.lam == 40.0 and config.rho is None
+    assert widget.lam_label.text() == "λ"
+    s.model = "wppflow"
+    config = s.training_config()
+    assert config.rho == 40.0 and config.lam is None
+    assert widget.lam_label.text() == "ρ" and "100" in widget.lam_edit.placeholderText()
+
+
 def test_train_preview_plot_and_resume(setup, qtbot, tmp_path, errors) -> None:
     viewer, session = setup
     widget = _open_widget(viewer)

@@ -161,6 +161,30 @@ def test_flow_training_steps_and_resume() -> None:
     assert state.model.sampling_offset == operator.sampling_offset
 
 
+@pytest.mark.parametrize("rho", [100.0, 7.0])
+def test_flow_loss_is_the_backward_kl_per_lr_pixel(rho: float) -> None:
+    """Per LR pixel: data/(2σ²) + ρ·W₂² − log|det|/n_LR, with the configured σ and ρ."""
+    lr, ref, operator = _tiny_data()
+    crop, sigma = 12, 0.02
+    config = TrainingConfig(
+        model="wppflow",
+        rho=rho,
+        noise_std=sigma,
+        steps=2,
+        batch_size=2,
+        crop_size=crop,
+        n_reference_patches=300,
+        patches_per_step=400,
+        model_options=TINY,
+    )
+    progress = [e for e in train(lr, ref, operator, config) if isinstance(e, TrainingProgress)]
+    n_lr = crop * crop
+    assert len(progress) == 2
+    for e in progress:
+        expected = e.data_term / (2 * sigma**2) + rho * e.wpp_term - e.logdet / n_lr
+        assert e.loss == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
 def test_flow_resume_continues_the_same_run() -> None:
     lr, ref, operator = _tiny_data()
     config = TrainingConfig(

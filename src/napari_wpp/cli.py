@@ -354,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rho",
         type=_train_rho,
         metavar="R",
-        help=f"wppflow: weight ρ of the patch prior in the flow's loss data/(2σ²) + ρ·W₂² − "
-        f"log-det, or 'auto' (the λ chosen on the reference divided by 2σ²; default "
-        f"{DEFAULT_RHO:g}, the published value)",
+        help=f"wppflow: weight ρ of the patch prior in the flow's loss per LR pixel, "
+        f"data/(2σ²) + ρ·W₂² − log-det/n_LR, or 'auto' (the λ chosen on the reference divided "
+        f"by 2σ²; default {DEFAULT_RHO:g}; the published code's ρ = 100 weighs per LR crop, "
+        f"which is ρ = 100/(σ²·crop²) here: 1600 for 25-pixel crops)",
     )
     p.add_argument(
         "--noise",

@@ -52,7 +52,8 @@ PSI_MODES = ("shared", "per_batch")
 PRECISIONS = ("auto", "bf16", "off")
 #: Weight of the newest mean assigned cost in the ψ solver's cost scale.
 PSI_SCALE_MOMENTUM = 0.1
-#: WPPFlow's default prior weight ρ (the published value, REFERENCE.md §5).
+#: WPPFlow's default prior weight ρ per LR pixel (the published number, REFERENCE.md §5; the
+#: published code weighs per LR crop, see :class:`TrainingConfig`).
 PUBLISHED_RHO = 100.0
 #: WPPFlow: gradient norm bound (in WPPNet loss units, i.e. the flow loss times 2σ²),
 #: applied after backward so that a spike of the log-determinant cannot blow up the weights.
@@ -91,10 +92,13 @@ class TrainingConfig:
         WPPNet: weight λ of the patch prior (mean data term). ``None``: the paper's rule
         :func:`paper_lambda`; ``"auto"``: chosen on the reference by :func:`choose_lambda`.
     rho
-        WPPFlow: weight ρ of the patch prior in ``mean‖f(x) − y‖²/(2σ²) + ρ·W₂² −
-        log|det ∇T|/n_LR`` (``None``: :data:`PUBLISHED_RHO`; ``"auto"``: the λ of
+        WPPFlow: weight ρ of the patch prior in the loss per LR pixel ``mean‖f(x) − y‖²/(2σ²)
+        + ρ·W₂² − log|det ∇T|/n_LR`` (``None``: :data:`PUBLISHED_RHO`; ``"auto"``: the λ of
         :func:`choose_lambda` divided by 2σ², since the WPPNet loss is that loss times 2σ²
         without the entropy). With σ = 0.01, ρ = 100 is λ = 0.02, the paper's WPPNet value.
+        The published flow's ρ = 100 weighs its loss per LR crop, ``½‖f(x) − y‖² + ρ·W₂² −
+        σ²·log|det ∇T|``; per LR pixel that is ρ/(σ² n_LR) here, 1600 for 25×25 crops
+        (docs/algorithms.md, "Why this scaling", says why the default is not that).
     steps, minutes
         Budgets; training stops at whichever comes first. With neither, :data:`DEFAULT_STEPS`.
     batch_size

@@ -153,7 +153,8 @@ class TrainSettings:
     model
         Model kind, one of :data:`napari_wpp.core.models.MODEL_KINDS`.
     lam
-        λ as text: empty for the paper rule, ``"auto"``, or a number.
+        Prior weight as text: empty for the default, ``"auto"``, or a number. For a WPPNet it
+        is λ (default: the paper rule), for a WPPFlow ρ (default 100).
     budget, budget_unit
         How long to train: ``budget`` steps or minutes. Resume trains this much more.
     batch_size, crop_size, n_reference_patches
@@ -225,7 +226,7 @@ class TrainSettings:
             minutes = budget + (resume.elapsed_s / 60.0 if resume is not None else 0.0)
         options: dict[str, Any] = {
             "model": self.model,
-            "lam": lam,
+            ("rho" if self.model == "wppflow" else "lam"): lam,
             "steps": steps,
             "minutes": minutes,
             "batch_size": int(self.batch_size),
@@ -508,12 +509,8 @@ class TrainWidget(QWidget):
             self.model_combo.addItem(MODEL_NAMES.get(kind, kind), kind)
         form.addRow("Model", self.model_combo)
         self.lam_edit = QLineEdit()
-        self.lam_edit.setPlaceholderText("paper rule 12.5 / crop²")
-        self.lam_edit.setToolTip(
-            "Weight λ of the patch prior: a number, 'auto' (chosen on the reference), or "
-            "empty for the papers' rule 12.5 / crop size²"
-        )
-        form.addRow("λ", self.lam_edit)
+        self.lam_label = QLabel("λ")
+        form.addRow(self.lam_label, self.lam_edit)
         budget_row = QHBoxLayout()
         self.budget_spin = QDoubleSpinBox()
         self.budget_spin.setRange(0.1, 1e7)
@@ -640,11 +637,30 @@ class TrainWidget(QWidget):
         self._bind_text(self.save_edit, "save_path")
         s.events.budget_unit.connect(self._on_budget_unit)
         self._on_budget_unit(s.budget_unit, reset=False)
+        s.events.model.connect(self._on_model)
+        self._on_model(s.model)
         self.session.events.reference.connect(self._update_session_label)
         self.session.events.operator.connect(self._update_session_label)
         self.session.events.model.connect(self._update_session_label)
         self.session.events.model_path.connect(self._update_session_label)
         self.session.events.model.connect(self._update_buttons)
+
+    def _on_model(self, kind: str) -> None:
+        """The prior weight is λ for a WPPNet and ρ (published units) for a WPPFlow."""
+        if kind == "wppflow":
+            self.lam_label.setText("ρ")
+            self.lam_edit.setPlaceholderText("default 100")
+            self.lam_edit.setToolTip(
+                "Weight ρ of the patch prior in the flow's loss per LR pixel: a number, "
+                "'auto' (the λ chosen on the reference divided by 2σ²), or empty for 100"
+            )
+        else:
+            self.lam_label.setText("λ")
+            self.lam_edit.setPlaceholderText("paper rule 12.5 / crop²")
+            self.lam_edit.setToolTip(
+                "Weight λ of the patch prior: a number, 'auto' (chosen on the reference), or "
+                "empty for the papers' rule 12.5 / crop size²"
+            )
 
     def _bind_combo(self, combo: QComboBox, name: str) -> None:
         def to_settings(_index: int) -> None:
