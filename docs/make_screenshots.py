@@ -145,6 +145,15 @@ class Session:
         """Fit the view to the layers ``names``."""
         self.viewer.reset_view(layers=[self.viewer.layers[n] for n in names], margin=0.04)
 
+    def fit_plane(self, name: str, margin: float = 0.04) -> None:
+        """Centre and zoom the 2D view on layer ``name`` (works with layers of other ndim,
+        where ``reset_view(layers=...)`` does not)."""
+        extent = np.asarray(self.viewer.layers[name].extent.world)[:, -2:]
+        size = np.maximum(extent[1] - extent[0], 1e-6)
+        canvas = np.asarray(self.viewer.window._qt_viewer.canvas.size, dtype=float)  # (h, w)
+        self.viewer.scene.camera.center = tuple(float(v) for v in (extent[0] + extent[1]) / 2)
+        self.viewer.scene.camera.zoom = float((1 - 2 * margin) * np.min(canvas / size))
+
     def shoot(self, filename: str, widget: Any | None = None) -> Path:
         """Screenshot of the whole window (canvas and docks) into ``out/filename``."""
         process_events(100)
@@ -192,6 +201,7 @@ def take_screenshots(args: argparse.Namespace, models: Path) -> int:
     if reference.use_as_reference() is None or reference.use_parametric_operator() is None:
         raise SystemExit("could not set the reference or the operator")
     session.show_only([REFERENCE, LR, "reference region"])
+    session.fit_plane(REFERENCE)  # the dock narrowed the canvas: show the whole region
     session.shoot("02_reference_operator.png", reference)
 
     # 3. a short WPPNet training with the live loss plot and the preview layer
@@ -234,10 +244,10 @@ def take_screenshots(args: argparse.Namespace, models: Path) -> int:
     uncertainty = session.widget("Uncertainty")
     uncertainty.settings.k = args.samples
     uncertainty.settings.keep_samples = True
-    uncertainty.settings.overlay_std = True
-    session.fit([LR])  # before the 4D samples layer arrives (napari fits only same-ndim layers)
+    uncertainty.settings.overlay_std = False  # the std map alone, opaque over the mean
     run_and_wait(uncertainty.run, uncertainty.uncertainty_finished, timeout_s=600)
     session.show_only([f"{LR} mean", f"{LR} std"])
+    session.fit_plane(f"{LR} std")
     session.shoot("05_uncertainty.png", uncertainty)
 
     viewer.close()
