@@ -30,20 +30,17 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QScrollArea,
-    QSizePolicy,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_wpp.core.errors import InputError
 from napari_wpp.data import default_sigma
+from napari_wpp.widgets._form import choice_combo, form_layout, note_label, scrolled_column
 from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import ReferenceSelection, WPPSession, session_for
 
@@ -430,45 +427,23 @@ class ReferenceOperatorWidget(QWidget):
 
     # ------------------------------------------------------------------ UI construction
     def _build_ui(self) -> None:
-        content = QWidget()
-        column = QVBoxLayout(content)
-        column.setSpacing(10)
-        column.addWidget(self._build_reference_box())
-        column.addWidget(self._build_parametric_box())
-        column.addWidget(self._build_estimation_box())
-        column.addWidget(self._build_session_box())
-        column.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidget(content)
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(340)
+        scrolled_column(
+            self,
+            [
+                self._build_reference_box(),
+                self._build_parametric_box(),
+                self._build_estimation_box(),
+                self._build_session_box(),
+            ], spacing=10,
+        )
 
-    @staticmethod
-    def _form(box: QGroupBox) -> QFormLayout:
-        form = QFormLayout(box)
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        form.setVerticalSpacing(6)
-        form.setHorizontalSpacing(10)
-        return form
+    _form = staticmethod(form_layout)
 
-    @staticmethod
-    def _hint(text: str) -> QLabel:
-        label = QLabel(text)
-        label.setWordWrap(True)
-        label.setStyleSheet("color: #9aa3ad;")
-        return label
+    _hint = staticmethod(note_label)
 
     @staticmethod
     def _combo() -> QComboBox:
-        combo = QComboBox()
-        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        combo.setMinimumContentsLength(12)
-        combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        return combo
+        return choice_combo(12)
 
     def _build_reference_box(self) -> QGroupBox:
         box = QGroupBox("Reference (high resolution)")

@@ -29,15 +29,12 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QScrollArea,
-    QSizePolicy,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -45,6 +42,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.widgets._form import choice_combo, form_layout, note_label, scrolled_column
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
     add_or_update_image,
@@ -307,37 +305,18 @@ class SuperresolveWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        content = QWidget()
-        column = QVBoxLayout(content)
-        column.setSpacing(8)
-        column.addWidget(self._build_model_box())
-        column.addWidget(self._build_input_box())
-        column.addWidget(self._build_output_box())
-        column.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidget(content)
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(340)
+        scrolled_column(
+            self,
+            [
+                self._build_model_box(),
+                self._build_input_box(),
+                self._build_output_box(),
+            ],
+        )
 
-    @staticmethod
-    def _form(box: QGroupBox) -> QFormLayout:
-        form = QFormLayout(box)
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        form.setVerticalSpacing(6)
-        form.setHorizontalSpacing(10)
-        return form
+    _form = staticmethod(form_layout)
 
-    @staticmethod
-    def _combo() -> QComboBox:
-        combo = QComboBox()
-        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        combo.setMinimumContentsLength(10)
-        combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        return combo
+    _combo = staticmethod(choice_combo)
 
     def _build_model_box(self) -> QGroupBox:
         box = QGroupBox("Model")
@@ -355,10 +334,7 @@ class SuperresolveWidget(QWidget):
         file_row.addWidget(self.file_edit, 1)
         file_row.addWidget(self.file_browse)
         form.addRow("File", file_row)
-        self.model_label = QLabel()
-        self.model_label.setWordWrap(True)
-        self.model_label.setStyleSheet("color: #9aa3ad;")
-        self.model_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.model_label = note_label(selectable=True)
         form.addRow(self.model_label)
         return box
 

@@ -36,14 +36,12 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QToolButton,
@@ -52,6 +50,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.widgets._form import choice_combo, form_layout, note_label, scrolled_column
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
     add_or_update_image,
@@ -464,37 +463,18 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        content = QWidget()
-        column = QVBoxLayout(content)
-        column.setSpacing(8)
-        column.addWidget(self._build_inputs_box())
-        column.addWidget(self._build_run_box())
-        column.addWidget(self._build_model_box())
-        column.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidget(content)
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(340)
+        scrolled_column(
+            self,
+            [
+                self._build_inputs_box(),
+                self._build_run_box(),
+                self._build_model_box(),
+            ],
+        )
 
-    @staticmethod
-    def _form(box: QGroupBox) -> QFormLayout:
-        form = QFormLayout(box)
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        form.setVerticalSpacing(6)
-        form.setHorizontalSpacing(10)
-        return form
+    _form = staticmethod(form_layout)
 
-    @staticmethod
-    def _combo() -> QComboBox:
-        combo = QComboBox()
-        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        combo.setMinimumContentsLength(10)
-        combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        return combo
+    _combo = staticmethod(choice_combo)
 
     def _build_inputs_box(self) -> QGroupBox:
         from napari_wpp.core.devices import available_devices
@@ -556,9 +536,7 @@ class TrainWidget(QWidget):
         save_row.addWidget(self.save_edit, 1)
         save_row.addWidget(self.save_browse)
         form.addRow("Save to", save_row)
-        self.session_label = QLabel()
-        self.session_label.setWordWrap(True)
-        self.session_label.setStyleSheet("color: #9aa3ad;")
+        self.session_label = note_label()
         form.addRow(self.session_label)
         return box
 

@@ -47,22 +47,25 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QScrollArea,
-    QSizePolicy,
     QSpinBox,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.widgets._form import (
+    NOTE_STYLE,
+    choice_combo,
+    form_layout,
+    note_label,
+    scrolled_column,
+)
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
     add_or_update_image,
@@ -452,46 +455,23 @@ class UncertaintyWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        content = QWidget()
-        column = QVBoxLayout(content)
-        column.setSpacing(8)
-        column.addWidget(self._build_model_box())
-        column.addWidget(self._build_input_box())
-        column.addWidget(self._build_sampling_box())
-        column.addWidget(self._build_statistics_box())
-        column.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidget(content)
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(340)
+        scrolled_column(
+            self,
+            [
+                self._build_model_box(),
+                self._build_input_box(),
+                self._build_sampling_box(),
+                self._build_statistics_box(),
+            ],
+        )
 
-    @staticmethod
-    def _form(box: QGroupBox) -> QFormLayout:
-        form = QFormLayout(box)
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        form.setVerticalSpacing(6)
-        form.setHorizontalSpacing(10)
-        return form
+    _form = staticmethod(form_layout)
 
-    @staticmethod
-    def _combo() -> QComboBox:
-        combo = QComboBox()
-        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        combo.setMinimumContentsLength(10)
-        combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        return combo
+    _combo = staticmethod(choice_combo)
 
     @staticmethod
     def _note() -> QLabel:
-        label = QLabel()
-        label.setWordWrap(True)
-        label.setStyleSheet("color: #9aa3ad;")
-        label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        return label
+        return note_label(selectable=True)
 
     def _build_model_box(self) -> QGroupBox:
         box = QGroupBox("WPPFlow model")
@@ -841,7 +821,7 @@ class UncertaintyWidget(QWidget):
             f"Rows {rows.start}–{rows.stop - 1}, columns {cols.start}–{cols.stop - 1}{where} "
             f"({rows.stop - rows.start}×{cols.stop - cols.start} LR px)"
         )
-        self.region_label.setStyleSheet("color: #9aa3ad;")
+        self.region_label.setStyleSheet(NOTE_STYLE)
 
     def _update_model_label(self, *_args: Any) -> None:
         if self.settings.model_source == "session":
