@@ -194,8 +194,12 @@ def take_screenshots(args: argparse.Namespace, models: Path) -> int:
     reference = session.widget("Reference & operator")
     corners = np.array([[24.0, 296.0], [24.0, 504.0], [232.0, 504.0], [232.0, 296.0]])
     viewer.add_shapes(
-        [corners], shape_type="rectangle", name="reference region",
-        edge_color="cyan", face_color="transparent", edge_width=2,
+        [corners],
+        shape_type="rectangle",
+        name="reference region",
+        edge_color="cyan",
+        face_color="transparent",
+        edge_width=2,
     )
     reference.state.reference_shapes = "reference region"
     if reference.use_as_reference() is None or reference.use_parametric_operator() is None:
@@ -238,7 +242,11 @@ def take_screenshots(args: argparse.Namespace, models: Path) -> int:
     s.preview_every = 0
     s.save_path = str(models / "wppflow.safetensors")
     s.model_options = {
-        "steps": 2, "hidden": 16, "cond_features": 8, "mean_features": 16, "mean_blocks": 4,
+        "steps": 2,
+        "hidden": 16,
+        "cond_features": 8,
+        "mean_features": 16,
+        "mean_blocks": 4,
     }
     run_and_wait(train.start, train.training_finished, timeout_s=1800)
     uncertainty = session.widget("Uncertainty")
