@@ -19,6 +19,7 @@ import json
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -1028,32 +1029,55 @@ def _drive(
         finally:
             inbox.put(done)
 
+    # Ctrl-C sets `stop` through a SIGINT handler, so it never lands as a KeyboardInterrupt in
+    # the middle of the loop below (which would leave the worker running into shutdown); the
+    # loop reports it at its next turn. A second Ctrl-C aborts.
+    requested = threading.Event()
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        stop.set()
+
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if handled else None
     worker = threading.Thread(target=work, name="napari-wpp-worker", daemon=True)
     worker.start()
     final = None
-    while True:
-        try:
-            event = inbox.get(timeout=0.25)
-        except queue.Empty:
-            continue
-        except KeyboardInterrupt:
-            if stop.is_set():
-                raise
-            stop.set()
-            bar.close()
-            sys.stderr.write(f"{stopping} (Ctrl-C again to abort)...\n")
-            continue
-        if event is done:
-            break
-        if isinstance(event, BaseException):
-            raise event
-        if isinstance(event, finished):
-            final = event
-            continue
-        progress = describe(event)
-        if progress is not None:
-            bar.update(*progress)
-    worker.join()
+    announced = False
+    try:
+        while True:
+            try:
+                event = inbox.get(timeout=0.25)
+            except queue.Empty:
+                event = None
+            except KeyboardInterrupt:  # without the handler (not the main thread)
+                if stop.is_set():
+                    raise
+                requested.set()
+                stop.set()
+                event = None
+            if requested.is_set() and not announced:
+                announced = True
+                bar.close()
+                sys.stderr.write(f"{stopping} (Ctrl-C again to abort)...\n")
+            if event is None:
+                continue
+            if event is done:
+                break
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, finished):
+                final = event
+                continue
+            progress = describe(event)
+            if progress is not None:
+                bar.update(*progress)
+        worker.join()
+    finally:
+        if handled:
+            signal.signal(signal.SIGINT, previous)
     bar.close()
     if final is None:
         raise RuntimeError("the run ended without a result")
