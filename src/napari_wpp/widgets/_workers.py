@@ -19,7 +19,7 @@ from typing import Any
 from napari.qt.threading import GeneratorWorker, create_worker
 from qtpy.QtCore import QTimer
 
-__all__ = ["ActivityProgress", "StoppableWorker", "WorkerFailure", "start_job"]
+__all__ = ["ActivityProgress", "JobOwner", "StoppableWorker", "WorkerFailure", "start_job"]
 
 #: Seconds :meth:`StoppableWorker.quit` waits for a job to end after asking it to stop.
 QUIT_TIMEOUT_S = 60.0
@@ -177,3 +177,39 @@ class ActivityProgress:
                 bar.close()
             except RuntimeError:  # the activity dock was deleted with the window
                 pass
+
+
+class JobOwner:
+    """Mixin of a dock widget that runs one stoppable worker job at a time.
+
+    The widget provides ``worker`` (the running :class:`StoppableWorker`, or ``None``),
+    ``_stop`` (the job's stop event), ``_progress`` (its :class:`ActivityProgress`, or
+    ``None``), a ``status_label`` and ``_update_controls()``; :attr:`stopping_text` is shown
+    while a stop request waits for the job's current step.
+    """
+
+    stopping_text = "Cancelling after this batch…"
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _request_stop(self) -> None:
+        """Ask the running job to end after its current step (returns at once)."""
+        if self.worker is None:
+            return
+        self._stop.set()
+        self.status_label.setText(self.stopping_text)
+        self._update_controls()
+
+    def shutdown(self, timeout_s: float = 60.0) -> bool:
+        """Stop a running job and wait until it has ended; ``True`` when none is left running.
+
+        Whatever the job writes when it stops (a training's model file) is complete then.
+        """
+        worker = self.worker
+        self._stop.set()
+        if worker is None:
+            return True
+        return worker.wait(timeout_s)

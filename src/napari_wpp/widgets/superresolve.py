@@ -57,6 +57,7 @@ from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
     ActivityProgress,
+    JobOwner,
     StoppableWorker,
     WorkerFailure,
     start_job,
@@ -262,7 +263,7 @@ def superresolve_job(
 
 
 # --------------------------------------------------------------------------- widget
-class SuperresolveWidget(QWidget):
+class SuperresolveWidget(JobOwner, QWidget):
     """Dock widget: superresolve an image layer with the session's model or a model file.
 
     Public methods (used by the buttons and by scripts/tests): :meth:`run`, :meth:`cancel`,
@@ -779,26 +780,9 @@ class SuperresolveWidget(QWidget):
         self._close_progress()
         self._progress = ActivityProgress(run["slices"], "Superresolving")
 
-    def _close_progress(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-
     def cancel(self) -> None:
         """Stop the running superresolution after the current batch (no layer is changed)."""
-        if self.worker is None:
-            return
-        self._stop.set()
-        self.status_label.setText("Cancelling after this batch…")
-        self._update_controls()
-
-    def shutdown(self, timeout_s: float = 60.0) -> bool:
-        """Cancel a running job and wait until it has ended; ``True`` when none is left."""
-        worker = self.worker
-        self._stop.set()
-        if worker is None:
-            return True
-        return worker.wait(timeout_s)
+        self._request_stop()
 
     # ------------------------------------------------------------------ worker events
     def _on_event(self, item: Any) -> None:

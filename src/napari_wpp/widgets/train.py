@@ -64,6 +64,7 @@ from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
     ActivityProgress,
+    JobOwner,
     StoppableWorker,
     WorkerFailure,
     start_job,
@@ -411,7 +412,7 @@ class LossPlot(QWidget):
 
 
 # --------------------------------------------------------------------------- widget
-class TrainWidget(QWidget):
+class TrainWidget(JobOwner, QWidget):
     """Dock widget: train a WPPNet (or WPPFlow) on an LR layer and watch it learn.
 
     Public methods (used by the buttons and by scripts/tests): :meth:`start`, :meth:`stop`,
@@ -439,6 +440,7 @@ class TrainWidget(QWidget):
 
     training_finished = Signal(object)
     preview_updated = Signal(object)
+    stopping_text = "Stopping after this step; the model file will be written…"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
@@ -457,7 +459,7 @@ class TrainWidget(QWidget):
         self._connect_viewer()
         self._refresh_layers()
         self._update_session_label()
-        self._update_buttons()
+        self._update_controls()
         # closing the dock (or napari) deletes this widget: let a running job end cleanly
         self.destroyed.connect(lambda *_args, stop=self._stop: stop.set())
 
@@ -621,7 +623,7 @@ class TrainWidget(QWidget):
         self.session.events.operator.connect(self._update_session_label)
         self.session.events.model.connect(self._update_session_label)
         self.session.events.model_path.connect(self._update_session_label)
-        self.session.events.model.connect(self._update_buttons)
+        self.session.events.model.connect(self._update_controls)
 
     def _on_model(self, kind: str) -> None:
         """The prior weight is λ for a WPPNet and ρ (published units) for a WPPFlow."""
@@ -774,7 +776,7 @@ class TrainWidget(QWidget):
                 f"λ {state.lam:.3g}" + (f"\n{path}" if path else "\n(not saved)")
             )
 
-    def _update_buttons(self, *_args: Any) -> None:
+    def _update_controls(self, *_args: Any) -> None:
         running = self.worker is not None
         self.start_button.setEnabled(not running)
         self.resume_button.setEnabled(not running and self.session.model is not None)
@@ -850,7 +852,7 @@ class TrainWidget(QWidget):
             on_finish=self._on_finished,
             name=f"napari-wpp training ({run['config'].model})",
         )
-        self._update_buttons()
+        self._update_controls()
         return self.worker
 
     def _prepare_run(self, resume: TrainingState | None) -> dict[str, Any]:
@@ -941,32 +943,9 @@ class TrainWidget(QWidget):
         self._close_progress()
         self._progress = ActivityProgress(1000, f"Training {run['config'].model}")
 
-    def _close_progress(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-
     def stop(self) -> None:
         """Ask the running training to stop after its current step (the file is written)."""
-        if self.worker is None:
-            return
-        self._stop.set()
-        self.status_label.setText("Stopping after this step; the model file will be written…")
-        self._update_buttons()
-
-    def shutdown(self, timeout_s: float = 60.0) -> bool:
-        """Stop a running training and wait until it has ended (its file is then written).
-
-        Returns
-        -------
-        bool
-            ``True`` when no job is left running.
-        """
-        worker = self.worker
-        self._stop.set()
-        if worker is None:
-            return True
-        return worker.wait(timeout_s)
+        self._request_stop()
 
     # ------------------------------------------------------------------ worker events
     def _on_event(self, item: Any) -> None:
@@ -1072,7 +1051,7 @@ class TrainWidget(QWidget):
             self.status_label.setText(f"{how} after {state.step} steps{where}")
         elif run.get("failed"):
             self.status_label.setText("Training failed (see the notification).")
-        self._update_buttons()
+        self._update_controls()
         self._update_session_label()
         self.training_finished.emit(state)
 

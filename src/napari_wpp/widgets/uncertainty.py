@@ -80,6 +80,7 @@ from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
     ActivityProgress,
+    JobOwner,
     StoppableWorker,
     WorkerFailure,
     start_job,
@@ -407,7 +408,7 @@ def truth_index(
 
 
 # --------------------------------------------------------------------------- widget
-class UncertaintyWidget(QWidget):
+class UncertaintyWidget(JobOwner, QWidget):
     """Dock widget: posterior mean, standard deviation and samples of a WPPFlow.
 
     Public methods (used by the buttons and by scripts/tests): :meth:`run`, :meth:`cancel`,
@@ -1114,26 +1115,9 @@ class UncertaintyWidget(QWidget):
             "what": f"{layer.name} ({where})",
         }
 
-    def _close_progress(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-
     def cancel(self) -> None:
         """Stop the running job after the current batch of samples (no layer is changed)."""
-        if self.worker is None:
-            return
-        self._stop.set()
-        self.status_label.setText("Cancelling after this batch…")
-        self._update_controls()
-
-    def shutdown(self, timeout_s: float = 60.0) -> bool:
-        """Cancel a running job and wait until it has ended; ``True`` when none is left."""
-        worker = self.worker
-        self._stop.set()
-        if worker is None:
-            return True
-        return worker.wait(timeout_s)
+        self._request_stop()
 
     # ------------------------------------------------------------------ worker events
     def _on_event(self, item: Any) -> None:
