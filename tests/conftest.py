@@ -54,3 +54,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _QT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def errors():
+    """Messages of every error notification napari shows during the test."""
+    pytest.importorskip("napari")
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    messages: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.ERROR:
+            messages.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield messages
+    notification_manager.notification_ready.disconnect(collect)

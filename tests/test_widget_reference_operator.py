@@ -39,15 +39,6 @@ def _smooth_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.rint(image * 255).astype(np.uint8)
 
 
-@pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Messages of the error notifications shown while the test runs."""
-    import napari.utils.notifications as notifications
-
-    shown: list[str] = []
-    monkeypatch.setattr(notifications, "show_error", shown.append)
-    return shown
-
 
 @pytest.fixture
 def viewer_and_widget(make_napari_viewer):

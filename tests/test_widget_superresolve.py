@@ -44,21 +44,6 @@ def _state(model: torch.nn.Module | None = None, normalisation=UINT8_NORM) -> Tr
     )
 
 
-@pytest.fixture
-def errors():
-    """Messages of every error notification shown during the test."""
-    from napari.utils.notifications import NotificationSeverity, notification_manager
-
-    messages: list[str] = []
-
-    def collect(notification) -> None:
-        if notification.severity == NotificationSeverity.ERROR:
-            messages.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(collect)
-    yield messages
-    notification_manager.notification_ready.disconnect(collect)
-
 
 @pytest.fixture
 def stack() -> np.ndarray:

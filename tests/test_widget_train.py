@@ -27,21 +27,6 @@ def material():
     return synthetic_material(shape=(3, 64, 64), scale=4, seed=3)
 
 
-@pytest.fixture
-def errors(monkeypatch):
-    """Messages of every error notification shown during the test."""
-    from napari.utils.notifications import NotificationSeverity, notification_manager
-
-    messages: list[str] = []
-
-    def collect(notification) -> None:
-        if notification.severity == NotificationSeverity.ERROR:
-            messages.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(collect)
-    yield messages
-    notification_manager.notification_ready.disconnect(collect)
-
 
 def _open_widget(viewer) -> TrainWidget:
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Train")

@@ -40,21 +40,6 @@ def small_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(napari_wpp.data, "synthetic_material", small)
 
 
-@pytest.fixture
-def errors():
-    """Messages of every error notification shown during the test."""
-    from napari.utils.notifications import NotificationSeverity, notification_manager
-
-    messages: list[str] = []
-
-    def collect(notification) -> None:
-        if notification.severity == NotificationSeverity.ERROR:
-            messages.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(collect)
-    yield messages
-    notification_manager.notification_ready.disconnect(collect)
-
 
 def _train(qtbot, widget, kind: str, path, options: dict) -> object:
     s = widget.settings
