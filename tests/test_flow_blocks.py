@@ -13,6 +13,7 @@ from napari_wpp.core.models.flow_blocks import (
     ActNorm,
     AffineCoupling,
     ConditionalAffineInjector,
+    EdgeShift,
     FixedPermutation,
     FlowSequence,
     InvertibleConv1x1,
@@ -50,6 +51,8 @@ BLOCKS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
     "cond_coupling": (lambda: AffineCoupling(C, hidden=HIDDEN, cond_channels=COND), C, 1),
     "injector": (lambda: ConditionalAffineInjector(C, COND, hidden=HIDDEN), C, 1),
     "permutation": (lambda: FixedPermutation(C, seed=1), C, 1),
+    "edge_shift": (lambda: EdgeShift(COND, hidden=HIDDEN, block=2), 1, 1),
+    "edge_shift_offset": (lambda: EdgeShift(COND, hidden=HIDDEN, block=2, offset=1), 1, 1),
     "sequence": (_sequence, 1, 2),
 }
 
@@ -195,7 +198,9 @@ def test_actnorm_not_reinitialised_after_load_state_dict() -> None:
     assert not torch.allclose(other.log_scale, fresh.log_scale)
 
 
-@pytest.mark.parametrize("name", ["coupling", "coupling_odd", "cond_coupling", "injector"])
+@pytest.mark.parametrize(
+    "name", ["coupling", "coupling_odd", "cond_coupling", "injector", "edge_shift_offset"]
+)
 def test_couplings_are_identity_at_initialisation(name: str) -> None:
     x, cond = _inputs(name, batch=2, size=6)
     block = BLOCKS[name][0]().train()
@@ -275,3 +280,49 @@ def test_bad_shapes_and_arguments_raise() -> None:
     _one_line_error(lambda: ConditionalAffineInjector(4, 0))
     _one_line_error(lambda: InvertibleConv1x1(0))
     _one_line_error(lambda: FlowSequence([nn.ReLU()]))
+
+
+def test_edge_shift_stretches_only_within_the_edge_directions() -> None:
+    x, cond = _inputs("edge_shift", batch=2, size=4)
+    block = _prepared("edge_shift", x, cond).eval()
+    with torch.no_grad():
+        q, _, _ = block.stretch(cond)
+        y, _ = block(x, cond)
+        change = block._tiles(y - x)
+        # the change lies in the span of the tile's three directions ...
+        in_span = torch.linalg.lstsq(q.transpose(-1, -2), change.transpose(-1, -2)).solution
+        residual = change - (q.transpose(-1, -2) @ in_span).transpose(-1, -2)
+        # ... and the orthogonal complement of that span passes unchanged
+        assert change.abs().max() > 1e-2
+        assert residual.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("turn", [0.0, 0.03], ids=["move", "turn"])
+def test_edge_shift_directions_move_and_turn_an_edge(turn: float) -> None:
+    from napari_wpp.core.models.wppflow import edge_pattern
+
+    # a smooth edge near column 7.3; moving it by 0.2 px (and turning it a little) changes the
+    # image, in every tile the edge crosses, almost only within the tile's directions
+    rows = torch.arange(16, dtype=torch.float64)[:, None]
+    cols = torch.arange(16, dtype=torch.float64)[None, :]
+
+    def edge(at: float, slope: float) -> torch.Tensor:
+        return torch.sigmoid((cols - at - slope * (rows - 7.5)) / 1.2)[None, None]
+
+    m = edge(7.3, 0.0)
+    change = edge(7.5, turn) - m
+    block = EdgeShift(1, hidden=4, block=4).double()
+    q, _, _ = block.stretch(edge_pattern(m))
+    d = block._tiles(change)[..., 0, :]  # (1, 4, 4, 16)
+    coords = torch.einsum("...mk,...k->...m", q, d)
+    captured = coords.norm(dim=-1) / d.norm(dim=-1)
+    strong = d.norm(dim=-1) > 1e-2  # tiles the edge crosses
+    assert strong.sum() >= 4
+    assert captured[strong].min() > 0.95
+
+
+def test_edge_shift_rejects_bad_tiles() -> None:
+    _one_line_error(lambda: EdgeShift(2, block=4, offset=4))
+    block = EdgeShift(2, block=4)
+    _one_line_error(lambda: block(torch.randn(1, 1, 6, 8), torch.randn(1, 2, 6, 8)))
+    _one_line_error(lambda: block(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)))

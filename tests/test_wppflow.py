@@ -217,3 +217,57 @@ def test_flow_rejects_wrong_weights() -> None:
         run_training(lr, ref, operator, TrainingConfig(model="wppflow", rho=-1.0, steps=1))
     with pytest.raises(InputError, match="noise level"):
         run_training(lr, ref, operator, TrainingConfig(model="wppflow", noise_std=0.0, steps=1))
+
+
+def test_edge_steps_start_as_the_identity() -> None:
+    """A fresh flow draws the same samples with or without its EdgeShift steps."""
+    lr = torch.rand(2, 1, 6, 6)
+    z = torch.randn(2, 1, 24, 24)
+    torch.manual_seed(0)
+    plain = WPPFlow(4, edge_shifts=0, **TINY)
+    torch.manual_seed(0)
+    edged = WPPFlow(4, edge_shifts=2, **TINY)
+    assert len(plain.edge_steps) == 0 and len(edged.edge_steps) == 2
+    assert edged.edge_steps[1].offset == 2  # the second grid straddles the first one's tiles
+    with torch.no_grad():
+        x0, ld0 = plain(z, lr)
+        x1, ld1 = edged(z, lr)
+    torch.testing.assert_close(x0, x1)
+    torch.testing.assert_close(ld0, ld1)
+    with pytest.raises(InputError, match="edge_shifts"):
+        WPPFlow(4, edge_shifts=-1, **TINY)
+
+
+def test_flow_files_from_before_edge_steps_still_load(tmp_path) -> None:
+    import json
+
+    import safetensors
+    from safetensors.torch import save_file
+
+    from napari_wpp.io import load_model, save_model
+
+    lr, ref, operator = _tiny_data()
+    config = TrainingConfig(
+        model="wppflow",
+        steps=1,
+        batch_size=2,
+        crop_size=12,
+        n_reference_patches=300,
+        patches_per_step=400,
+        model_options={**TINY, "edge_shifts": 0},
+    )
+    state = list(train(lr, ref, operator, config))[-1].state
+    path = save_model(tmp_path / "new.safetensors", state)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["napari_wpp"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["model_config"]["edge_shifts"]  # as written before EdgeShift existed
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"napari_wpp": json.dumps(meta)})
+    loaded = load_model(old)
+    assert len(loaded.model.edge_steps) == 0
+    y = torch.from_numpy(lr[:1, None])
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with torch.no_grad():
+        expected = state.model.eval().sample(y, generator=gen())
+        torch.testing.assert_close(loaded.model.eval().sample(y, generator=gen()), expected)

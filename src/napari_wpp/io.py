@@ -744,6 +744,8 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
     target = resolve_device(device)
     meta, tensors = _open_model_file(path, with_tensors=True)
     kind, model_config = meta["kind"], meta["model_config"]
+    if kind == "wppflow" and isinstance(model_config, dict):
+        model_config.setdefault("edge_shifts", 0)  # files from before EdgeShift steps
     if kind not in MODEL_KINDS:
         raise InputError(
             f"{path.name} holds a model of unknown kind {kind!r}: update napari-wpp "

@@ -845,7 +845,9 @@ def flow_receptive_radius(model: nn.Module) -> int:
     condition (the LR feature CNN, the bilinear upsampling and the operator's sampling
     offset), at every level the coupling and injector subnets (each convolution adds one
     pixel of that level's grid, ``1 / 2^l`` LR pixels) and the squeeze cells, then the mean
-    WPPNet and the final affine step; one LR pixel is added for the HR-to-LR assignment.
+    WPPNet and the final affine step, then the edge steps (the Sobel pattern of the mean, their
+    subnet, and the tile each output pixel shares); one LR pixel is added for the HR-to-LR
+    assignment.
     """
     from napari_wpp.core.models.flow_blocks import (
         ActNorm,
@@ -885,7 +887,12 @@ def flow_receptive_radius(model: nn.Module) -> int:
         latent += spacing  # the squeeze cell of this level
     mean = float(receptive_radius(model.mean_net))
     final = max(cond, mean) + _conv_radius(model.final.subnet) / q
-    return math.ceil(max(latent, mean, final) + 1.0)
+    sample = max(latent, final)
+    for step in model.edge_steps:
+        tile = (step.block - 1) / q
+        stretch = max(cond, mean) + (1 + _conv_radius(step.subnet)) / q + 2 * tile
+        sample = max(sample, stretch) + tile
+    return math.ceil(max(sample, mean) + 1.0)
 
 
 def _check_count(k: int) -> int:

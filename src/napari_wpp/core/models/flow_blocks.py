@@ -17,6 +17,7 @@ Blocks:
 * :class:`InvertibleConv1x1` (LU-parametrised invertible 1×1 convolution);
 * :class:`AffineCoupling` (affine coupling, optionally conditional);
 * :class:`ConditionalAffineInjector` (affine map computed from the condition alone);
+* :class:`EdgeShift` (conditional expansion along the edge-moving direction of each block);
 * :class:`FixedPermutation` (seeded channel permutation);
 * :class:`FlowSequence` (a chain of blocks).
 
@@ -38,6 +39,7 @@ __all__ = [
     "ActNorm",
     "AffineCoupling",
     "ConditionalAffineInjector",
+    "EdgeShift",
     "FixedPermutation",
     "FlowBlock",
     "FlowSequence",
@@ -368,6 +370,150 @@ class ConditionalAffineInjector(FlowBlock):
         _check_input(y, self.channels, "ConditionalAffineInjector")
         log_s, shift = self._scale_shift(y, cond)
         return (y - shift) * torch.exp(-log_s)
+
+
+class EdgeShift(FlowBlock):
+    """Conditional stretch along the directions that move, turn and bend edges, per tile.
+
+    The image is cut into ``block × block`` tiles; with an ``offset`` the grid starts that many
+    pixels in, and the strips it leaves at the borders pass unchanged. The first channel ``g``
+    of the condition is an edge pattern such as ``|∇ mean|``: adding ``d · g`` moves the edges
+    by ``d`` pixels along their normals (to first order). In tile ``b`` the rows of
+    ``V_b = [g, g·u, g·v, g·(u² − ⟨u²⟩), g·(v² − ⟨v²⟩)]`` (``u, v`` the pixel coordinates
+    from the tile centre, scaled to ±1) move its edge, turn it and bend it. With
+    ``Q_b = L⁻¹ V_b``, ``L Lᵀ = V_b V_bᵀ + ε²I`` (orthonormal rows, shrunk where ``g`` vanishes)
+
+        ``y_b = x_b + Q_bᵀ Γ_b Q_b x_b``,  ``Γ_b = diag(exp(c_b) − 1)``,
+
+    so ``logdet = Σ_b log det(I + Q_b Q_bᵀ Γ_b)`` and
+    ``x_b = y_b − Q_bᵀ Γ_b (I + Q_b Q_bᵀ Γ_b)⁻¹ Q_b y_b``. ``c_b`` (five values per tile) is
+    the tile mean of a zero-initialised subnet of the whole condition, soft-clamped to
+    ``±clamp``: the identity at initialisation; training decides how far each tile's edge
+    varies.
+
+    Parameters
+    ----------
+    cond_channels
+        Channels of the condition; channel 0 is the edge pattern ``g``.
+    hidden
+        Hidden channels of the subnet.
+    block
+        Tile size in pixels (the input's height and width must be multiples of it).
+    offset
+        Shift of the tile grid in pixels (``0 ≤ offset < block``).
+    clamp
+        Bound of ``c``.
+    eps
+        ``ε`` of the normalisation (in the pattern's units).
+    """
+
+    modes = 5
+
+    def __init__(
+        self,
+        cond_channels: int,
+        hidden: int = 32,
+        block: int = 4,
+        offset: int = 0,
+        clamp: float = 3.0,
+        eps: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.cond_channels = _check_positive("cond_channels", cond_channels)
+        self.block = _check_positive("block", block)
+        if block < 2:
+            raise InputError(f"EdgeShift needs tiles of at least 2×2 pixels, got {block}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < block:
+            raise InputError(f"offset must be an integer in [0, {block}), got {offset!r}")
+        self.offset = offset
+        self.clamp = _check_clamp(clamp)
+        self.eps = float(eps)
+        self.subnet = _subnet(cond_channels, _check_positive("hidden", hidden), self.modes)
+        centred = torch.arange(block, dtype=torch.float32) - (block - 1) / 2.0
+        centred = centred / centred.abs().max()
+        rows, cols = centred[:, None].expand(block, block), centred[None, :].expand(block, block)
+        bends = [r * r - (r * r).mean() for r in (rows, cols)]
+        ramps = torch.stack([rows, cols, *bends])
+        self.register_buffer("ramps", ramps.reshape(4, block * block), persistent=False)
+
+    def _interior(self, t: Tensor) -> Tensor:
+        """The part of ``t`` the tile grid covers (all of it unless the grid is offset)."""
+        o = self.offset
+        if not o:
+            return t
+        cut = self.block - o
+        return t[..., o : t.shape[-2] - cut, o : t.shape[-1] - cut]
+
+    def _tiles(self, t: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, h', w', C, k²)``: the tiles of the (offset) grid."""
+        t = self._interior(t)
+        b, c, h, w = t.shape
+        k = self.block
+        t = t.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5)
+        return t.reshape(b, h // k, w // k, c, k * k)
+
+    def _untile(self, tiles: Tensor, like: Tensor) -> Tensor:
+        """Tiles back into an image shaped like ``like``, whose border strips it keeps."""
+        b, hk, wk, c = tiles.shape[:4]
+        k = self.block
+        inner = tiles.reshape(b, hk, wk, c, k, k).permute(0, 3, 1, 4, 2, 5)
+        inner = inner.reshape(b, c, hk * k, wk * k)
+        if not self.offset:
+            return inner
+        out = like.clone()
+        self._interior(out).copy_(inner)
+        return out
+
+    def stretch(self, cond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per tile: directions ``Q`` (…, 5, k²), ``Γ`` (…, 5) and ``I + QᵀQΓ`` (…, 5, 5).
+
+        Depends on the condition only, so a caller drawing many samples of one image can
+        compute it once (:meth:`apply`, :meth:`apply_inverse`).
+        """
+        h, w = cond.shape[-2:]
+        if h % self.block or w % self.block:
+            raise InputError(
+                f"EdgeShift needs a height and width that are multiples of {self.block}, got "
+                f"{h}×{w}: crop or pad the input"
+            )
+        g = self._tiles(cond[:, :1])  # (B, h', w', 1, k²)
+        v = torch.cat([g, g * self.ramps.to(g.dtype)], dim=-2)  # (…, 5, k²)
+        eye = torch.eye(self.modes, dtype=g.dtype, device=g.device)
+        gram = v @ v.transpose(-1, -2) + self.eps**2 * eye
+        chol = torch.linalg.cholesky(gram)
+        q = torch.linalg.solve_triangular(chol, v, upper=False)  # rows: Qᵀ
+        c = _soft_clamp(self._tiles(self.subnet(cond)).mean(-1), self.clamp)  # (…, 5)
+        gamma = torch.expm1(c)
+        inner = eye + (q @ q.transpose(-1, -2)) * gamma.unsqueeze(-2)
+        return q, gamma, inner
+
+    def apply(self, x: Tensor, stretch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(y, logdet)`` of ``x`` for a precomputed :meth:`stretch`."""
+        q, gamma, inner = stretch
+        xt = self._tiles(x)  # (B, h', w', 1, k²)
+        coef = (xt @ q.transpose(-1, -2)) * gamma.unsqueeze(-2)  # (…, 1, 5)
+        yt = xt + coef @ q
+        logdet = torch.linalg.slogdet(inner)[1].sum(dim=(1, 2))
+        return self._untile(yt, x), logdet.expand(x.shape[0])
+
+    def apply_inverse(self, y: Tensor, stretch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """``x`` with ``apply(x, stretch)[0] == y``."""
+        q, gamma, inner = stretch
+        yt = self._tiles(y)
+        proj = yt @ q.transpose(-1, -2)  # (…, 1, 5)
+        # row form of x = y − Q Γ (I + QᵀQ Γ)⁻¹ Qᵀ y: xᵀ = yᵀ − (yᵀQ)(I + Γ QᵀQ)⁻¹ Γ Qᵀ
+        sol = torch.linalg.solve(inner, proj.transpose(-1, -2))
+        coef = sol.transpose(-1, -2) * gamma.unsqueeze(-2)
+        return self._untile(yt - coef @ q, y)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_input(x, 1, "EdgeShift")
+        return self.apply(x, self.stretch(_check_cond(cond, x, self.cond_channels, "EdgeShift")))
+
+    def inverse(self, y: Tensor, cond: Tensor | None = None) -> Tensor:
+        _check_input(y, 1, "EdgeShift")
+        cond = _check_cond(cond, y, self.cond_channels, "EdgeShift")
+        return self.apply_inverse(y, self.stretch(cond))
 
 
 class FixedPermutation(FlowBlock):

@@ -8,9 +8,19 @@ The latent ``z`` has the HR image's size (one channel, ``q·h × q·w`` for an `
 2. At every level ``l = 0 … L−1`` (grid ``2^l·h``, ``4^(L−l)`` channels) ``steps`` flow steps of
    [ActNorm → invertible 1×1 convolution → conditional affine coupling → conditional affine
    injector] act on the latent, then it is unsqueezed to the next finer grid.
-3. At HR size a final conditional affine step ``x = mean(y) + exp(log_s(y)) · u`` places the
-   sample: ``mean(y)`` is a WPPNet CNN of the LR image (:mod:`~napari_wpp.core.models.wppnet`),
-   ``log_s`` a small subnet of the condition, starting at ``log(initial_std)``.
+3. At HR size a final conditional affine step ``v = exp(log_s(y)) · u`` scales the latent;
+   ``log_s`` is a small subnet of the condition, starting at ``log(initial_std)``.
+4. ``edge_shifts`` :class:`~napari_wpp.core.models.flow_blocks.EdgeShift` steps (tile grids
+   offset by half a tile from one step to the next) stretch ``v`` along the directions that
+   move, turn and bend the mean's edges (``|∇ mean(y)|`` times low-order polynomials of the
+   tile coordinates), by factors that training sets per tile (1 at initialisation).
+5. ``x = mean(y) + v``: ``mean(y)`` is a WPPNet CNN of the LR image
+   (:mod:`~napari_wpp.core.models.wppnet`) plus a learned shift.
+
+Why step 4: the patch prior charges far less for moving an edge than for the same pixel
+variance as white noise on it (``benchmarks/bench_edge_variation.py``), but the entropy term
+pays only for directions the flow *expands*; the coupling levels, which see the LR image
+only, do not find edge-moving directions in CPU minutes, and spread white noise instead.
 
 The condition of level ``l`` is the LR image upsampled to that grid *in register with the
 operator's sampling* (``sampling_offset``; the published flow is off by 6 px at ×4 with the
@@ -36,6 +46,7 @@ from napari_wpp.core.models.flow_blocks import (
     ActNorm,
     AffineCoupling,
     ConditionalAffineInjector,
+    EdgeShift,
     FlowSequence,
     InvertibleConv1x1,
     Squeeze2x2,
@@ -43,6 +54,9 @@ from napari_wpp.core.models.flow_blocks import (
 from napari_wpp.core.models.wppnet import DEFAULT_OFFSET, WPPNet
 
 __all__ = ["FLOW_SCALES", "WPPFlow", "aligned_upsample"]
+
+#: Floor of ``log(|∇ mean| + floor)`` in the edge steps' condition (intensities in [0, 1]).
+EDGE_FLOOR = 1e-2
 
 #: Scales the flow supports (powers of two: one squeeze per factor 2).
 FLOW_SCALES = (2, 4, 8)
@@ -60,7 +74,7 @@ def aligned_upsample(lr: Tensor, factor: int, sampling_offset: float) -> Tensor:
     h, w = lr.shape[-2:]
 
     def axis(n_in: int) -> Tensor:
-        u = (torch.arange(n_in * factor, dtype=torch.float32, device=lr.device) - sampling_offset)
+        u = torch.arange(n_in * factor, dtype=torch.float32, device=lr.device) - sampling_offset
         u = u / factor
         return (2.0 * u / (n_in - 1) - 1.0) if n_in > 1 else torch.zeros_like(u)
 
@@ -68,6 +82,23 @@ def aligned_upsample(lr: Tensor, factor: int, sampling_offset: float) -> Tensor:
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
     grid = grid.to(lr.dtype).expand(lr.shape[0], -1, -1, -1)
     return F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def edge_pattern(image: Tensor) -> Tensor:
+    """``|∇ image|`` (Sobel, per pixel, border replicated): adding ``d · |∇ image|`` moves
+    the edges of ``image`` by ``d`` pixels along their normals, to first order."""
+    kernel = (
+        torch.tensor(
+            [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
+            dtype=image.dtype,
+            device=image.device,
+        )
+        / 8.0
+    )
+    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, kernel[None, None])
+    gy = F.conv2d(padded, kernel.T[None, None])
+    return torch.sqrt(gx * gx + gy * gy + 1e-12)
 
 
 class _FlowStep(FlowSequence):
@@ -104,6 +135,9 @@ class WPPFlow(nn.Module):
         centred, ``(q − 1) / 2``.
     initial_std
         Spread of the samples around the mean at initialisation.
+    edge_shifts
+        Number of :class:`EdgeShift` steps after the final affine step (0: none, as in
+        model files written before they existed).
     mean_features, mean_blocks
         Width and depth of the WPPNet that gives the mean.
     offset
@@ -123,6 +157,7 @@ class WPPFlow(nn.Module):
         clamp: float = 2.0,
         sampling_offset: float | None = None,
         initial_std: float = 0.05,
+        edge_shifts: int = 2,
         mean_features: int = 64,
         mean_blocks: int = 10,
         offset: float = DEFAULT_OFFSET,
@@ -136,6 +171,8 @@ class WPPFlow(nn.Module):
         for name, value in (("steps", steps), ("hidden", hidden), ("cond_features", cond_features)):
             if int(value) != value or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value}")
+        if isinstance(edge_shifts, bool) or int(edge_shifts) != edge_shifts or edge_shifts < 0:
+            raise InputError(f"edge_shifts must be an integer ≥ 0, got {edge_shifts}")
         if not initial_std > 0:
             raise InputError(f"initial std must be > 0, got {initial_std}")
         self.scale = int(scale)
@@ -151,6 +188,7 @@ class WPPFlow(nn.Module):
             "clamp": float(clamp),
             "sampling_offset": self.sampling_offset,
             "initial_std": float(initial_std),
+            "edge_shifts": int(edge_shifts),
             "mean_features": int(mean_features),
             "mean_blocks": int(mean_blocks),
             "offset": float(offset),
@@ -177,6 +215,11 @@ class WPPFlow(nn.Module):
                 )
             )
         self.final = ConditionalAffineInjector(1, cond_channels + 1, hidden, clamp)
+        tile = min(4, self.scale)
+        self.edge_steps = nn.ModuleList(
+            EdgeShift(cond_channels + 3, hidden, block=tile, offset=(i % 2) * (tile // 2))
+            for i in range(int(edge_shifts))
+        )
         self.log_initial_std = math.log(initial_std)
 
     def config(self) -> dict[str, Any]:
@@ -197,23 +240,29 @@ class WPPFlow(nn.Module):
             conds.append(aligned_upsample(base, factor, offset))
         return conds
 
-    def _final_scale_shift(self, lr: Tensor, cond_hr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _final_scale_shift(self, lr: Tensor, cond_hr: Tensor) -> tuple[Tensor, Tensor, list]:
         mean = self.mean_net(lr)
         log_s, shift = self.final._scale_shift(mean, torch.cat([cond_hr, mean], dim=1))
-        return mean, log_s + self.log_initial_std, shift
+        stretches = []
+        if len(self.edge_steps):
+            edges = edge_pattern(mean)
+            # |∇m| drives the directions; its log tells the subnet edges from flat ground
+            edge_cond = torch.cat([edges, torch.log(edges + EDGE_FLOOR), mean, cond_hr], dim=1)
+            stretches = [step.stretch(edge_cond) for step in self.edge_steps]
+        return mean + shift, log_s + self.log_initial_std, stretches
 
-    def _context(self, lr: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor, Tensor]]:
-        """Conditions and final affine step of ``lr``; computed once for a repeated image.
+    def _context(self, lr: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor, list]]:
+        """Conditions and final steps of ``lr``; computed once for a repeated image.
 
         ``lr.expand(K, …)`` (stride 0 along the batch, as when drawing K samples of one slice)
-        runs the condition CNN, the mean WPPNet and the final subnet on one image only.
+        runs the condition CNN, the mean WPPNet and the final subnets on one image only.
         """
         batch = lr.shape[0]
         if batch > 1 and lr.stride(0) == 0:
-            conds, final = self._context(lr[:1])
+            conds, (mean, log_s, stretches) = self._context(lr[:1])
             return (
                 [c.expand(batch, -1, -1, -1) for c in conds],
-                tuple(t.expand(batch, -1, -1, -1) for t in final),  # type: ignore[return-value]
+                (mean.expand(batch, -1, -1, -1), log_s.expand(batch, -1, -1, -1), stretches),
             )
         conds = self.conditions(lr)
         return conds, self._final_scale_shift(lr, conds[-1])
@@ -232,7 +281,7 @@ class WPPFlow(nn.Module):
     def forward(self, z: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, log|det ∂x/∂z|)``: the HR sample for latent ``z`` and LR image ``lr``."""
         self._check(z, lr)
-        conds, (mean, log_s, shift) = self._context(lr)
+        conds, (mean, log_s, stretches) = self._context(lr)
         u = z
         for _ in range(self.levels):
             u, _ = self.squeeze(u)
@@ -241,14 +290,21 @@ class WPPFlow(nn.Module):
             u, ld = steps(u, conds[level])
             logdet = logdet + ld
             u = self.squeeze.inverse(u)
-        x = mean + shift + u * torch.exp(log_s)
-        return x, logdet + log_s.sum(dim=(1, 2, 3))
+        v = u * torch.exp(log_s)
+        logdet = logdet + log_s.sum(dim=(1, 2, 3))
+        for step, stretch in zip(self.edge_steps, stretches):
+            v, ld = step.apply(v, stretch)
+            logdet = logdet + ld
+        return mean + v, logdet
 
     def inverse(self, x: Tensor, lr: Tensor) -> Tensor:
         """The latent ``z`` with ``forward(z, lr)[0] == x``."""
         self._check(x, lr)
-        conds, (mean, log_s, shift) = self._context(lr)
-        u = (x - mean - shift) * torch.exp(-log_s)
+        conds, (mean, log_s, stretches) = self._context(lr)
+        v = x - mean
+        for step, stretch in reversed(list(zip(self.edge_steps, stretches))):
+            v = step.apply_inverse(v, stretch)
+        u = v * torch.exp(-log_s)
         for level in reversed(range(self.levels)):
             u, _ = self.squeeze(u)
             u = self.level_steps[level].inverse(u, conds[level])
