@@ -141,17 +141,24 @@ def _tiny_data() -> tuple[np.ndarray, np.ndarray, GaussianDownsampling]:
     return np.stack([lr, lr[::-1].copy()]), hr, operator
 
 
+def _tiny_config(**overrides: object) -> TrainingConfig:
+    """A WPPFlow training configuration small enough for a unit test."""
+    options = {
+        "model": "wppflow",
+        "steps": 2,
+        "batch_size": 2,
+        "crop_size": 12,
+        "n_reference_patches": 300,
+        "patches_per_step": 400,
+        "model_options": TINY,
+        **overrides,
+    }
+    return TrainingConfig(**options)  # type: ignore[arg-type]
+
+
 def test_flow_training_steps_and_resume() -> None:
     lr, ref, operator = _tiny_data()
-    config = TrainingConfig(
-        model="wppflow",
-        steps=2,
-        batch_size=2,
-        crop_size=12,
-        n_reference_patches=300,
-        patches_per_step=400,
-        model_options=TINY,
-    )
+    config = _tiny_config()
     events = list(train(lr, ref, operator, config))
     progress = [e for e in events if isinstance(e, TrainingProgress)]
     assert len(progress) == 2
@@ -166,17 +173,7 @@ def test_flow_loss_is_the_backward_kl_per_lr_pixel(rho: float) -> None:
     """Per LR pixel: data/(2σ²) + ρ·W₂² − log|det|/n_LR, with the configured σ and ρ."""
     lr, ref, operator = _tiny_data()
     crop, sigma = 12, 0.02
-    config = TrainingConfig(
-        model="wppflow",
-        rho=rho,
-        noise_std=sigma,
-        steps=2,
-        batch_size=2,
-        crop_size=crop,
-        n_reference_patches=300,
-        patches_per_step=400,
-        model_options=TINY,
-    )
+    config = _tiny_config(rho=rho, noise_std=sigma, crop_size=crop)
     progress = [e for e in train(lr, ref, operator, config) if isinstance(e, TrainingProgress)]
     n_lr = crop * crop
     assert len(progress) == 2
@@ -187,15 +184,7 @@ def test_flow_loss_is_the_backward_kl_per_lr_pixel(rho: float) -> None:
 
 def test_flow_resume_continues_the_same_run() -> None:
     lr, ref, operator = _tiny_data()
-    config = TrainingConfig(
-        model="wppflow",
-        steps=3,
-        batch_size=2,
-        crop_size=12,
-        n_reference_patches=300,
-        patches_per_step=400,
-        model_options=TINY,
-    )
+    config = _tiny_config(steps=3)
     straight = run_training(lr, ref, operator, config).state
     stop = threading.Event()
     first = None
@@ -247,15 +236,7 @@ def test_flow_files_from_before_edge_steps_still_load(tmp_path) -> None:
     from napari_wpp.io import load_model, save_model
 
     lr, ref, operator = _tiny_data()
-    config = TrainingConfig(
-        model="wppflow",
-        steps=1,
-        batch_size=2,
-        crop_size=12,
-        n_reference_patches=300,
-        patches_per_step=400,
-        model_options={**TINY, "edge_shifts": 0},
-    )
+    config = _tiny_config(steps=1, model_options={**TINY, "edge_shifts": 0})
     state = list(train(lr, ref, operator, config))[-1].state
     path = save_model(tmp_path / "new.safetensors", state)
     with safetensors.safe_open(str(path), framework="pt") as f:
