@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_wpp.core.intensity import Normalisation
-from napari_wpp.core.models.wppflow import edge_pattern
+from napari_wpp.core.models.wppflow import edge_gradient, edge_pattern
 from napari_wpp.core.operators import GaussianDownsampling
 from napari_wpp.core.patches import extract_patches, sample_reference_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
@@ -87,14 +87,7 @@ def main() -> None:
         mean = flow._context(y)[1][0]
         x0 = flow.sample(y, generator=g)
         grad = edge_pattern(mean)
-        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
-        padded = F.pad(mean, (1, 1, 1, 1), mode="replicate")
-        normal = (
-            torch.cat(
-                [F.conv2d(padded, sobel[None, None]), F.conv2d(padded, sobel.T[None, None])], dim=1
-            )
-            / grad
-        )
+        normal = edge_gradient(mean) / grad
     edge = grad >= torch.quantile(grad.flatten(), 0.9)
 
     prior = WassersteinPatchPrior(sample_reference_patches(ref, 5_000, patch_size=6, seed=0))

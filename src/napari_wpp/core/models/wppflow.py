@@ -53,7 +53,7 @@ from napari_wpp.core.models.flow_blocks import (
 )
 from napari_wpp.core.models.wppnet import DEFAULT_OFFSET, WPPNet
 
-__all__ = ["FLOW_SCALES", "WPPFlow", "aligned_upsample"]
+__all__ = ["FLOW_SCALES", "WPPFlow", "aligned_upsample", "edge_gradient", "edge_pattern"]
 
 #: Floor of ``log(|∇ mean| + floor)`` in the edge steps' condition (intensities in [0, 1]).
 EDGE_FLOOR = 1e-2
@@ -84,21 +84,23 @@ def aligned_upsample(lr: Tensor, factor: int, sampling_offset: float) -> Tensor:
     return F.grid_sample(lr, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def edge_pattern(image: Tensor) -> Tensor:
-    """``|∇ image|`` (Sobel, per pixel, border replicated): adding ``d · |∇ image|`` moves
-    the edges of ``image`` by ``d`` pixels along their normals, to first order."""
-    kernel = (
-        torch.tensor(
-            [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
-            dtype=image.dtype,
-            device=image.device,
-        )
-        / 8.0
+def edge_gradient(image: Tensor) -> Tensor:
+    """``(∂x, ∂y)`` of ``(B, 1, H, W)`` images as ``(B, 2, H, W)``: Sobel, per pixel, border
+    replicated, differentiable (the evaluation's edge masks use scikit-image's instead)."""
+    sobel = torch.tensor(
+        [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
+        dtype=image.dtype,
+        device=image.device,
     )
-    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
-    gx = F.conv2d(padded, kernel[None, None])
-    gy = F.conv2d(padded, kernel.T[None, None])
-    return torch.sqrt(gx * gx + gy * gy + 1e-12)
+    kernels = torch.stack([sobel, sobel.T])[:, None] / 8.0
+    return F.conv2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), kernels)
+
+
+def edge_pattern(image: Tensor) -> Tensor:
+    """``|∇ image|``: adding ``d · |∇ image|`` moves the edges of ``image`` by ``d`` pixels
+    along their normals, to first order."""
+    gradient = edge_gradient(image)
+    return torch.sqrt((gradient * gradient).sum(dim=1, keepdim=True) + 1e-12)
 
 
 class _FlowStep(FlowSequence):
@@ -240,7 +242,10 @@ class WPPFlow(nn.Module):
             conds.append(aligned_upsample(base, factor, offset))
         return conds
 
-    def _final_scale_shift(self, lr: Tensor, cond_hr: Tensor) -> tuple[Tensor, Tensor, list]:
+    def _final_steps(
+        self, lr: Tensor, cond_hr: Tensor
+    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+        """Centre ``mean + shift``, log-scale and edge-step stretches of the final steps."""
         mean = self.mean_net(lr)
         log_s, shift = self.final._scale_shift(mean, torch.cat([cond_hr, mean], dim=1))
         stretches = []
@@ -251,7 +256,9 @@ class WPPFlow(nn.Module):
             stretches = [step.stretch(edge_cond) for step in self.edge_steps]
         return mean + shift, log_s + self.log_initial_std, stretches
 
-    def _context(self, lr: Tensor) -> tuple[list[Tensor], tuple[Tensor, Tensor, list]]:
+    def _context(
+        self, lr: Tensor
+    ) -> tuple[list[Tensor], tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]]:
         """Conditions and final steps of ``lr``; computed once for a repeated image.
 
         ``lr.expand(K, …)`` (stride 0 along the batch, as when drawing K samples of one slice)
@@ -265,7 +272,7 @@ class WPPFlow(nn.Module):
                 (mean.expand(batch, -1, -1, -1), log_s.expand(batch, -1, -1, -1), stretches),
             )
         conds = self.conditions(lr)
-        return conds, self._final_scale_shift(lr, conds[-1])
+        return conds, self._final_steps(lr, conds[-1])
 
     # ------------------------------------------------------------------ flow
     def _check(self, z: Tensor, lr: Tensor) -> None:
