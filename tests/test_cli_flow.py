@@ -96,8 +96,9 @@ def _predict(capsys, model: Path, image: Path, out: Path, *extra: object) -> dic
 
 def test_cli_knows_the_librarys_models_and_defaults() -> None:
     assert cli.TRAINABLE_MODELS == training.TRAINABLE_MODELS
-    assert cli.DEFAULT_RHO == training.PUBLISHED_RHO
+    assert cli.PUBLISHED_RHO_PER_CROP == training.PUBLISHED_RHO_PER_CROP
     assert cli.DEFAULT_NOISE_STD == training.TrainingConfig().noise_std
+    assert cli.DEFAULT_MEAN_WARMUP == training.DEFAULT_MEAN_WARMUP
 
 
 def test_train_a_flow_and_resume_it(
@@ -110,24 +111,28 @@ def test_train_a_flow_and_resume_it(
     assert code == 0, err
     payload = json.loads(stdout)
     assert payload["model"] == "wppflow" and payload["steps"] == 2
-    assert payload["rho"] == 100.0 and payload["lambda"] is None and payload["noise_std"] == 0.01
+    # the published weighting per LR pixel, for crops clipped to the 24-pixel LR image
+    rho = training.published_rho(0.01, 24)
+    assert payload["rho"] == pytest.approx(rho) == pytest.approx(100 / (0.01**2 * 24**2))
+    assert payload["lambda"] is None and payload["noise_std"] == 0.01
     assert "logdet" in err  # the flow's progress line
     meta = io.read_model_metadata(out)
-    assert meta["kind"] == "wppflow" and meta["lam"] == 100.0
+    assert meta["kind"] == "wppflow" and meta["lam"] == pytest.approx(rho)
     assert meta["config"]["model"] == "wppflow" and meta["model_config"]["hidden"] == 8
     # resume: the kind comes from the file, the step count goes on
     code, stdout, err = _train(capsys, files, out, "--resume", out, "--steps", 3, "--json")
     assert code == 0, err
     payload = json.loads(stdout)
     assert payload["model"] == "wppflow" and payload["steps"] == 3
-    assert payload["steps_this_run"] == 1 and payload["rho"] == 100.0
+    assert payload["steps_this_run"] == 1 and payload["rho"] == pytest.approx(rho)
     assert io.read_model_metadata(out)["step"] == 3
     # resume refusals
     for extra, fragments in (
         (("--model", "wppnet"), ("--model wppnet", "resumed wppflow")),
-        (("--rho", 5), ("--rho 5", "ρ = 100")),
+        (("--rho", 5), ("--rho 5", "ρ = 1736")),
         (("--noise", 0.05), ("--noise 0.05", "σ = 0.01")),
         (("--lambda", 0.1), ("--lambda", "wppnet")),
+        (("--mean-warmup", 0.1), ("--mean-warmup 0.1", "0.3")),
     ):
         assert_bad_input(
             *_train(capsys, files, out, "--resume", out, "--steps", 5, *extra), *fragments
@@ -139,13 +144,17 @@ def test_train_a_flow_with_rho_and_noise(
 ) -> None:
     out = tmp_path / "flow.safetensors"
     code, stdout, err = _train(
-        capsys, files, out, "--model", "wppflow", "--scale", 2, "--steps", 1,
-        "--rho", 40, "--noise-std", 0.02,
+        capsys, files, out, "--model", "wppflow", "--scale", 2, "--steps", 2,
+        "--rho", 40, "--noise-std", 0.02, "--mean-warmup", 0.5,
     )
     assert code == 0, err
     assert "ρ = 40" in stdout and "σ = 0.02" in stdout
+    assert "step 1 (mean warm-up) data" in err and "step 2 (spread) data" in err
     meta = io.read_model_metadata(out)
     assert meta["lam"] == 40.0 and meta["config"]["noise_std"] == 0.02
+    # one warm-up step of the mean network, then one of the flow with the mean frozen
+    assert meta["config"]["mean_warmup"] == 0.5 and meta["mean_frozen"] is True
+    assert ["logdet" in record for record in meta["history"]] == [False, True]
 
 
 @pytest.mark.parametrize(
@@ -157,6 +166,9 @@ def test_train_a_flow_with_rho_and_noise(
         (("--model", "wppflow", "--rho", "lots"), ("'auto'", "--rho")),
         (("--model", "wppflow", "--rho", -1), ("--rho",)),
         (("--model", "realnvp"), ("unknown --model", "wppflow")),
+        (("--mean-warmup", 0.2), ("--mean-warmup", "wppflow")),
+        (("--model", "wppflow", "--mean-warmup", 1), ("--mean-warmup", "[0, 1)")),
+        (("--model", "wppflow", "--mean-warmup", "half"), ("--mean-warmup", "[0, 1)")),
     ],
 )
 def test_train_refusals(capsys, tmp_path: Path, files: dict[str, Path], extra, fragments) -> None:

@@ -375,7 +375,9 @@ def test_trained_flow_round_trips_through_a_model_file(tmp_path: Path) -> None:
     )
     path = io.save_model(tmp_path / "flow.safetensors", final.state)
     meta = io.read_model_metadata(path)
-    assert meta["kind"] == "wppflow" and meta["scale"] == 2 and meta["lam"] == 100.0
+    assert meta["kind"] == "wppflow" and meta["scale"] == 2
+    assert meta["lam"] == pytest.approx(100 / (0.01**2 * 24**2))  # published, 24-px crops
+    assert meta["mean_frozen"] is True  # step 1 warm-up, step 2 spread
     loaded = io.load_model(path)
     assert isinstance(loaded.model, WPPFlow) and loaded.kind == "wppflow"
     assert loaded.priors and loaded.optimizer is not None

@@ -13,12 +13,16 @@ from napari_wpp.core.models import build_model
 from napari_wpp.core.models.wppflow import WPPFlow, aligned_upsample
 from napari_wpp.core.operators import GaussianDownsampling
 from napari_wpp.core.training import (
+    TrainingCheckpoint,
     TrainingConfig,
     TrainingFinished,
     TrainingProgress,
+    paper_lambda,
+    published_rho,
     run_training,
     train,
 )
+from napari_wpp.io import load_model, save_model
 
 TINY = {"steps": 1, "hidden": 8, "cond_features": 4, "mean_features": 8, "mean_blocks": 2}
 
@@ -150,6 +154,7 @@ def _tiny_config(**overrides: object) -> TrainingConfig:
         "crop_size": 12,
         "n_reference_patches": 300,
         "patches_per_step": 400,
+        "mean_warmup": 0.0,
         "model_options": TINY,
         **overrides,
     }
@@ -164,7 +169,8 @@ def test_flow_training_steps_and_resume() -> None:
     assert len(progress) == 2
     assert all(np.isfinite(e.loss) and e.logdet is not None for e in progress)
     state = events[-1].state
-    assert state.kind == "wppflow" and state.lam == 100.0
+    assert state.kind == "wppflow"  # default ρ: the published weighting for 12-pixel crops
+    assert state.lam == pytest.approx(published_rho(0.01, 12)) == pytest.approx(100 / 0.0144)
     assert state.model.sampling_offset == operator.sampling_offset
 
 
@@ -182,9 +188,11 @@ def test_flow_loss_is_the_backward_kl_per_lr_pixel(rho: float) -> None:
         assert e.loss == pytest.approx(expected, rel=1e-4, abs=1e-3)
 
 
-def test_flow_resume_continues_the_same_run() -> None:
+@pytest.mark.parametrize("warmup", [0.0, 0.5])
+def test_flow_resume_continues_the_same_run(warmup: float) -> None:
+    """Also across the end of the mean warm-up (steps 1–2 warm-up, step 3 spread)."""
     lr, ref, operator = _tiny_data()
-    config = _tiny_config(steps=3)
+    config = _tiny_config(steps=3, mean_warmup=warmup)
     straight = run_training(lr, ref, operator, config).state
     stop = threading.Event()
     first = None
@@ -198,6 +206,72 @@ def test_flow_resume_continues_the_same_run() -> None:
     assert resumed.step == 3
     for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def _parameters(state, mean: bool) -> dict[str, torch.Tensor]:
+    return {
+        name: value.detach().clone()
+        for name, value in state.model.named_parameters()
+        if name.startswith("mean_net.") == mean
+    }
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    return [name for name in before if not torch.equal(before[name], after[name])]
+
+
+def test_mean_warmup_trains_the_mean_alone_then_freezes_it(tmp_path) -> None:
+    """Warm-up steps change only the mean WPPNet (WPPNet loss, no log-det); later steps
+    change everything but it, also after a resume from a saved file."""
+    lr, ref, operator = _tiny_data()
+    config = _tiny_config(steps=6, mean_warmup=0.5, checkpoint_every=1)
+    states, progress = {}, []
+    for event in train(lr, ref, operator, config):
+        if isinstance(event, TrainingCheckpoint):
+            states[event.state.step] = event.state
+        elif isinstance(event, TrainingProgress):
+            progress.append(event)
+    assert [e.logdet is None for e in progress] == [True] * 3 + [False] * 3
+    assert [e.phase for e in progress] == ["mean warm-up"] * 3 + ["spread"] * 3
+    for e in progress[:3]:  # WPPNet loss with the paper's λ for 12-pixel crops
+        assert e.loss == pytest.approx(e.data_term + paper_lambda(12) * e.wpp_term, rel=1e-5)
+    assert [states[k].mean_frozen for k in range(1, 7)] == [False] * 3 + [True] * 3
+
+    # warm-up: the mean network learns, the rest of the flow stays at its initialisation
+    assert _changed(_parameters(states[1], True), _parameters(states[3], True))
+    assert not _changed(_parameters(states[1], False), _parameters(states[3], False))
+    # spread: the mean network is frozen, the rest learns
+    assert not _changed(_parameters(states[3], True), _parameters(states[6], True))
+    assert _changed(_parameters(states[3], False), _parameters(states[6], False))
+
+    path = tmp_path / "flow.safetensors"
+    save_model(path, states[4])
+    loaded = load_model(path)
+    assert loaded.mean_frozen
+    resumed = run_training(lr, ref, operator, config, resume=loaded).state
+    assert resumed.step == 6
+    assert not _changed(_parameters(states[4], True), _parameters(resumed, True))
+    assert _changed(_parameters(states[4], False), _parameters(resumed, False))
+
+
+def test_flows_saved_before_the_warmup_resume_jointly() -> None:
+    """A saved configuration without ``mean_warmup`` goes on training everything at once."""
+    lr, ref, operator = _tiny_data()
+    state = run_training(lr, ref, operator, _tiny_config(steps=1)).state
+    del state.config["mean_warmup"]
+    # step 2 of 5 lies inside the default warm-up share: a warm-up would leave out the log-det
+    events = list(train(lr, ref, operator, _tiny_config(steps=5), resume=state))
+    progress = [e for e in events if isinstance(e, TrainingProgress)]
+    assert [e.step for e in progress] == [2, 3, 4, 5]
+    assert all(e.logdet is not None and e.phase is None for e in progress)
+    assert not events[-1].state.mean_frozen
+
+
+@pytest.mark.parametrize("warmup", [-0.1, 1.0, 1.5])
+def test_mean_warmup_must_be_a_share_of_the_budget(warmup: float) -> None:
+    lr, ref, operator = _tiny_data()
+    with pytest.raises(InputError, match=r"mean warm-up must be a share of the budget in \[0, 1\)"):
+        next(train(lr, ref, operator, _tiny_config(mean_warmup=warmup)))
 
 
 def test_flow_rejects_wrong_weights() -> None:
@@ -233,8 +307,6 @@ def test_flow_files_from_before_edge_steps_still_load(tmp_path) -> None:
     import safetensors
     from safetensors.torch import save_file
 
-    from napari_wpp.io import load_model, save_model
-
     lr, ref, operator = _tiny_data()
     config = _tiny_config(steps=1, model_options={**TINY, "edge_shifts": 0})
     state = list(train(lr, ref, operator, config))[-1].state
@@ -247,6 +319,36 @@ def test_flow_files_from_before_edge_steps_still_load(tmp_path) -> None:
     save_file(tensors, str(old), metadata={"napari_wpp": json.dumps(meta)})
     loaded = load_model(old)
     assert len(loaded.model.edge_steps) == 0
+    y = torch.from_numpy(lr[:1, None])
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with torch.no_grad():
+        expected = state.model.eval().sample(y, generator=gen())
+        torch.testing.assert_close(loaded.model.eval().sample(y, generator=gen()), expected)
+
+
+def test_flow_files_from_before_the_edge_gain_load_with_gain_one(tmp_path) -> None:
+    """A file written when the edge steps had no gain draws the same samples as before."""
+    import json
+
+    import safetensors
+    from safetensors.torch import save_file
+
+    lr, ref, operator = _tiny_data()
+    config = _tiny_config(steps=1, model_options={**TINY, "edge_gain": 1.0})
+    state = list(train(lr, ref, operator, config))[-1].state
+    with torch.no_grad():  # move the edge subnets off their zero initialisation
+        for step in state.model.edge_steps:
+            step.subnet[-1].bias.add_(0.3)
+    path = save_model(tmp_path / "new.safetensors", state)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["napari_wpp"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["model_config"]["edge_gain"]  # as written before the gain existed
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"napari_wpp": json.dumps(meta)})
+    loaded = load_model(old)
+    assert [step.gain for step in loaded.model.edge_steps] == [1.0, 1.0]
+    assert WPPFlow(4).config()["edge_gain"] == 4.0  # new flows
     y = torch.from_numpy(lr[:1, None])
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     with torch.no_grad():

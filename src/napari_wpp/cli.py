@@ -64,8 +64,12 @@ CHECKPOINT_MINUTES = 5.0
 #: Model kinds ``napari-wpp train`` knows (``core.training.TRAINABLE_MODELS``, checked by a
 #: test; kept here so that ``--help`` does not import torch).
 TRAINABLE_MODELS = ("wppnet", "wppflow")
-#: WPPFlow's default prior weight ρ (``core.training.PUBLISHED_RHO``, checked by a test).
-DEFAULT_RHO = 100.0
+#: The published flow's ρ per LR crop (``core.training.PUBLISHED_RHO_PER_CROP``, checked by a
+#: test); ``train --rho`` defaults to it, converted per LR pixel.
+PUBLISHED_RHO_PER_CROP = 100.0
+#: WPPFlow's default mean warm-up share (``core.training.DEFAULT_MEAN_WARMUP``, checked by a
+#: test).
+DEFAULT_MEAN_WARMUP = 0.3
 #: Default noise level σ of ``train --noise`` (``TrainingConfig.noise_std``, checked by a test).
 DEFAULT_NOISE_STD = 0.01
 #: Posterior samples ``predict`` draws with a WPPFlow when ``--samples`` is not given.
@@ -141,6 +145,18 @@ _positive = {
     )
 }
 _checkpoint_minutes = _number(float, 0.0, True, "e.g. --checkpoint-minutes 5 (0: only at the end)")
+
+
+def _mean_warmup(text: str) -> float:
+    """``--mean-warmup`` of ``train``: a share of the budget in [0, 1)."""
+    hint = "a share of the budget in [0, 1), e.g. --mean-warmup 0.3 (0: no warm-up)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {hint}, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be {hint}, got {text}")
+    return value
 
 
 def _train_lambda(text: str) -> float | str:
@@ -357,8 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help=f"wppflow: weight ρ of the patch prior in the flow's loss per LR pixel, "
         f"data/(2σ²) + ρ·W₂² − log-det/n_LR, or 'auto' (the λ chosen on the reference divided "
-        f"by 2σ²; default {DEFAULT_RHO:g}; the published code's ρ = 100 weighs per LR crop, "
-        f"which is ρ = 100/(σ²·crop²) here: 1600 for 25-pixel crops)",
+        f"by 2σ²; default: the published weighting, ρ = {PUBLISHED_RHO_PER_CROP:g} per LR crop, "
+        f"which is {PUBLISHED_RHO_PER_CROP:g}/(σ²·crop²) per LR pixel: 1600 for σ = 0.01 and "
+        "25-pixel crops)",
+    )
+    p.add_argument(
+        "--mean-warmup",
+        type=_mean_warmup,
+        metavar="F",
+        help=f"wppflow: share of the budget that trains the flow's mean network alone, as a "
+        f"WPPNet, before it is frozen and the flow learns the spread around it (default "
+        f"{DEFAULT_MEAN_WARMUP:g}; 0: train everything together)",
     )
     p.add_argument(
         "--noise",
@@ -1184,6 +1209,8 @@ def _check_prior_weight_flags(args: argparse.Namespace, kind: str) -> None:
     """``--lambda`` belongs to wppnet, ``--rho`` to wppflow; σ > 0 for a flow."""
     if kind == "wppnet" and args.rho is not None:
         raise InputError("--rho is the prior weight of wppflow: use --lambda with wppnet")
+    if kind == "wppnet" and args.mean_warmup is not None:
+        raise InputError("--mean-warmup belongs to wppflow: drop it, or add --model wppflow")
     if kind == "wppflow" and args.lam is not None:
         raise InputError("--lambda is the prior weight of wppnet: use --rho with wppflow")
     if kind == "wppflow" and args.noise is not None and not args.noise > 0:
@@ -1262,6 +1289,7 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
         ("--crop-size", "crop_size", args.crop_size),
         ("--reference-patches", "n_reference_patches", args.reference_patches),
         ("--psi-passes", "psi_passes", args.psi_passes),
+        ("--mean-warmup", "mean_warmup", args.mean_warmup),
         ("--seed", "seed", args.seed),
     )
     for flag, key, value in flags:
@@ -1321,9 +1349,11 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
 
     if isinstance(event, TrainingProgress):
         logdet = "" if event.logdet is None else f" logdet {event.logdet:.3g}"
+        phase = "" if event.phase is None else f" ({event.phase})"
         return (
             event.fraction,
-            f"step {event.step} data {event.data_term:.2e} wpp {event.wpp_term:.2e}{logdet}",
+            f"step {event.step}{phase} data {event.data_term:.2e} wpp {event.wpp_term:.2e}"
+            f"{logdet}",
         )
     return None
 
@@ -1411,6 +1441,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=kind,
         lam=args.lam,
         rho=args.rho,
+        mean_warmup=DEFAULT_MEAN_WARMUP if args.mean_warmup is None else args.mean_warmup,
         noise_std=DEFAULT_NOISE_STD if args.noise is None else args.noise,
         steps=args.steps,
         minutes=args.minutes,

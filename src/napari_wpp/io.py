@@ -583,6 +583,7 @@ def save_model(
         "optimizer": optimizer_meta,
         "history": _thin_history(history),
         "history_length": len(history),
+        "mean_frozen": bool(state.mean_frozen),
     }
     text = json.dumps(_plain_json(meta), allow_nan=False, separators=(",", ":"))
 
@@ -666,7 +667,8 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
         ``format``, ``format_version``, ``napari_wpp_version``, ``kind``, ``scale``,
         ``model_config``, ``operator``, ``lam``, ``config``, ``step``, ``elapsed_s``,
         ``normalisation``, ``training_state``, ``n_priors``, ``optimizer`` (parameter groups),
-        ``history`` (thinned), ``history_length``, ``created``.
+        ``history`` (thinned), ``history_length``, ``mean_frozen`` (a WPPFlow past its mean
+        warm-up), ``created``.
 
     Raises
     ------
@@ -746,6 +748,7 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
     kind, model_config = meta["kind"], meta["model_config"]
     if kind == "wppflow" and isinstance(model_config, dict):
         model_config.setdefault("edge_shifts", 0)  # files from before EdgeShift steps
+        model_config.setdefault("edge_gain", 1.0)  # files from before their gain
     if kind not in MODEL_KINDS:
         raise InputError(
             f"{path.name} holds a model of unknown kind {kind!r}: update napari-wpp "
@@ -816,6 +819,7 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
         optimizer=optimizer,
         rng=rng,
         history=list(meta.get("history") or []),
+        mean_frozen=meta.get("mean_frozen") is True,
     )
 
 

@@ -59,5 +59,14 @@ class Budget:
 
     def cosine_decay(self, step: int, final_fraction: float) -> float:
         """Step-size factor: 1 at the start, ``final_fraction`` at the end (cosine)."""
-        decay = 0.5 * (1.0 + math.cos(math.pi * self.fraction(step)))
-        return final_fraction + (1.0 - final_fraction) * decay
+        return cosine_factor(self.fraction(step), final_fraction)
+
+
+def cosine_factor(fraction: float, final_fraction: float) -> float:
+    """Cosine step-size factor at ``fraction`` ∈ [0, 1] (clipped) of a schedule.
+
+    1 at the start, ``final_fraction`` at the end.
+    """
+    fraction = min(1.0, max(0.0, fraction))
+    decay = 0.5 * (1.0 + math.cos(math.pi * fraction))
+    return final_fraction + (1.0 - final_fraction) * decay

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from napari_wpp.core.budget import Budget
+from napari_wpp.core.budget import Budget, cosine_factor
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.metrics import psnr
@@ -52,12 +52,15 @@ PSI_MODES = ("shared", "per_batch")
 PRECISIONS = ("auto", "bf16", "off")
 #: Weight of the newest mean assigned cost in the ψ solver's cost scale.
 PSI_SCALE_MOMENTUM = 0.1
-#: WPPFlow's default prior weight ρ per LR pixel (the published number, REFERENCE.md §5; the
-#: published code weighs per LR crop, see :class:`TrainingConfig`).
-PUBLISHED_RHO = 100.0
+#: The published flow's prior weight ρ per LR crop: its loss is ``½‖f(x) − y‖² + ρ·W₂² −
+#: σ²·log|det ∇T|`` with the squared error summed over the crop (REFERENCE.md §5).
+PUBLISHED_RHO_PER_CROP = 100.0
 #: WPPFlow: gradient norm bound (in WPPNet loss units, i.e. the flow loss times 2σ²),
 #: applied after backward so that a spike of the log-determinant cannot blow up the weights.
 FLOW_GRAD_CLIP = 1.0
+#: WPPFlow: share of the budget that trains the mean network alone before it is frozen
+#: (docs/algorithms.md, "Mean first, then the spread").
+DEFAULT_MEAN_WARMUP = 0.3
 TRAINABLE_MODELS = ("wppnet", "wppflow")
 
 
@@ -79,6 +82,15 @@ def paper_lambda(crop_size: int) -> float:
     return PAPER_LAMBDA_NUMERATOR / float(crop_size) ** 2
 
 
+def published_rho(noise_std: float, crop_size: int) -> float:
+    """The published flow's weighting as our ρ per LR pixel: ``100 / (σ² · n_LR²)``.
+
+    Dividing the published loss per crop by σ² and by the crop's ``n_LR²`` pixels gives our
+    loss per LR pixel with this ρ: 1600 for σ = 0.01 and 25×25 crops.
+    """
+    return PUBLISHED_RHO_PER_CROP / (float(noise_std) ** 2 * float(crop_size) ** 2)
+
+
 @dataclass
 class TrainingConfig:
     """Parameters of a WPPNet training run (the CLI and the widgets build this).
@@ -93,12 +105,15 @@ class TrainingConfig:
         :func:`paper_lambda`; ``"auto"``: chosen on the reference by :func:`choose_lambda`.
     rho
         WPPFlow: weight ρ of the patch prior in the loss per LR pixel ``mean‖f(x) − y‖²/(2σ²)
-        + ρ·W₂² − log|det ∇T|/n_LR`` (``None``: :data:`PUBLISHED_RHO`; ``"auto"``: the λ of
+        + ρ·W₂² − log|det ∇T|/n_LR``. ``None``: the published weighting
+        :func:`published_rho` (1600 for σ = 0.01 and 25×25 crops); ``"auto"``: the λ of
         :func:`choose_lambda` divided by 2σ², since the WPPNet loss is that loss times 2σ²
-        without the entropy). With σ = 0.01, ρ = 100 is λ = 0.02, the paper's WPPNet value.
-        The published flow's ρ = 100 weighs its loss per LR crop, ``½‖f(x) − y‖² + ρ·W₂² −
-        σ²·log|det ∇T|``; per LR pixel that is ρ/(σ² n_LR) here, 1600 for 25×25 crops
-        (docs/algorithms.md, "Why this scaling", says why the default is not that).
+        without the entropy (with σ = 0.01, ρ = 100 is λ = 0.02, the paper's WPPNet value).
+    mean_warmup
+        WPPFlow: share of the budget in which the flow's mean network is trained alone, as a
+        WPPNet (data term plus λ·W₂², λ from ``lam`` as for WPPNet), before it is frozen and
+        the rest of the flow learns the spread around it with the loss above (0: everything
+        trained together from the start). Each phase decays its own learning rate.
     steps, minutes
         Budgets; training stops at whichever comes first. With neither, :data:`DEFAULT_STEPS`.
     batch_size
@@ -128,6 +143,7 @@ class TrainingConfig:
     mixed_precision
         ``"auto"``: the network runs in bfloat16 autocast on CUDA and on CPUs with native
         bfloat16 (AVX512-BF16/AMX), float32 elsewhere; ``"bf16"`` or ``"off"`` to force.
+        A WPPFlow uses it for its mean network during the warm-up only.
         Patches are cast to float32 before the exact c-transform, so the neighbour assignment
         of the given outputs stays exact.
     augment
@@ -153,6 +169,7 @@ class TrainingConfig:
     model: str = "wppnet"
     lam: float | str | None = None
     rho: float | str | None = None
+    mean_warmup: float = DEFAULT_MEAN_WARMUP
     steps: int | None = None
     minutes: float | None = None
     batch_size: int = 8
@@ -202,11 +219,17 @@ class TrainingState:
     optimizer: dict | None = None
     rng: Tensor | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    mean_frozen: bool = False
 
 
 @dataclass
 class TrainingProgress:
-    """Emitted after every step (``psnr`` only on validation steps)."""
+    """Emitted after every step (``psnr`` only on validation steps).
+
+    ``phase`` is ``"mean warm-up"`` or ``"spread"`` for a WPPFlow with a mean warm-up
+    (:attr:`TrainingConfig.mean_warmup`), ``None`` otherwise; ``logdet`` is ``None`` for a
+    WPPNet and during the warm-up.
+    """
 
     step: int
     elapsed_s: float
@@ -216,6 +239,7 @@ class TrainingProgress:
     fraction: float
     psnr: float | None = None
     logdet: float | None = None
+    phase: str | None = None
 
 
 @dataclass
@@ -273,6 +297,10 @@ def _check_config(config: TrainingConfig) -> None:
             raise InputError(f"{name} {value!r} is invalid: use a number ≥ 0 or 'auto'")
         if isinstance(value, (int, float)) and value < 0:
             raise InputError(f"{name} must be ≥ 0, got {value}")
+    if not 0.0 <= config.mean_warmup < 1.0:
+        raise InputError(
+            f"mean warm-up must be a share of the budget in [0, 1), got {config.mean_warmup}"
+        )
     if config.model == "wppflow" and not config.noise_std > 0:
         raise InputError(f"WPPFlow needs a noise level σ > 0, got {config.noise_std}")
     for name in ("batch_size", "crop_size", "n_reference_patches", "psi_passes", "patch_size"):
@@ -438,6 +466,7 @@ def _snapshot(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     history: list[dict[str, float]],
+    mean_frozen: bool = False,
 ) -> TrainingState:
     return TrainingState(
         kind=kind,
@@ -453,6 +482,7 @@ def _snapshot(
         optimizer=copy.deepcopy(optimizer.state_dict()),
         rng=generator.get_state(),
         history=list(history),
+        mean_frozen=mean_frozen,
     )
 
 
@@ -500,7 +530,11 @@ def train(
     config = config or TrainingConfig()
     if resume is not None:
         saved = TrainingConfig(
-            **{**resume.config, "model_options": resume.config.get("model_options", {})}
+            **{
+                "mean_warmup": 0.0,  # runs saved before the warm-up existed trained jointly
+                **resume.config,
+                "model_options": resume.config.get("model_options", {}),
+            }
         )
         for name in (
             "steps",
@@ -547,13 +581,9 @@ def train(
     reference_patches = torch.cat(ref_patches).to(device)
 
     flow = config.model == "wppflow"
-    weight = config.rho if flow else config.lam
     two_sigma2 = 2.0 * config.noise_std**2
-    if resume is not None:
-        lam = resume.lam
-    elif flow and weight is None:
-        lam = PUBLISHED_RHO
-    elif flow and weight == "auto":
+
+    def chosen_lambda() -> float:
         lam_net, _ = choose_lambda(
             regions[0],
             operator,
@@ -562,22 +592,26 @@ def train(
             device=config.device,
             stop=stop,
         )
-        lam = lam_net / two_sigma2
+        return lam_net
+
+    def wppnet_lambda() -> float:
+        if config.lam == "auto":
+            return chosen_lambda()
+        return paper_lambda(crop) if config.lam is None else float(config.lam)
+
+    if resume is not None:
+        lam = resume.lam
+    elif flow and config.rho is None:
+        lam = published_rho(config.noise_std, crop)
+    elif flow and config.rho == "auto":
+        lam = chosen_lambda() / two_sigma2
     elif flow:
-        lam = float(weight)
-    elif config.lam == "auto":
-        lam, _ = choose_lambda(
-            regions[0],
-            operator,
-            config.noise_std,
-            seed=config.seed,
-            device=config.device,
-            stop=stop,
-        )
-    elif config.lam is None:
-        lam = paper_lambda(crop)
+        lam = float(config.rho)
     else:
-        lam = float(config.lam)
+        lam = wppnet_lambda()
+    # WPPFlow trains its mean network alone first (a WPPNet loss with this λ), then freezes it
+    mean_frozen = resume.mean_frozen if resume is not None else False
+    warmup_lam = wppnet_lambda() if flow and config.mean_warmup > 0 and not mean_frozen else 0.0
 
     model_options = dict(config.model_options)
     if flow:
@@ -625,14 +659,14 @@ def train(
             torch.from_numpy(np.ascontiguousarray(validation[0], np.float32))[None, None],
             np.asarray(validation[1], np.float32),
         )
-    if flow:
-        use_amp = False  # log-determinants and inverses stay in float32
-    elif config.mixed_precision == "auto":
+    # bfloat16 for a WPPNet, also for the flow's mean network during its warm-up; the flow
+    # itself stays in float32 (log-determinants and inverses)
+    if config.mixed_precision == "auto":
         use_amp = native_bf16(device)
     else:
         use_amp = config.mixed_precision == "bf16"
-    if device.type == "cpu" and not flow:
-        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":  # faster convolutions (the flow's blocks stay as they are)
+        (model.mean_net if flow else model).to(memory_format=torch.channels_last)
     budget = Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before)
     now = budget.elapsed
 
@@ -650,6 +684,7 @@ def train(
             optimizer,
             generator,
             history,
+            mean_frozen,
         )
 
     def run_model(lr: Tensor) -> Tensor:
@@ -663,11 +698,23 @@ def train(
     stopped_early = False
     last_checkpoint = time.perf_counter()
     model.train()
+    # WPPFlow phases: the mean network alone until `warmup` of the budget, then the spread
+    warmup = config.mean_warmup if flow and config.mean_warmup > 0 else 0.0
+    if mean_frozen:
+        model.mean_net.requires_grad_(False)
     while not budget.exhausted(step):
         if stop is not None and stop.is_set():
             stopped_early = True
             break
-        factor = budget.cosine_decay(step, FINAL_LR_FRACTION)
+        fraction = budget.fraction(step)
+        mean_phase = bool(warmup) and not mean_frozen and fraction < warmup
+        if warmup and not mean_phase and not mean_frozen:
+            mean_frozen = True
+            model.mean_net.requires_grad_(False)
+        if mean_phase:
+            factor = cosine_factor(fraction / warmup, FINAL_LR_FRACTION)
+        else:
+            factor = cosine_factor((fraction - warmup) / (1.0 - warmup), FINAL_LR_FRACTION)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * factor
         if fixed_batches:
@@ -679,7 +726,10 @@ def train(
             batch = batch.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         logdet = None
-        if flow:
+        if mean_phase:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                hr = model.mean_net(batch)
+        elif flow:
             z = torch.randn(
                 (batch.shape[0], 1, batch.shape[2] * q, batch.shape[3] * q), generator=generator
             ).to(device)
@@ -696,11 +746,14 @@ def train(
         )
         data_term = torch.mean((lr_hat[inner] - batch[inner]) ** 2)
         patches = strided_patches(hr, p, config.patches_per_step, generator)
-        if lam > 0:
+        if (warmup_lam if mean_phase else lam) > 0:
             wpp_term = prior.loss_and_ascend(patches, config.psi_passes)
         else:
             wpp_term = torch.zeros((), device=device)
-        if flow:
+        if mean_phase:
+            loss = data_term + warmup_lam * wpp_term
+            scaled = loss
+        elif flow:
             # backward KL per LR pixel: data/(2σ²) + ρ·W₂² − log|det|/n_LR
             entropy = logdet.mean() / float(batch.shape[2] * batch.shape[3])
             loss = data_term / two_sigma2 + lam * wpp_term - entropy
@@ -714,7 +767,7 @@ def train(
                 "learning rate or λ; checkpoints written before are kept"
             )
         scaled.backward()
-        if flow:
+        if flow and not mean_phase:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), FLOW_GRAD_CLIP)
             if not torch.isfinite(norm):
                 raise DivergenceError(
@@ -747,6 +800,7 @@ def train(
             fraction=budget.fraction(step),
             psnr=val_psnr,
             logdet=record.get("logdet"),
+            phase=("mean warm-up" if mean_phase else "spread") if warmup else None,
         )
         if config.preview_every and step % config.preview_every == 0:
             image = run_model(preview_t)[0, 0].cpu().numpy().astype(np.float32)

@@ -154,7 +154,8 @@ class TrainSettings:
         Model kind, one of :data:`napari_wpp.core.models.MODEL_KINDS`.
     lam
         Prior weight as text: empty for the default, ``"auto"``, or a number. For a WPPNet it
-        is λ (default: the paper rule), for a WPPFlow ρ (default 100).
+        is λ (default: the paper rule), for a WPPFlow ρ per LR pixel (default: the published
+        weighting 100 / (σ² · crop²), 1600 for σ = 0.01 and 25-pixel crops).
     budget, budget_unit
         How long to train: ``budget`` steps or minutes. Resume trains this much more.
     batch_size, crop_size, n_reference_patches
@@ -626,13 +627,15 @@ class TrainWidget(JobOwner, QWidget):
         self.session.events.model.connect(self._update_controls)
 
     def _on_model(self, kind: str) -> None:
-        """The prior weight is λ for a WPPNet and ρ (published units) for a WPPFlow."""
+        """The prior weight is λ for a WPPNet and ρ (per LR pixel) for a WPPFlow."""
         if kind == "wppflow":
             self.lam_label.setText("ρ")
-            self.lam_edit.setPlaceholderText("default 100")
+            self.lam_edit.setPlaceholderText("published: 100 / (σ² · crop²)")
             self.lam_edit.setToolTip(
                 "Weight ρ of the patch prior in the flow's loss per LR pixel: a number, "
-                "'auto' (the λ chosen on the reference divided by 2σ²), or empty for 100"
+                "'auto' (the λ chosen on the reference divided by 2σ²), or empty for the "
+                "published weighting, 100 per LR crop: 100 / (σ² · crop²) per LR pixel, 1600 "
+                "for σ = 0.01 and 25-pixel crops"
             )
         else:
             self.lam_label.setText("λ")
@@ -988,8 +991,9 @@ class TrainWidget(JobOwner, QWidget):
         self.plot.add(event.step, event.data_term, event.wpp_term)
         psnr = f" · PSNR {event.psnr:.2f} dB" if event.psnr is not None else ""
         stopping = " · stopping…" if self._stop.is_set() else ""
+        phase = f" · {event.phase}" if event.phase else ""
         self.status_label.setText(
-            f"Step {event.step} · data {event.data_term:.3e} · WPP {event.wpp_term:.3e} · "
+            f"Step {event.step}{phase} · data {event.data_term:.3e} · WPP {event.wpp_term:.3e} · "
             f"{event.elapsed_s:.0f} s{psnr}{stopping}"
         )
 

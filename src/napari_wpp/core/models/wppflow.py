@@ -57,6 +57,9 @@ __all__ = ["FLOW_SCALES", "WPPFlow", "aligned_upsample", "edge_gradient", "edge_
 
 #: Floor of ``log(|∇ mean| + floor)`` in the edge steps' condition (intensities in [0, 1]).
 EDGE_FLOOR = 1e-2
+#: Gain of the edge steps' subnets: with Adam at 1e-3 a stretch of e reaches about
+#: e^(4 · 0.25) within 250 steps (docs/algorithms.md, "Edge steps").
+EDGE_GAIN = 4.0
 
 #: Scales the flow supports (powers of two: one squeeze per factor 2).
 FLOW_SCALES = (2, 4, 8)
@@ -139,7 +142,11 @@ class WPPFlow(nn.Module):
         Spread of the samples around the mean at initialisation.
     edge_shifts
         Number of :class:`EdgeShift` steps after the final affine step (0: none, as in
-        model files written before they existed).
+        model files written before they existed). Their tile grids are offset by 0, ½, ¼
+        and ¾ of a tile, in turn.
+    edge_gain
+        :class:`EdgeShift` gain on its subnet's output (1 in model files written before it
+        existed).
     mean_features, mean_blocks
         Width and depth of the WPPNet that gives the mean.
     offset
@@ -160,6 +167,7 @@ class WPPFlow(nn.Module):
         sampling_offset: float | None = None,
         initial_std: float = 0.05,
         edge_shifts: int = 2,
+        edge_gain: float = EDGE_GAIN,
         mean_features: int = 64,
         mean_blocks: int = 10,
         offset: float = DEFAULT_OFFSET,
@@ -191,6 +199,7 @@ class WPPFlow(nn.Module):
             "sampling_offset": self.sampling_offset,
             "initial_std": float(initial_std),
             "edge_shifts": int(edge_shifts),
+            "edge_gain": float(edge_gain),
             "mean_features": int(mean_features),
             "mean_blocks": int(mean_blocks),
             "offset": float(offset),
@@ -219,7 +228,13 @@ class WPPFlow(nn.Module):
         self.final = ConditionalAffineInjector(1, cond_channels + 1, hidden, clamp)
         tile = min(4, self.scale)
         self.edge_steps = nn.ModuleList(
-            EdgeShift(cond_channels + 3, hidden, block=tile, offset=(i % 2) * (tile // 2))
+            EdgeShift(
+                cond_channels + 3,
+                hidden,
+                block=tile,
+                offset=(i % 2) * (tile // 2) + ((i // 2) % 2) * (tile // 4),
+                gain=edge_gain,
+            )
             for i in range(int(edge_shifts))
         )
         self.log_initial_std = math.log(initial_std)
