@@ -95,6 +95,25 @@ def test_prior_weight_is_lambda_for_a_net_and_rho_for_a_flow(setup) -> None:
     assert widget.lam_label.text() == "ρ" and "100" in widget.lam_edit.placeholderText()
 
 
+def test_mean_warmup_is_a_flow_setting(setup) -> None:
+    from napari_wpp.core import training
+    from napari_wpp.widgets import train as train_widget
+
+    assert train_widget.DEFAULT_MEAN_WARMUP == training.DEFAULT_MEAN_WARMUP
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    s = widget.settings
+    s.model = "wppnet"
+    assert widget.warmup_spin.isHidden() and widget.warmup_label.isHidden()
+    s.model = "wppflow"
+    assert not widget.warmup_spin.isHidden()
+    assert s.training_config().mean_warmup == training.DEFAULT_MEAN_WARMUP
+    widget.warmup_spin.setValue(0.5)  # the spin box drives the settings
+    assert s.mean_warmup == 0.5 and s.training_config().mean_warmup == 0.5
+    s.mean_warmup = 0.0  # and the settings the spin box
+    assert widget.warmup_spin.value() == 0.0 and widget.warmup_spin.text() == "none"
+
+
 def test_train_preview_plot_and_resume(setup, qtbot, tmp_path, errors) -> None:
     viewer, session = setup
     widget = _open_widget(viewer)

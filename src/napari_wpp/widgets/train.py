@@ -93,6 +93,8 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_CROP_SIZE = 25
 DEFAULT_REFERENCE_PATCHES = 5_000
 DEFAULT_PREVIEW_EVERY = 25
+#: WPPFlow's mean warm-up share (``core.training.DEFAULT_MEAN_WARMUP``, checked by a test).
+DEFAULT_MEAN_WARMUP = 0.3
 #: Minutes between two checkpoint files during a run (as ``napari-wpp train``).
 CHECKPOINT_MINUTES = 5.0
 #: Largest side (LR pixels) of the preview crop.
@@ -156,6 +158,9 @@ class TrainSettings:
         Prior weight as text: empty for the default, ``"auto"``, or a number. For a WPPNet it
         is λ (default: the paper rule), for a WPPFlow ρ per LR pixel (default: the published
         weighting 100 / (σ² · crop²), 1600 for σ = 0.01 and 25-pixel crops).
+    mean_warmup
+        WPPFlow: share of the budget that trains the mean network alone before the spread
+        (``napari-wpp train --mean-warmup``); ignored for a WPPNet.
     budget, budget_unit
         How long to train: ``budget`` steps or minutes. Resume trains this much more.
     batch_size, crop_size, n_reference_patches
@@ -179,6 +184,7 @@ class TrainSettings:
     lr_layer: str = _NONE
     model: str = "wppnet"
     lam: str = ""
+    mean_warmup: float = DEFAULT_MEAN_WARMUP
     budget: float = float(DEFAULT_STEPS)
     budget_unit: str = "steps"
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -239,6 +245,8 @@ class TrainSettings:
             "checkpoint_minutes": CHECKPOINT_MINUTES,
             "model_options": dict(self.model_options),
         }
+        if self.model == "wppflow":
+            options["mean_warmup"] = float(self.mean_warmup)
         options.update(self.config_overrides)
         try:
             return TrainingConfig(**options)
@@ -494,6 +502,17 @@ class TrainWidget(JobOwner, QWidget):
         self.lam_edit = QLineEdit()
         self.lam_label = QLabel("λ")
         form.addRow(self.lam_label, self.lam_edit)
+        self.warmup_spin = QDoubleSpinBox()
+        self.warmup_spin.setRange(0.0, 0.9)
+        self.warmup_spin.setSingleStep(0.05)
+        self.warmup_spin.setDecimals(2)
+        self.warmup_spin.setSpecialValueText("none")
+        self.warmup_spin.setToolTip(
+            "Share of the budget that trains the flow's mean network alone (as a WPPNet) "
+            "before it is frozen and the flow learns the spread around it"
+        )
+        self.warmup_label = QLabel("Mean warm-up")
+        form.addRow(self.warmup_label, self.warmup_spin)
         budget_row = QHBoxLayout()
         self.budget_spin = QDoubleSpinBox()
         self.budget_spin.setRange(0.1, 1e7)
@@ -610,6 +629,7 @@ class TrainWidget(JobOwner, QWidget):
         self._bind_combo(self.budget_unit_combo, "budget_unit")
         self._bind_combo(self.device_combo, "device")
         self._bind_spin(self.budget_spin, "budget")
+        self._bind_spin(self.warmup_spin, "mean_warmup")
         self._bind_spin(self.batch_spin, "batch_size")
         self._bind_spin(self.crop_spin, "crop_size")
         self._bind_spin(self.patches_spin, "n_reference_patches")
@@ -628,6 +648,8 @@ class TrainWidget(JobOwner, QWidget):
 
     def _on_model(self, kind: str) -> None:
         """The prior weight is λ for a WPPNet and ρ (per LR pixel) for a WPPFlow."""
+        self.warmup_label.setVisible(kind == "wppflow")
+        self.warmup_spin.setVisible(kind == "wppflow")
         if kind == "wppflow":
             self.lam_label.setText("ρ")
             self.lam_edit.setPlaceholderText("published: 100 / (σ² · crop²)")
