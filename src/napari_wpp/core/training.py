@@ -665,7 +665,12 @@ def train(
         use_amp = native_bf16(device)
     else:
         use_amp = config.mixed_precision == "bf16"
-    if device.type == "cpu":  # faster convolutions (the flow's blocks stay as they are)
+    # WPPFlow phases: the mean network alone until `warmup` of the budget, then the spread.
+    # Channels-last convolutions are faster on CPUs for the WPPNet being trained (the flow's
+    # mean network during its warm-up); the flow's other blocks run faster without.
+    warmup = config.mean_warmup if flow and config.mean_warmup > 0 else 0.0
+    channels_last = device.type == "cpu" and (not flow or (bool(warmup) and not mean_frozen))
+    if channels_last:
         (model.mean_net if flow else model).to(memory_format=torch.channels_last)
     budget = Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before)
     now = budget.elapsed
@@ -698,8 +703,6 @@ def train(
     stopped_early = False
     last_checkpoint = time.perf_counter()
     model.train()
-    # WPPFlow phases: the mean network alone until `warmup` of the budget, then the spread
-    warmup = config.mean_warmup if flow and config.mean_warmup > 0 else 0.0
     if mean_frozen:
         model.mean_net.requires_grad_(False)
     while not budget.exhausted(step):
@@ -711,6 +714,8 @@ def train(
         if warmup and not mean_phase and not mean_frozen:
             mean_frozen = True
             model.mean_net.requires_grad_(False)
+            if channels_last:
+                model.mean_net.to(memory_format=torch.contiguous_format)
         if mean_phase:
             factor = cosine_factor(fraction / warmup, FINAL_LR_FRACTION)
         else:

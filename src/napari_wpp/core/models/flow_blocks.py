@@ -390,9 +390,9 @@ class EdgeShift(FlowBlock):
     ``x_b = y_b − Q_bᵀ Γ_b (I + Q_b Q_bᵀ Γ_b)⁻¹ Q_b y_b``. ``c_b`` (five values per tile) is
     ``gain`` times the tile mean of a zero-initialised subnet of the whole condition,
     soft-clamped to ``±clamp``: the identity at initialisation; training decides how far each
-    tile's edge varies. The gain lets Adam, whose steps are bounded by its learning rate,
-    reach stretches of several times within a few hundred steps (as Glow's zero-initialised
-    convolutions scale their output).
+    tile's edge varies. The gain keeps Adam's step bound (about its learning rate per
+    step on the last bias) from limiting ``c``, as Glow scales the output of its
+    zero-initialised convolutions.
 
     Parameters
     ----------

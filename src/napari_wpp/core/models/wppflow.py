@@ -57,8 +57,8 @@ __all__ = ["FLOW_SCALES", "WPPFlow", "aligned_upsample", "edge_gradient", "edge_
 
 #: Floor of ``log(|∇ mean| + floor)`` in the edge steps' condition (intensities in [0, 1]).
 EDGE_FLOOR = 1e-2
-#: Gain of the edge steps' subnets: with Adam at 1e-3 a stretch of e reaches about
-#: e^(4 · 0.25) within 250 steps (docs/algorithms.md, "Edge steps").
+#: Gain of the edge steps' subnets, so that their stretches are not held back by Adam's step
+#: bound on the last bias (docs/algorithms.md, "Edge steps").
 EDGE_GAIN = 4.0
 
 #: Scales the flow supports (powers of two: one squeeze per factor 2).
