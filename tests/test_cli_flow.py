@@ -157,6 +157,28 @@ def test_train_a_flow_with_rho_and_noise(
     assert ["logdet" in record for record in meta["history"]] == [False, True]
 
 
+def test_resuming_a_flow_saved_before_the_warmup_refuses_a_warmup(
+    capsys, tmp_path: Path, files: dict[str, Path], tiny_training: None
+) -> None:
+    """A flow file without ``mean_warmup`` trained everything together: it resumes that way."""
+    out = tmp_path / "flow.safetensors"
+    code, _, err = _train(
+        capsys, files, out, "--model", "wppflow", "--scale", 2, "--steps", 1, "--mean-warmup", 0
+    )
+    assert code == 0, err
+    state = io.load_model(out)
+    del state.config["mean_warmup"]  # as written before the warm-up existed
+    old = io.save_model(tmp_path / "old.safetensors", state)
+    assert_bad_input(
+        *_train(capsys, files, out, "--resume", old, "--steps", 2, "--mean-warmup", 0.3),
+        "--mean-warmup 0.3",
+        "0.0",
+    )
+    code, _, err = _train(capsys, files, out, "--resume", old, "--steps", 2)
+    assert code == 0, err
+    assert "(spread)" not in err and "(mean warm-up)" not in err
+
+
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [

@@ -1283,7 +1283,9 @@ def _resume_operator(args: argparse.Namespace, state: Any, name: str) -> Any:
 
 def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> None:
     """Refuse training settings that differ from the resumed run's (they would be ignored)."""
-    saved = state.config or {}
+    saved = dict(state.config or {})
+    if state.kind == "wppflow":
+        saved.setdefault("mean_warmup", 0.0)  # flows saved before the warm-up trained jointly
     flags = (
         ("--batch-size", "batch_size", args.batch_size),
         ("--crop-size", "crop_size", args.crop_size),

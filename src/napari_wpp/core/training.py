@@ -667,7 +667,8 @@ def train(
         use_amp = config.mixed_precision == "bf16"
     # WPPFlow phases: the mean network alone until `warmup` of the budget, then the spread.
     # Channels-last convolutions are faster on CPUs for the WPPNet being trained (the flow's
-    # mean network during its warm-up); the flow's other blocks run faster without.
+    # mean network during its warm-up); a frozen mean network returns to the default layout
+    # that the flow's other blocks and inference use.
     warmup = config.mean_warmup if flow and config.mean_warmup > 0 else 0.0
     channels_last = device.type == "cpu" and (not flow or (bool(warmup) and not mean_frozen))
     if channels_last:
