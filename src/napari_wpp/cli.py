@@ -1283,9 +1283,10 @@ def _resume_operator(args: argparse.Namespace, state: Any, name: str) -> Any:
 
 def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> None:
     """Refuse training settings that differ from the resumed run's (they would be ignored)."""
-    saved = dict(state.config or {})
-    if state.kind == "wppflow":
-        saved.setdefault("mean_warmup", 0.0)  # flows saved before the warm-up trained jointly
+    from napari_wpp.core.training import saved_config
+
+    saved = state.config or {}
+    effective = saved_config(state)
     flags = (
         ("--batch-size", "batch_size", args.batch_size),
         ("--crop-size", "crop_size", args.crop_size),
@@ -1295,10 +1296,11 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
         ("--seed", "seed", args.seed),
     )
     for flag, key, value in flags:
-        if value is not None and key in saved and value != saved[key]:
+        if value is not None and value != getattr(effective, key):
             raise InputError(
-                f"{flag} {value} differs from the resumed run's {saved[key]}: drop {flag} "
-                "(a resumed run keeps its settings) or train a new model without --resume"
+                f"{flag} {value} differs from the resumed run's {getattr(effective, key)}: "
+                f"drop {flag} (a resumed run keeps its settings) or train a new model without "
+                "--resume"
             )
     if args.model is not None and args.model != state.kind:
         raise InputError(

@@ -222,6 +222,18 @@ class TrainingState:
     mean_frozen: bool = False
 
 
+def saved_config(state: TrainingState) -> TrainingConfig:
+    """The configuration a resumed run goes on with (settings absent from older files
+    take the value those files were trained with: no mean warm-up)."""
+    return TrainingConfig(
+        **{
+            "mean_warmup": 0.0,  # runs saved before the warm-up existed trained jointly
+            **state.config,
+            "model_options": state.config.get("model_options", {}),
+        }
+    )
+
+
 @dataclass
 class TrainingProgress:
     """Emitted after every step (``psnr`` only on validation steps).
@@ -529,13 +541,7 @@ def train(
     """
     config = config or TrainingConfig()
     if resume is not None:
-        saved = TrainingConfig(
-            **{
-                "mean_warmup": 0.0,  # runs saved before the warm-up existed trained jointly
-                **resume.config,
-                "model_options": resume.config.get("model_options", {}),
-            }
-        )
+        saved = saved_config(resume)
         for name in (
             "steps",
             "minutes",
@@ -732,17 +738,17 @@ def train(
             batch = batch.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         logdet = None
-        if mean_phase:
+        # a WPPNet, or the flow's mean network during its warm-up, trains with the WPPNet loss
+        wppnet_loss = mean_phase or not flow
+        weight = warmup_lam if mean_phase else lam
+        if wppnet_loss:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                hr = model.mean_net(batch)
-        elif flow:
+                hr = (model.mean_net if mean_phase else model)(batch)
+        else:
             z = torch.randn(
                 (batch.shape[0], 1, batch.shape[2] * q, batch.shape[3] * q), generator=generator
             ).to(device)
             hr, logdet = model(z, batch)
-        else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                hr = model(batch)
         hr = hr.float()
         lr_hat = op(hr)
         inner = (
@@ -752,28 +758,25 @@ def train(
         )
         data_term = torch.mean((lr_hat[inner] - batch[inner]) ** 2)
         patches = strided_patches(hr, p, config.patches_per_step, generator)
-        if (warmup_lam if mean_phase else lam) > 0:
+        if weight > 0:
             wpp_term = prior.loss_and_ascend(patches, config.psi_passes)
         else:
             wpp_term = torch.zeros((), device=device)
-        if mean_phase:
-            loss = data_term + warmup_lam * wpp_term
+        if wppnet_loss:
+            loss = data_term + weight * wpp_term
             scaled = loss
-        elif flow:
+        else:
             # backward KL per LR pixel: data/(2σ²) + ρ·W₂² − log|det|/n_LR
             entropy = logdet.mean() / float(batch.shape[2] * batch.shape[3])
             loss = data_term / two_sigma2 + lam * wpp_term - entropy
             scaled = loss * two_sigma2  # WPPNet units: same step sizes, same clipping bound
-        else:
-            loss = data_term + lam * wpp_term
-            scaled = loss
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"training diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
                 "learning rate or λ; checkpoints written before are kept"
             )
         scaled.backward()
-        if flow and not mean_phase:
+        if not wppnet_loss:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), FLOW_GRAD_CLIP)
             if not torch.isfinite(norm):
                 raise DivergenceError(
