@@ -252,6 +252,43 @@ def test_state_dict_resume_is_identical() -> None:
         )
 
 
+class _OtherRank:
+    """A second rank's sum for ``reduce_sum``: its own patches, the same ψ (in-process)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.prior: WassersteinPatchPrior | None = None
+        self.idx = torch.empty(0, dtype=torch.int64)
+
+    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        assert self.prior is not None
+        if local.dtype == torch.int64:  # the counts come first in every pass
+            self.idx = c_transform_argmin(self.x, self.y, self.prior.psi)
+            return local + torch.bincount(self.idx, minlength=self.y.shape[0])
+        diff = self.x - self.y[self.idx]
+        mine = torch.stack([torch.tensor(float(self.x.shape[0])), (diff * diff).sum(1).sum()])
+        return local + mine.double()
+
+
+@pytest.mark.parametrize("solver", ["adam", "asgd", "gd"])
+def test_reduce_sum_gives_the_step_of_all_ranks_patches(solver: str) -> None:
+    """With a rank sum, ψ follows the trajectory of one process holding every rank's patches."""
+    x, y, _ = _random(90, 40, 5, seed=4)
+    x_other = _random(70, 40, 5, seed=5)[0]
+    single = WassersteinPatchPrior(y, solver=solver, scale_momentum=0.1)
+    other = _OtherRank(x_other, y)
+    ranked = WassersteinPatchPrior(y, solver=solver, scale_momentum=0.1, reduce_sum=other)
+    other.prior = ranked
+    assert ranked.ascend(x, 3) == pytest.approx(single.ascend(torch.cat([x, x_other]), 3))
+    single.loss_and_ascend(torch.cat([x, x_other]), 2)
+    ranked.loss_and_ascend(x, 2)
+    torch.testing.assert_close(ranked.psi, single.psi, rtol=1e-5, atol=1e-7)
+    alone = WassersteinPatchPrior(y, solver=solver, scale_momentum=0.1)
+    alone.ascend(x, 3)
+    alone.loss_and_ascend(x, 2)
+    assert not torch.allclose(alone.psi, single.psi, rtol=1e-3, atol=1e-5)
+
+
 def test_asgd_matches_torch_optim_asgd() -> None:
     """The 'asgd' solver reproduces torch.optim.ASGD(lr=1) on the semi-dual loss."""
     x, y, _ = _random(100, 60, 4, seed=10)

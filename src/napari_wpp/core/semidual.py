@@ -72,7 +72,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -1040,6 +1040,13 @@ class WassersteinPatchPrior:
         A number m in (0, 1]: the scale follows the mean assigned cost as an exponential
         average with weight m, for generated patches that change a lot (network training,
         where the first outputs are far from the reference).
+    reduce_sum
+        ``None`` (default) for one process. Under data parallelism (each rank holds its own
+        generated patches, the reference patches, ψ and the solver state replicated): a
+        function that sums a tensor over all ranks (an all-reduce) and returns the sum. Every
+        pass sums the integer argmin counts, the number of patches and the cost sums with it,
+        so every rank applies the identical ψ step, the one of a single process holding all
+        ranks' patches.
     **solver_options
         Hyper-parameters of the solver (``lr``, ``beta1``, ``beta2``, ``eps`` for adam;
         ``lr``, ``lambd``, ``alpha``, ``t0`` for asgd; ``lr`` for gd).
@@ -1050,11 +1057,13 @@ class WassersteinPatchPrior:
         reference_patches: Tensor,
         solver: str = "adam",
         scale_momentum: float | None = None,
+        reduce_sum: Callable[[Tensor], Tensor] | None = None,
         **solver_options: float,
     ):
         if scale_momentum is not None and not 0.0 < scale_momentum <= 1.0:
             raise InputError(f"scale momentum {scale_momentum} is invalid: use a value in (0, 1]")
         self.scale_momentum = scale_momentum
+        self.reduce_sum = reduce_sum
         if solver not in _SOLVER_DEFAULTS:
             names = ", ".join(_SOLVER_DEFAULTS)
             raise InputError(f"unknown psi solver {solver!r}: use one of {names}")
@@ -1163,20 +1172,41 @@ class WassersteinPatchPrior:
 
     def _pass(self, x: Tensor, tracker: _PassTracker | None = None) -> tuple[float, Tensor]:
         """One c-transform over all patches: semi-dual value and ascent direction ∇ψ."""
-        n, m = x.shape[0], self.reference.shape[0]
         idx = self._argmin(x, tracker)
         diff = x - self.reference[idx]
-        vals = (diff * diff).sum(1) - self.psi[idx]
-        counts = torch.bincount(idx, minlength=m).to(torch.float32)
-        value = float(vals.double().mean() + self.psi.double().mean())
+        costs = (diff * diff).sum(1)
+        counts, n, cost_sum = self._global_counts(idx, costs)
+        value = self._semidual_value(counts, n, cost_sum)
+        self._update_scale(value, cost_sum / n)
+        return value, self._ascent_direction(counts, n)
+
+    def _semidual_value(self, counts: Tensor, n: float, cost_sum: float) -> float:
+        """``mean_j (c_j − ψ_κ(j)) + mean_k ψ_k`` from the counts and the cost sum."""
+        psi_sum = float((counts.double() * self.psi.double()).sum())
+        return (cost_sum - psi_sum) / n + float(self.psi.double().mean())
+
+    def _update_scale(self, value: float, mean_cost: float) -> None:
+        """Cost scale of the adam/gd steps: fixed at the first value, or tracked."""
         if float(self._state["scale"]) <= 0.0:
-            # cost scale: the semi-dual value at the first call (mean nearest-neighbour cost
-            # when psi = 0), floored to stay positive
+            # the semi-dual value at the first call (mean nearest-neighbour cost when
+            # psi = 0), floored to stay positive
             self._state["scale"] = torch.tensor(max(abs(value), 1e-12), dtype=torch.float64)
         elif self.scale_momentum is not None:
-            self._track_scale(float((vals + self.psi[idx]).double().mean()))
-        grad = 1.0 / m - counts / n
-        return value, grad
+            self._track_scale(mean_cost)
+
+    def _global_counts(self, idx: Tensor, costs: Tensor) -> tuple[Tensor, float, float]:
+        """Argmin counts (M,), number of patches and sum of assigned costs, over all ranks."""
+        counts = torch.bincount(idx, minlength=self.reference.shape[0])
+        size = torch.tensor(float(idx.shape[0]), dtype=torch.float64, device=costs.device)
+        sums = torch.stack([size, costs.double().sum()])
+        if self.reduce_sum is not None:
+            counts, sums = self.reduce_sum(counts), self.reduce_sum(sums)
+        n, cost_sum = (float(v) for v in sums)
+        return counts, n, cost_sum
+
+    def _ascent_direction(self, counts: Tensor, n: float) -> Tensor:
+        """∇ψ of the semi-dual objective: ``1/M − counts/N``."""
+        return 1.0 / counts.shape[0] - counts.to(torch.float32) / n
 
     def _track_scale(self, mean_cost: float) -> None:
         m = float(self.scale_momentum)  # type: ignore[arg-type]
@@ -1255,7 +1285,6 @@ class WassersteinPatchPrior:
         if int(passes) != passes or passes < 1:
             raise InputError(f"number of psi passes {passes} is invalid: use a positive integer")
         self._check_patches(patches)
-        m = self.reference.shape[0]
         x = patches.detach().to(torch.float32)
         tracker = self._tracker(x, int(passes))  # shared by the ascent and the loss pass
         if passes > 1:
@@ -1268,14 +1297,9 @@ class WassersteinPatchPrior:
         psi = self.psi.to(patches.dtype)
         loss = (diff * diff).sum(1).mean() - psi[idx].mean() + psi.mean()
         with torch.no_grad():
-            if float(self._state["scale"]) <= 0.0:
-                self._state["scale"] = torch.tensor(
-                    max(abs(float(loss.detach())), 1e-12), dtype=torch.float64
-                )
-            elif self.scale_momentum is not None:
-                self._track_scale(float((diff.detach() ** 2).sum(1).double().mean()))
-            counts = torch.bincount(idx, minlength=m).to(torch.float32)
-            self._step(1.0 / m - counts / patches.shape[0])
+            counts, n, cost_sum = self._global_counts(idx, (diff.detach().float() ** 2).sum(1))
+            self._update_scale(self._semidual_value(counts, n, cost_sum), cost_sum / n)
+            self._step(self._ascent_direction(counts, n))
         return loss
 
     def value(self, patches: Tensor) -> float:
