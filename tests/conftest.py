@@ -15,7 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def shared_data() -> Path:
     """Folder of the real test data (``../shared/data``); skips the test when absent."""
     if not (SHARED_DATA / "sic").is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (see DESIGN.md: ../shared/data)")
+        pytest.skip(f"real data not found at {SHARED_DATA} (its README lists the files)")
     return SHARED_DATA
 
 

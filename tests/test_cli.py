@@ -272,7 +272,7 @@ def test_estimate_operator_on_registered_sandstone_pair(
     )
     assert code == 0, err
     payload = json.loads(stdout)
-    # Published estimate (REFERENCE.md §2): kernel sum 1.7735, bias -0.22338, residual 0.0232.
+    # Published estimate (../shared/data/README.md): sum 1.7735, bias -0.22338, residual 0.0232.
     assert payload["kernel_sum"] == pytest.approx(1.7735, abs=0.01)
     assert payload["bias"] == pytest.approx(-0.22338, abs=0.005)
     assert payload["residual_rms"] == pytest.approx(0.0232, abs=0.002)

@@ -111,7 +111,10 @@ def test_bad_inputs_raise_one_line(pred: np.ndarray, truth: np.ndarray, crop: in
 
 @pytest.mark.realdata
 def test_known_answers_on_sic(shared_file) -> None:
-    """REFERENCE.md: truth blur effect 0.321; bicubic x4 18.48 dB unaligned, 25.22 dB rolled."""
+    """Known answers (../shared/data/README.md, published tables).
+
+    Truth blur effect 0.321; bicubic x4 18.48 dB unaligned, 25.22 dB rolled.
+    """
     torch = pytest.importorskip("torch")
     import imageio.v3 as iio
 

@@ -16,7 +16,7 @@ from napari_wpp.core.models.wppnet import (
 
 
 def expected_parameters(scale: int, features: int = 64, blocks: int = 10) -> int:
-    """Count from the architecture description (REFERENCE.md §4), layer by layer."""
+    """Count from the architecture (WPPNets paper, docs/algorithms.md), layer by layer."""
     block = 15 * features * features  # 1×3 + 3×1 + 3×3 without bias
     count = 15 * features + (blocks - 1) * block
     factors = {2: [2], 3: [3], 4: [2, 2], 6: [2, 3], 8: [2, 2, 2]}[scale]
@@ -33,7 +33,7 @@ def test_parameter_count_matches_the_architecture(scale: int) -> None:
 
 
 def test_published_sizes() -> None:
-    # REFERENCE.md: about 1.07 M at ×4, 0.92 M at ×2, 1.26 M at ×6
+    # the WPPNets paper: about 1.07 M at ×4, 0.92 M at ×2, 1.26 M at ×6
     assert round(count_parameters(WPPNet(4)) / 1e6, 2) == 1.07
     assert round(count_parameters(WPPNet(2)) / 1e6, 2) == 0.92
     assert round(count_parameters(WPPNet(6)) / 1e6, 2) == 1.26

@@ -1,4 +1,4 @@
-"""Invertible building blocks of a conditional normalizing flow (WPPFlow, REFERENCE.md §4).
+"""Invertible building blocks of a conditional normalizing flow (WPPFlow; docs/algorithms.md).
 
 Every block is a :class:`torch.nn.Module` acting on tensors of shape ``(B, C, H, W)`` with
 

@@ -1,4 +1,6 @@
-"""WPPFlow: a conditional normalizing flow ``x = T(z; y)`` for posterior sampling (REFERENCE.md §4).
+"""WPPFlow: a conditional normalizing flow ``x = T(z; y)`` for posterior sampling.
+
+After Altekrüger & Hertrich 2023 (see docs/algorithms.md, WPPFlow).
 
 The latent ``z`` has the HR image's size (one channel, ``q·h × q·w`` for an ``h × w`` LR image
 ``y``). The flow runs coarse to fine, in the generative direction ``z → x``:

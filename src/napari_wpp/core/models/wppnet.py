@@ -1,6 +1,7 @@
 """WPPNet: the asymmetric CNN of the WPPNets paper (after ACNet, cut to ten blocks).
 
-Architecture (REFERENCE.md §4), for one-channel images at integer scales 2, 3, 4, 6, 8:
+Architecture (Altekrüger & Hertrich 2023; docs/algorithms.md, WPPNet), for one-channel
+images at integer scales 2, 3, 4, 6, 8:
 
 * ten *asymmetric blocks*: each sums a 1×3, a 3×1 and a 3×3 convolution (64 channels, no bias)
   of the previous block's activation, then applies a ReLU;
