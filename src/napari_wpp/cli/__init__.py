@@ -1,0 +1,131 @@
+"""Command line interface: ``napari-wpp <subcommand> ...``.
+
+One module per subcommand (``add_parser`` adds its options, its handler runs it); what they
+share (exit codes, argument types, the error contract, progress, reading and writing) is in
+:mod:`napari_wpp.cli._common`. Every subcommand validates its input before doing any work,
+prints results on stdout (one JSON object with ``--json``), progress on stderr, and exits with
+
+* 0 on success,
+* 2 on bad input (one ``error: ...`` line on stderr that names the fix),
+* 1 on an unexpected failure (one ``error: ...`` line; ``--debug`` shows the traceback),
+* 130 when interrupted before anything could be saved.
+
+Heavy modules (torch, the core, file formats) are imported inside the subcommands so that
+``napari-wpp --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from napari_wpp import __version__
+from napari_wpp.cli import (
+    degrade,
+    demo,
+    estimate_operator,
+    evaluate,
+    predict,
+    reconstruct,
+    train,
+)
+from napari_wpp.cli._common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PROG,
+    _fail,
+    _one_line,
+    _Parser,
+    _ProgressBar,
+)
+from napari_wpp.cli.evaluate import normalise_for_evaluation
+from napari_wpp.cli.train import (
+    DEFAULT_MEAN_WARMUP,
+    DEFAULT_NOISE_STD,
+    PUBLISHED_RHO_PER_CROP,
+    TRAIN_DEFAULTS,
+    TRAINABLE_MODELS,
+)
+from napari_wpp.core.errors import DivergenceError, InputError
+
+__all__ = [
+    "DEFAULT_MEAN_WARMUP",
+    "DEFAULT_NOISE_STD",
+    "PUBLISHED_RHO_PER_CROP",
+    "TRAINABLE_MODELS",
+    "TRAIN_DEFAULTS",
+    "build_parser",
+    "main",
+    "normalise_for_evaluation",
+    "_ProgressBar",
+]
+
+#: The subcommands, in the order of ``napari-wpp --help``.
+SUBCOMMANDS = (degrade, estimate_operator, reconstruct, train, predict, evaluate, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``napari-wpp`` argument parser with all subcommands."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of unexpected errors",
+    )
+    parser = _Parser(
+        prog=PROG,
+        description="Superresolution of material scans with Wasserstein Patch Priors.",
+        epilog=f"Run '{PROG} <command> --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of unexpected errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub.required = True
+    for command in SUBCOMMANDS:
+        command.add_parser(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except InputError as exc:
+        if debug:
+            raise
+        _fail(str(exc))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+    except DivergenceError as exc:
+        if debug:
+            raise
+        _fail(str(exc))
+        return EXIT_FAILURE
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory: use a smaller image, fewer reference patches or a larger machine")
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 -- last resort: one line, never a traceback
+        if debug:
+            raise
+        _fail(
+            f"unexpected {type(exc).__name__}: {_one_line(str(exc)) or 'no message'} "
+            f"(rerun with --debug for the traceback and report it)"
+        )
+        return EXIT_FAILURE

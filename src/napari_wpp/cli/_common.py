@@ -1,0 +1,515 @@
+"""What the subcommands share.
+
+Exit codes, argument types, the error contract, progress bars, reading inputs and writing
+outputs atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from napari_wpp.core.errors import InputError
+
+PROG = "napari-wpp"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one ``error: ...`` line (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 (argparse API)
+        sys.stderr.write(f"error: {_one_line(message)} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _scale(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"scale must be an integer ≥ 2, got {text!r}: use e.g. --scale 4"
+        ) from None
+    if not value.is_integer() or value < 2:
+        raise argparse.ArgumentTypeError(
+            f"scale must be an integer ≥ 2, got {text}: use e.g. --scale 2, 3, 4, 6 or 8"
+        )
+    return int(value)
+
+
+def _number(kind: type, minimum: float, inclusive: bool, hint: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and enforces a lower bound."""
+    bound = f"≥ {minimum:g}" if inclusive else f"> {minimum:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {bound}, "
+                f"got {text!r}: {hint}"
+            ) from None
+        ok = value >= minimum if inclusive else value > minimum
+        if not ok or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}: {hint}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_sigma = _number(float, 0.0, False, "the blur width σ in HR pixels, e.g. --sigma 2")
+
+
+_lambda = _number(float, 0.0, True, "e.g. --lambda 0.02")
+_noise = _number(float, 0.0, True, "the noise std on the [0, 1] scale, e.g. --noise 0.01")
+
+
+_minutes = _number(float, 0.0, False, "e.g. --minutes 2")
+
+
+_iterations = _number(int, 1, True, "e.g. --iterations 300")
+
+
+_kernel = _number(int, 1, True, "e.g. --kernel-size 16")
+
+
+_crop = _number(int, 0, True, "the border to ignore in pixels, e.g. --crop 40")
+
+
+_seed = _number(int, 0, True, "e.g. --seed 0")
+
+
+_positive = {
+    name: _number(int, 1, True, f"e.g. {name} {value}")
+    for name, value in (
+        ("--batch-size", 8),
+        ("--crop-size", 25),
+        ("--reference-patches", 5000),
+        ("--psi-passes", 2),
+        ("--tile", 256),
+        ("--samples", 8),
+    )
+}
+
+
+def _add_operator_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "forward operator", "either --operator OP.json or --scale (with --sigma)"
+    )
+    group.add_argument(
+        "--operator", metavar="OP.json", help="operator JSON (from estimate-operator)"
+    )
+    group.add_argument(
+        "--scale", type=_scale, metavar="Q", help="integer downsampling factor q ≥ 2"
+    )
+    group.add_argument(
+        "--sigma",
+        type=_sigma,
+        metavar="S",
+        help="Gaussian blur σ in HR pixels (default q/2: 2 for ×4, 3 for ×6, 4 for ×8)",
+    )
+    group.add_argument(
+        "--kernel-size", type=_kernel, default=16, metavar="K", help="kernel side (default 16)"
+    )
+    group.add_argument(
+        "--anchor",
+        choices=("center", "corner"),
+        default="center",
+        help="kernel anchoring; 'corner' reproduces the published data (default center)",
+    )
+    group.add_argument(
+        "--padding",
+        choices=("circular", "reflect", "zeros"),
+        default="circular",
+        help="border handling of the blur (default circular)",
+    )
+
+
+def _fail(message: str) -> None:
+    _end_progress_line()
+    sys.stderr.write(f"error: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become ``None`` (strict JSON has no inf/nan)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    """Print the result: ``payload`` as one JSON object with ``--json``, else ``text``."""
+    _end_progress_line()
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(_jsonable(payload)) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+_open_bar: _ProgressBar | None = None
+
+
+def _end_progress_line() -> None:
+    if _open_bar is not None:
+        _open_bar.close()
+
+
+class _ProgressBar:
+    """A text progress bar on stderr.
+
+    On a terminal it redraws one line (``\\r``); otherwise it prints a line at every tenth of
+    the work and at most every ``interval_s`` seconds in between.
+    """
+
+    def __init__(self, label: str, width: int = 24, interval_s: float = 60.0) -> None:
+        self.label = label
+        self.width = width
+        self.interval_s = interval_s
+        self.stream = sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.start = time.perf_counter()
+        self._last_draw = -math.inf
+        self._last_tenth = -1
+        self._drawn = False
+        self._width_drawn = 0
+        global _open_bar
+        _open_bar = self
+
+    def update(self, fraction: float, detail: str = "") -> None:
+        """Show ``fraction`` (0..1) of the work done and a short ``detail``."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if self.tty:
+            if now - self._last_draw < 0.1 and fraction < 1.0:
+                return
+            filled = int(round(fraction * self.width))
+            bar = "#" * filled + "-" * (self.width - filled)
+            line = f"{self.label} [{bar}] {100 * fraction:3.0f}% {detail} {elapsed:.0f}s"
+            line = line[:160]
+            self.stream.write("\r" + line.ljust(self._width_drawn))
+            self._width_drawn = len(line)
+            self._drawn = True
+        else:
+            tenth = int(fraction * 10)
+            if tenth <= self._last_tenth and now - self._last_draw < self.interval_s:
+                return
+            self._last_tenth = max(tenth, self._last_tenth)
+            self.stream.write(f"{self.label}: {100 * fraction:3.0f}% {detail} {elapsed:.0f}s\n")
+        self._last_draw = now
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar (a newline on a terminal)."""
+        global _open_bar
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._drawn = False
+        if _open_bar is self:
+            _open_bar = None
+
+
+def _check_output(
+    path_text: str, what: str = "output", suffixes: tuple[str, ...] = (".tif", ".tiff")
+) -> Path:
+    """Validate an output file path (folder exists, file type) before any work is done."""
+    path = Path(path_text).expanduser()
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InputError(
+            f"{what} {path_text!r} must end in {' or '.join(suffixes)}: e.g. "
+            f"{path.with_suffix(suffixes[0]).name}"
+        )
+    if path.is_dir():
+        raise InputError(f"{what} {path_text!r} is a folder: give a file name, e.g. {path}/out.tif")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(
+            f"{what} folder {str(parent)!r} does not exist: create it first or choose another path"
+        )
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{what} folder {str(parent)!r} is not writable: choose another path")
+    return path
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, so no half-written ``path`` remains."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {str(path)!r} ({_one_line(str(exc))}): check the path"
+        ) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:
+    """Read and check an image: it exists, is readable, has a supported shape, is finite."""
+    import numpy as np
+
+    from napari_wpp.io import read_image
+
+    ndims = tuple(ndims)
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise InputError(f"{what} {path_text!r} does not exist: check the path")
+    if path.is_dir():
+        raise InputError(f"{what} {path_text!r} is a folder: give an image file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {path_text!r} is not readable: check its permissions")
+    try:
+        data = read_image(path)
+    except InputError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, EOFError) as exc:
+        raise InputError(
+            f"cannot read {what} {path_text!r} ({type(exc).__name__}: {_one_line(str(exc))[:120]})"
+            ": give a TIFF or PNG image"
+        ) from exc
+    array = np.asarray(data.array)
+    if array.dtype.kind not in "uif":
+        raise InputError(
+            f"{what} {path_text!r} has dtype {array.dtype}: give a grayscale integer or float image"
+        )
+    if array.ndim not in ndims:
+        colour = array.ndim == 3 and array.shape[-1] in (3, 4) and 3 not in ndims
+        wanted = " or ".join(f"{n}D" for n in ndims)
+        raise InputError(
+            f"{what} {path_text!r} has shape {array.shape} ({array.ndim}D) but {wanted} is needed"
+            + (
+                ": convert colour images to grayscale"
+                if colour
+                else ": give a single-channel image"
+            )
+        )
+    if min(array.shape) < 1:
+        raise InputError(f"{what} {path_text!r} is empty (shape {array.shape}): give an image")
+    return data  # NaN/Inf pixels are refused by read_image
+
+
+def _operator_from_args(args: argparse.Namespace) -> Any:
+    """The forward operator from ``--operator`` or ``--scale/--sigma/...``."""
+    from napari_wpp.core.operators import GaussianDownsampling
+    from napari_wpp.io import read_operator
+
+    if args.operator is not None:
+        if args.scale is not None or args.sigma is not None:
+            raise InputError("give either --operator OP.json or --scale/--sigma, not both")
+        path = Path(args.operator).expanduser()
+        if not path.is_file():
+            raise InputError(f"operator file {args.operator!r} does not exist: check the path")
+        try:
+            operator = read_operator(path)
+        except InputError as exc:
+            message = str(exc)
+            if path.name not in message:
+                message = f"operator file {args.operator!r}: {message}"
+            raise InputError(message) from exc
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise InputError(
+                f"operator file {args.operator!r} is not a valid operator JSON "
+                f"({type(exc).__name__}: {_one_line(str(exc))[:120]}): write one with "
+                f"'{PROG} estimate-operator' or use --scale/--sigma"
+            ) from exc
+        scale = getattr(operator, "scale", None)
+        if not isinstance(scale, int) or scale < 2:
+            raise InputError(
+                f"operator file {args.operator!r} has scale {scale!r}: the scale must be an "
+                "integer ≥ 2"
+            )
+        return operator
+    if args.scale is None:
+        raise InputError("no forward operator: give --operator OP.json or --scale Q [--sigma S]")
+    sigma = args.sigma if args.sigma is not None else args.scale / 2.0
+    try:
+        return GaussianDownsampling(
+            args.scale,
+            sigma,
+            kernel_size=args.kernel_size,
+            anchor=args.anchor,
+            padding=args.padding,
+        )
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"invalid operator parameters: {_one_line(str(exc))}") from exc
+
+
+def _scaled_pixel_size(pixel_size: Any, factor: float, ndim: int) -> Any:
+    """Pixel size with its in-plane (last two) axes multiplied by ``factor``."""
+    if pixel_size is None:
+        return None
+    if isinstance(pixel_size, (int, float)):
+        return float(pixel_size) * factor
+    values = [float(v) for v in pixel_size]
+    n = min(2, len(values))
+    return type(pixel_size)(values[:-n] + [v * factor for v in values[-n:]]) if n else pixel_size
+
+
+def _write_image(path: Path, array: Any, pixel_size: Any = None, unit: Any = None) -> None:
+    """Write a TIFF (``napari_wpp.io.write_image`` writes atomically)."""
+    from napari_wpp.io import write_image
+
+    try:
+        write_image(path, array, pixel_size=pixel_size, unit=unit)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {str(path)!r} ({_one_line(str(exc))}): check the path"
+        ) from exc
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "×".join(str(int(s)) for s in shape)
+
+
+def _drive(
+    events: Callable[[threading.Event], Iterable[Any]],
+    bar: _ProgressBar,
+    describe: Callable[[Any], tuple[float, str] | None] | None = None,
+    finished: type | tuple[type, ...] | None = None,
+    stopping: str = "stopping after this iteration",
+) -> Any:
+    """Run a generator of core events in a worker thread, showing progress.
+
+    Parameters
+    ----------
+    events
+        Called with the stop event in the worker thread; returns the events.
+    bar
+        Progress bar fed with ``describe(event)``.
+    describe
+        ``(fraction, detail)`` of a progress event, ``None`` for other events (default: the
+        reconstruction's events).
+    finished
+        Type(s) of the final event (default ``ReconstructionFinished``).
+    stopping
+        What the first Ctrl-C message says happens next.
+
+    Ctrl-C asks the generator to stop (it still yields its final event); a second Ctrl-C
+    aborts. Returns the final event.
+    """
+    if describe is None or finished is None:
+        from napari_wpp.core.reconstruct import ReconstructionFinished
+
+        describe = describe or _describe_reconstruction
+        finished = finished or ReconstructionFinished
+
+    stop = threading.Event()
+    inbox: queue.Queue = queue.Queue()
+    done = object()
+
+    def work() -> None:
+        try:
+            for event in events(stop):
+                inbox.put(event)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the main thread
+            inbox.put(exc)
+        finally:
+            inbox.put(done)
+
+    # Ctrl-C sets `stop` through a SIGINT handler, so it never lands as a KeyboardInterrupt in
+    # the middle of the loop below (which would leave the worker running into shutdown); the
+    # loop reports it at its next turn. A second Ctrl-C aborts.
+    requested = threading.Event()
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        stop.set()
+
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if handled else None
+    worker = threading.Thread(target=work, name="napari-wpp-worker", daemon=True)
+    worker.start()
+    final = None
+    announced = False
+    try:
+        while True:
+            try:
+                event = inbox.get(timeout=0.25)
+            except queue.Empty:
+                event = None
+            except KeyboardInterrupt:  # without the handler (not the main thread)
+                if stop.is_set():
+                    raise
+                requested.set()
+                stop.set()
+                event = None
+            if requested.is_set() and not announced:
+                announced = True
+                bar.close()
+                sys.stderr.write(f"{stopping} (Ctrl-C again to abort)...\n")
+            if event is None:
+                continue
+            if event is done:
+                break
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, finished):
+                final = event
+                continue
+            progress = describe(event)
+            if progress is not None:
+                bar.update(*progress)
+        worker.join()
+    finally:
+        if handled:
+            signal.signal(signal.SIGINT, previous)
+    bar.close()
+    if final is None:
+        raise RuntimeError("the run ended without a result")
+    return final
+
+
+def _check_device(name: str) -> str:
+    from napari_wpp.core.devices import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _describe_reconstruction(event: Any) -> tuple[float, str] | None:
+    """Progress fraction and detail of a reconstruction event (``None``: not a progress one)."""
+    from napari_wpp.core.reconstruct import ReconstructionProgress
+
+    if isinstance(event, ReconstructionProgress):
+        return (
+            event.fraction,
+            f"it {event.iteration} data {event.data_term:.2e} wpp {event.wpp_term:.2e}",
+        )
+    return None

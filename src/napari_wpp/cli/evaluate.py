@@ -1,0 +1,257 @@
+"""``napari-wpp evaluate``: PSNR, SSIM, blur effect (and uncertainty figures) of a prediction."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from napari_wpp.cli._common import (
+    EXIT_OK,
+    _crop,
+    _emit,
+    _read,
+    _shape_text,
+)
+from napari_wpp.core.errors import InputError
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``evaluate`` subcommand to ``sub``."""
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="PSNR, SSIM and blur effect of a prediction against ground truth",
+        description="Compare PRED with GT after cropping a border. Both are put on a [0, 1] "
+        "scale: integer images by their dtype range; float images as they are when GT lies "
+        "in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT is taken as "
+        "[0, 1] when it lies there, otherwise on GT's dtype scale).",
+    )
+    p.add_argument("pred", metavar="PRED", help="predicted image (2D or 3D)")
+    p.add_argument("gt", metavar="GT", help="ground-truth image of the same shape")
+    p.add_argument(
+        "--crop", type=_crop, default=40, metavar="N", help="border ignored (default 40)"
+    )
+    p.add_argument(
+        "--std",
+        metavar="STD",
+        help="pixelwise posterior standard deviation of PRED (same shape, in PRED's intensity "
+        "units): also report the coverage of GT within 1/2/3 std, the std-error correlation "
+        "and the edge/flat std ratio",
+    )
+    p.add_argument(
+        "--samples",
+        metavar="SAMPLES",
+        help="posterior samples of a 2D PRED as a (K, H, W) stack in PRED's intensity units: "
+        "also report the mean PSNR and SSIM of single samples",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def normalise_for_evaluation(pred: Any, gt: Any) -> tuple[Any, Any, str]:
+    """Put a prediction and its ground truth on a common [0, 1] scale.
+
+    Parameters
+    ----------
+    pred, gt
+        Arrays of the same shape (any numeric dtypes).
+
+    Returns
+    -------
+    pred01, gt01, how
+        float32 arrays and a short description of the mapping used.
+
+    Notes
+    -----
+    Integer arrays are divided by their dtype's maximum (e.g. 255 for uint8; signed integers
+    map their dtype range onto [0, 1]). A float GT within [0, 1] is used as is; otherwise GT's
+    min/max define the range, and a float PRED is mapped with the same affine map. A float
+    PRED with an integer GT is used as is when it lies in [0, 1], otherwise on GT's dtype scale.
+    """
+    pred_range, gt_range, how = _evaluation_ranges(pred, gt)
+    return _to01(pred, *pred_range), _to01(gt, *gt_range), how
+
+
+def _evaluation_ranges(pred: Any, gt: Any) -> tuple[tuple[float, float], tuple[float, float], str]:
+    """The ranges ``(lo, hi)`` that :func:`normalise_for_evaluation` maps onto [0, 1].
+
+    Returns PRED's range, GT's range and a short description. A standard deviation or samples
+    in PRED's units are put on the same scale by PRED's range.
+    """
+    import numpy as np
+
+    def dtype_range(dtype: Any) -> tuple[float, float]:
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+
+    if gt.dtype.kind in "ui":
+        gt_range = dtype_range(gt.dtype)
+        how = f"{gt.dtype} range [{gt_range[0]:g}, {gt_range[1]:g}]"
+        if pred.dtype.kind in "ui":
+            return dtype_range(pred.dtype), gt_range, how
+        if float(pred.min()) >= 0.0 and float(pred.max()) <= 1.0:
+            return (0.0, 1.0), gt_range, how + "; PRED taken as [0, 1]"
+        return gt_range, gt_range, how
+    gmin, gmax = float(gt.min()), float(gt.max())
+    if gmin >= 0.0 and gmax <= 1.0:
+        gt_range, how = (0.0, 1.0), "float [0, 1]"
+    elif gmax > gmin:
+        gt_range, how = (gmin, gmax), f"GT min/max [{gmin:g}, {gmax:g}]"
+    else:
+        raise InputError(
+            f"ground truth is constant ({gmin:g}) outside [0, 1]: metrics need a value range"
+        )
+    pred_range = dtype_range(pred.dtype) if pred.dtype.kind in "ui" else gt_range
+    return pred_range, gt_range, how
+
+
+def _to01(array: Any, lo: float, hi: float) -> Any:
+    import numpy as np
+
+    return ((np.asarray(array, dtype=np.float64) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_std(path_text: str, pred_shape: tuple[int, ...], pred_range: tuple[float, float]) -> Any:
+    """Read ``--std`` and put it on PRED's [0, 1] scale (divided by PRED's range, not shifted)."""
+    import numpy as np
+
+    std = np.asarray(_read(path_text, "--std image").array)
+    if std.shape != pred_shape:
+        raise InputError(
+            f"--std image {_shape_text(std.shape)} and PRED {_shape_text(pred_shape)} differ in "
+            "shape: give the standard deviation map of PRED"
+        )
+    if float(std.min()) < 0.0:
+        raise InputError(
+            f"--std image {path_text!r} has negative values (min {float(std.min()):g}): "
+            "give a standard deviation map (>= 0)"
+        )
+    lo, hi = pred_range
+    return (std.astype(np.float64) / (hi - lo)).astype(np.float32)
+
+
+def _read_samples(
+    path_text: str, gt_shape: tuple[int, ...], pred_range: tuple[float, float]
+) -> Any:
+    """Read ``--samples`` (K, H, W) and map them like PRED (integer files by their dtype)."""
+    import numpy as np
+
+    samples = np.asarray(_read(path_text, "--samples stack").array)
+    if samples.ndim != len(gt_shape) + 1 or samples.shape[1:] != tuple(gt_shape):
+        raise InputError(
+            f"--samples stack {_shape_text(samples.shape)} does not hold samples of GT "
+            f"{_shape_text(gt_shape)}: stack the K samples on the first axis, "
+            f"shape K×{_shape_text(gt_shape)}"
+        )
+    if samples.dtype.kind in "ui":
+        info = np.iinfo(samples.dtype)
+        return _to01(samples, float(info.min), float(info.max))
+    return _to01(samples, *pred_range)
+
+
+def _metrics(pred01: Any, gt01: Any, crop: int) -> dict[str, float]:
+    """Metrics of a 2D pair, or the mean over the slices of a 3D pair."""
+    from napari_wpp.core.metrics import evaluate
+
+    return {k: float(v) for k, v in evaluate(pred01, gt01, crop=crop).items()}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    pred_data = _read(args.pred, "PRED image")
+    gt_data = _read(args.gt, "GT image")
+    pred, gt = np.asarray(pred_data.array), np.asarray(gt_data.array)
+    if pred.shape != gt.shape:
+        raise InputError(
+            f"PRED {_shape_text(pred.shape)} and GT {_shape_text(gt.shape)} differ in shape: "
+            "compare images of the same size"
+        )
+    if 2 * args.crop + 7 > min(gt.shape[-2:]):
+        raise InputError(
+            f"--crop {args.crop} leaves too little of a {_shape_text(gt.shape[-2:])} image: "
+            f"use --crop {max(0, (min(gt.shape[-2:]) - 7) // 2)} or less"
+        )
+    if args.samples is not None and gt.ndim != 2:
+        raise InputError(
+            f"--samples needs 2D images but GT is {_shape_text(gt.shape)}: evaluate the samples "
+            "of one slice as a (K, H, W) stack"
+        )
+    pred_range, gt_range, how = _evaluation_ranges(pred, gt)
+    pred01, gt01 = _to01(pred, *pred_range), _to01(gt, *gt_range)
+    std01 = None if args.std is None else _read_std(args.std, pred.shape, pred_range)
+    samples01 = None if args.samples is None else _read_samples(args.samples, gt.shape, pred_range)
+    metrics = _metrics(pred01, gt01, args.crop)
+    payload: dict[str, Any] = {
+        "psnr": metrics["psnr"],
+        "ssim": metrics["ssim"],
+        "blur_effect": metrics["blur_effect"],
+        "crop": args.crop,
+        "normalisation": how,
+    }
+    lines = [
+        f"PSNR         {metrics['psnr']:.2f} dB",
+        f"SSIM         {metrics['ssim']:.4f}",
+        f"blur effect  {metrics['blur_effect']:.4f}",
+    ]
+    if std01 is not None:
+        figures = _uncertainty_figures(gt01, pred01, std01, args.crop)
+        payload["uncertainty"] = figures
+        lines += _uncertainty_lines(figures)
+    if samples01 is not None:
+        payload["samples"] = _sample_figures(samples01, gt01, args.crop)
+        lines.append(
+            f"samples      PSNR {payload['samples']['psnr_mean']:.2f} dB, "
+            f"SSIM {payload['samples']['ssim_mean']:.4f} "
+            f"(mean of {payload['samples']['count']} single samples)"
+        )
+    lines.append(f"(crop {args.crop} px, {how})")
+    _emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+def _uncertainty_figures(gt01: Any, pred01: Any, std01: Any, crop: int) -> dict[str, Any]:
+    """Calibration of the std against the actual error and the edge/flat std ratio."""
+    from napari_wpp.core.uncertainty import calibration, edge_flat_std_ratio
+
+    figures: dict[str, Any] = dict(calibration(gt01, pred01, std01, crop=crop))
+    figures.update(edge_flat_std_ratio(gt01, std01, crop=crop))
+    figures["units"] = "PRED's [0, 1] evaluation scale"
+    return figures
+
+
+def _uncertainty_lines(figures: dict[str, Any]) -> list[str]:
+    def correlation(key: str) -> str:
+        value = float(figures[key])
+        return f"{value:.3f}" if math.isfinite(value) else "n/a (constant std or error)"
+
+    coverage = " / ".join(f"{100 * figures[f'coverage_{k}sd']:.1f}" for k in (1, 2, 3))
+    expected = " / ".join(f"{100 * figures[f'expected_{k}sd']:.1f}" for k in (1, 2, 3))
+    return [
+        f"coverage     {coverage} % of GT within 1/2/3 std (calibrated: {expected} %)",
+        f"std ~ error  Pearson {correlation('std_error_pearson')}, "
+        f"Spearman {correlation('std_error_spearman')}",
+        f"mean std     {figures['mean_std']:.4f} (mean |error| {figures['mean_abs_error']:.4f}, "
+        "[0, 1] scale)",
+        f"edge/flat    std ratio {figures['edge_flat_ratio']:.2f} "
+        f"(strongest {100 * figures['edge_fraction']:.0f} % edges {figures['edge_mean_std']:.4f}, "
+        f"flattest {100 * figures['flat_fraction']:.0f} % {figures['flat_mean_std']:.4f})",
+    ]
+
+
+def _sample_figures(samples01: Any, gt01: Any, crop: int) -> dict[str, Any]:
+    """PSNR and SSIM of every single sample against GT, and their means."""
+    import numpy as np
+
+    from napari_wpp.core.metrics import psnr, ssim
+
+    psnrs = [psnr(sample, gt01, crop=crop) for sample in samples01]
+    ssims = [ssim(sample, gt01, crop=crop) for sample in samples01]
+    return {
+        "count": len(psnrs),
+        "psnr_mean": float(np.mean(psnrs)),
+        "ssim_mean": float(np.mean(ssims)),
+        "psnr": psnrs,
+        "ssim": ssims,
+    }
