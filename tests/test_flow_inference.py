@@ -27,9 +27,9 @@ from napari_wpp.core.inference import (
     slice_generator,
 )
 from napari_wpp.core.intensity import Normalisation
-from napari_wpp.jobs.zarr_layout import sample_zarr
 from napari_wpp.core.models.wppflow import WPPFlow
 from napari_wpp.core.models.wppnet import WPPNet
+from napari_wpp.jobs.zarr_layout import sample_zarr
 
 TINY = {"steps": 1, "hidden": 8, "cond_features": 4, "mean_features": 8, "mean_blocks": 2}
 

@@ -17,8 +17,8 @@ from napari_wpp.core.models import build_model  # noqa: E402
 from napari_wpp.core.operators import GaussianDownsampling  # noqa: E402
 from napari_wpp.core.training import TrainingState  # noqa: E402
 from napari_wpp.io import open_zarr_array, save_model  # noqa: E402
-from napari_wpp.widgets._session import session_for  # noqa: E402
 from napari_wpp.jobs.predict import input_normalisation  # noqa: E402
+from napari_wpp.widgets._session import session_for  # noqa: E402
 from napari_wpp.widgets.superresolve import SuperresolveWidget  # noqa: E402
 
 TIMEOUT_MS = 60_000

@@ -433,17 +433,28 @@ def sample_job(
             return
         scale = inference.model_scale(model)
         result = finished.result
-        arrays = {} if result is None else {
-            "mean": result.mean,
-            "std": result.std,
-            "samples": result.samples,
-        }
+        arrays = (
+            {}
+            if result is None
+            else {
+                "mean": result.mean,
+                "std": result.std,
+                "samples": result.samples,
+            }
+        )
         if target.zarr:
             if result is not None:  # computed in memory: written now
                 slices = 1 if ndim == 2 else int(data.shape[axis])
                 for name in paths:
                     _write_statistic_zarr(
-                        tmps[name], arrays[name], name, spec, model, source, norm, grow,
+                        tmps[name],
+                        arrays[name],
+                        name,
+                        spec,
+                        model,
+                        source,
+                        norm,
+                        grow,
                         extra={**target.provenance, "slices_done": slices},
                     )
             for name, path in paths.items():

@@ -57,9 +57,7 @@ def grown_axes(ndim: int, axis: int | None = 0) -> tuple[bool, ...]:
     return tuple(i != ax for i in range(3))
 
 
-def grown_pixel_size(
-    pixel_size: Sequence[float], scale: int, grow: Sequence[bool]
-) -> list[float]:
+def grown_pixel_size(pixel_size: Sequence[float], scale: int, grow: Sequence[bool]) -> list[float]:
     """``pixel_size`` divided by ``scale`` on the ``grow`` axes (the trailing ones)."""
     grow = list(grow)[len(grow) - len(pixel_size) :]
     return [float(v) / scale if g else float(v) for v, g in zip(pixel_size, grow, strict=True)]
