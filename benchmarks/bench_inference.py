@@ -9,7 +9,8 @@ Run ``python benchmarks/bench_inference.py`` (``--help`` for options). Prints
   depend on them) on LR slices of ``sic_stack_hr.tif`` degraded with GaussianDownsampling(4, 2)
   (random slices when ../shared/data is absent);
 * the peak resident memory of an in-memory run and of an out-of-core zarr run
-  (:func:`napari_wpp.io.superresolve_zarr`, one slice per chunk) on the same zarr volume, each
+  (:func:`napari_wpp.jobs.zarr_layout.superresolve_zarr`, one slice per chunk) on the same
+  zarr volume, each
   in its own subprocess, as growth over the process's own baseline (imports, model and one
   warm-up slice) next to the volume sizes and the chunk budget (one input plus one output
   slice). By default this part uses a light WPPNet(4, features=8, blocks=2) so that the volume
@@ -124,7 +125,8 @@ def speed(args: argparse.Namespace) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """Subprocess body: one in-memory or out-of-core run, peak RSS growth printed as JSON."""
-    from napari_wpp.io import open_zarr_array, superresolve_zarr
+    from napari_wpp.io import open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     torch.manual_seed(args.seed)
     model = WPPNet(scale=SCALE, features=args.ooc_features, blocks=args.ooc_blocks).eval()

@@ -339,6 +339,7 @@ def test_stopped_sampling_writes_nothing(
     """When the stop event (the first Ctrl-C) ends sampling early: exit 130, no outputs."""
     zarr = pytest.importorskip("zarr")
     from napari_wpp.core import inference
+    from napari_wpp.jobs import predict as zarr_jobs
 
     def stopping(real):
         def run(*args, stop=None, **kwargs):
@@ -349,7 +350,7 @@ def test_stopped_sampling_writes_nothing(
         return run
 
     monkeypatch.setattr(inference, "sample_volume", stopping(inference.sample_volume))
-    monkeypatch.setattr(io, "sample_zarr", stopping(io.sample_zarr))
+    monkeypatch.setattr(zarr_jobs, "sample_zarr", stopping(zarr_jobs.sample_zarr))
     source = zarr.open_array(str(tmp_path / "lr.zarr"), mode="w", shape=material.lr.shape,
                              chunks=(1, 24, 24), dtype=np.uint8)
     source[...] = material.lr

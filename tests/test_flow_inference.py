@@ -1,4 +1,4 @@
-"""Posterior sampling with a WPPFlow: core.inference.sample*, io.sample_zarr, model files."""
+"""Posterior sampling with a WPPFlow: core.inference.sample*, jobs sample_zarr, model files."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from napari_wpp.core.inference import (
 from napari_wpp.core.intensity import Normalisation
 from napari_wpp.core.models.wppflow import WPPFlow
 from napari_wpp.core.models.wppnet import WPPNet
+from napari_wpp.jobs.zarr_layout import sample_zarr
 
 TINY = {"steps": 1, "hidden": 8, "cond_features": 4, "mean_features": 8, "mean_blocks": 2}
 
@@ -319,7 +320,7 @@ def test_sample_zarr_matches_in_memory_and_writes_samples_only_when_asked(
         flow2, volume, 3, seed=4, normalisation=norm, keep_samples=True, device="cpu"
     )
     _, finished = events_of(
-        io.sample_zarr(flow2, tmp_path / "in.zarr", tmp_path / "mean.zarr",
+        sample_zarr(flow2, tmp_path / "in.zarr", tmp_path / "mean.zarr",
                        tmp_path / "std.zarr", 3, samples_path=tmp_path / "samples.zarr",
                        seed=4, normalisation=norm, batch_size=2)
     )
@@ -337,7 +338,7 @@ def test_sample_zarr_matches_in_memory_and_writes_samples_only_when_asked(
     # without samples_path no samples array; a stopped run is marked incomplete
     stop = threading.Event()
     events = []
-    for event in io.sample_zarr(flow2, tmp_path / "in.zarr", tmp_path / "m2.zarr",
+    for event in sample_zarr(flow2, tmp_path / "in.zarr", tmp_path / "m2.zarr",
                                 tmp_path / "s2.zarr", 2, normalisation=norm, stop=stop):
         events.append(event)
         if isinstance(event, SamplingProgress) and event.slices_done == 1:
@@ -349,7 +350,7 @@ def test_sample_zarr_matches_in_memory_and_writes_samples_only_when_asked(
     partial = dict(zarr.open_array(str(tmp_path / "m2.zarr"), mode="r").attrs)["napari_wpp"]
     assert partial["complete"] is False and partial["slices_done"] == 1
     with pytest.raises(InputError, match="distinct"):
-        next(io.sample_zarr(flow2, tmp_path / "in.zarr", tmp_path / "a.zarr",
+        next(sample_zarr(flow2, tmp_path / "in.zarr", tmp_path / "a.zarr",
                             tmp_path / "a.zarr", 2, normalisation=norm))
 
 

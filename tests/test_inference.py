@@ -290,7 +290,8 @@ def test_zarr_out_of_core_matches_in_memory_one_chunk_per_task(
 ) -> None:
     pytest.importorskip("zarr")
     pytest.importorskip("dask")
-    from napari_wpp.io import open_zarr_array, superresolve_zarr
+    from napari_wpp.io import open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     volume = rand((16, 96, 96), seed=11)
     write_zarr(tmp_path / "in.zarr", volume, (1, 96, 96), pixel_size=[3.0, 2.0, 2.0], unit="µm")
@@ -332,7 +333,8 @@ def test_zarr_out_of_core_matches_in_memory_one_chunk_per_task(
 def test_zarr_other_axes_with_normalisation(model2: WPPNet, tmp_path: Path, axis: int) -> None:
     pytest.importorskip("zarr")
     pytest.importorskip("dask")
-    from napari_wpp.io import open_zarr_array, superresolve_zarr
+    from napari_wpp.io import open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     volume = np.random.default_rng(5).integers(0, 65536, (5, 9, 8)).astype(np.uint16)
     write_zarr(tmp_path / "in.zarr", volume, (2, 4, 4), pixel_size=[4.0, 2.0, 1.0])
@@ -358,7 +360,8 @@ def test_zarr_other_axes_with_normalisation(model2: WPPNet, tmp_path: Path, axis
 def test_zarr_stop_keeps_written_slabs_and_marks_incomplete(model2: WPPNet, tmp_path: Path) -> None:
     pytest.importorskip("zarr")
     pytest.importorskip("dask")
-    from napari_wpp.io import open_zarr_array, superresolve_zarr
+    from napari_wpp.io import open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     volume = rand((6, 8, 8), seed=12)
     write_zarr(tmp_path / "in.zarr", volume, (1, 8, 8))
@@ -380,7 +383,8 @@ def test_zarr_stop_keeps_written_slabs_and_marks_incomplete(model2: WPPNet, tmp_
 def test_bad_zarr_paths(tmp_path: Path, model2: WPPNet) -> None:
     zarr = pytest.importorskip("zarr")
     pytest.importorskip("dask")
-    from napari_wpp.io import create_zarr_array, open_zarr_array, superresolve_zarr
+    from napari_wpp.io import create_zarr_array, open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
     (tmp_path / "plain").mkdir()
@@ -420,7 +424,8 @@ def test_distributed_cluster_gives_the_same_result(model2: WPPNet, tmp_path: Pat
     pytest.importorskip("zarr")
     distributed = pytest.importorskip("distributed")
     da = pytest.importorskip("dask.array")
-    from napari_wpp.io import open_zarr_array, superresolve_zarr
+    from napari_wpp.io import open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     volume = rand((4, 12, 10), seed=13)
     write_zarr(tmp_path / "in.zarr", volume, (1, 12, 10))
@@ -468,7 +473,8 @@ def test_superresolve_into_any_array_target(model2: WPPNet) -> None:
 def test_zarr_2d_image(model2: WPPNet, tmp_path: Path) -> None:
     pytest.importorskip("zarr")
     pytest.importorskip("dask")
-    from napari_wpp.io import open_zarr_array, superresolve_zarr
+    from napari_wpp.io import open_zarr_array
+    from napari_wpp.jobs.zarr_layout import superresolve_zarr
 
     image = rand((13, 10), seed=15)
     write_zarr(tmp_path / "in.zarr", image, (8, 8), pixel_size=[2.0, 3.0])

@@ -17,8 +17,9 @@ from napari_wpp.core.models import build_model  # noqa: E402
 from napari_wpp.core.operators import GaussianDownsampling  # noqa: E402
 from napari_wpp.core.training import TrainingState  # noqa: E402
 from napari_wpp.io import open_zarr_array, save_model  # noqa: E402
+from napari_wpp.jobs.predict import input_normalisation  # noqa: E402
 from napari_wpp.widgets._session import session_for  # noqa: E402
-from napari_wpp.widgets.superresolve import SuperresolveWidget, input_normalisation  # noqa: E402
+from napari_wpp.widgets.superresolve import SuperresolveWidget  # noqa: E402
 
 TIMEOUT_MS = 60_000
 Q = 4
@@ -224,15 +225,80 @@ def test_bad_input_gives_notifications(setup, qtbot, tmp_path, errors) -> None:
     assert len(errors) == 5 and widget.worker is None
 
 
-def test_input_normalisation_mirrors_the_cli() -> None:
+def test_the_jobs_normalisation_rule() -> None:
     sample = np.linspace(0, 1000, 100, dtype=np.float32)
-    norm, how = input_normalisation(np.uint16, UINT8_NORM, lambda: sample)
+    norm, how = input_normalisation(np.uint16, UINT8_NORM, sample)
     assert (norm.low, norm.high, norm.dtype) == (0.0, 65535.0, "uint16") and "range" in how
     recorded = {"low": 2.0, "high": 9.0, "dtype": "float32"}
-    norm, how = input_normalisation(np.float32, recorded, lambda: sample)
+    norm, how = input_normalisation(np.float32, recorded, sample)
     assert (norm.low, norm.high) == (2.0, 9.0) and "model" in how
-    norm, how = input_normalisation(np.float32, UINT8_NORM, lambda: sample)
+    norm, how = input_normalisation(np.float32, UINT8_NORM, sample)
     assert norm.low == pytest.approx(np.percentile(sample, 0.1)) and "percentiles" in how
+
+
+@pytest.mark.parametrize("as_zarr", [False, True])
+def test_cli_and_widget_give_the_same_prediction(
+    make_napari_viewer, qtbot, tmp_path, capsys, as_zarr
+) -> None:
+    """The same float stack through 'napari-wpp predict' and the Superresolve widget."""
+    pytest.importorskip("zarr")
+    import json
+
+    import tifffile
+
+    from napari_wpp.cli import main
+    from napari_wpp.io import create_zarr_array
+
+    rng = np.random.default_rng(3)
+    stack = (rng.random((20, 10, 12)) * 40.0 - 5.0).astype(np.float32)  # > 16 slices
+    state = _state(normalisation={"low": 0.0, "high": 255.0, "dtype": "uint8"})
+    model_file = save_model(tmp_path / "m.safetensors", state)
+    if as_zarr:
+        source = tmp_path / "in.zarr"
+        array = create_zarr_array(source, stack.shape, stack.dtype, (1, 10, 12),
+                                  {"pixel_size": [2.0, 0.5, 0.5], "unit": "µm"})
+        array[...] = stack
+    else:
+        source = tmp_path / "in.tif"
+        tifffile.imwrite(source, stack)
+    cli_out = tmp_path / "cli.zarr"
+    code = main(["predict", str(model_file), str(source), "--out", str(cli_out),
+                 "--axis", "1", "--batch-size", "2", "--device", "cpu", "--json"])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+
+    viewer = make_napari_viewer()
+    if as_zarr:
+        (layer,) = viewer.open(str(source), plugin="napari")
+    else:
+        layer = viewer.add_image(tifffile.imread(source), name="in")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Superresolve")
+    widget.load_model(model_file)
+    widget.settings.input_layer = layer.name
+    widget.settings.device = "cpu"
+    widget.settings.axis = 1
+    widget.settings.batch_size = 2
+    widget.settings.to_zarr = True
+    widget.settings.zarr_path = str(tmp_path / "widget.zarr")
+    out = _run(qtbot, widget)
+    assert out is not None
+
+    cli_attrs = dict(open_zarr_array(cli_out).attrs)
+    widget_attrs = dict(open_zarr_array(tmp_path / "widget.zarr").attrs)
+    meta = out.metadata["napari_wpp"]
+    assert meta["normalisation"] == cli_attrs["napari_wpp"]["normalisation"]
+    assert meta["normalisation_from"] == payload["normalisation"]
+    assert "percentiles" in payload["normalisation"]
+    assert np.array_equal(np.asarray(open_zarr_array(cli_out)[...]),
+                          np.asarray(open_zarr_array(tmp_path / "widget.zarr")[...]))
+    for key in ("scale", "axis", "model", "tile", "normalisation", "version", "complete",
+                "slices_done"):
+        assert cli_attrs["napari_wpp"][key] == widget_attrs["napari_wpp"][key], key
+    assert cli_attrs["napari_wpp"]["model_file"] == widget_attrs["napari_wpp"]["model_file"]
+    if as_zarr:
+        assert cli_attrs["pixel_size"] == widget_attrs["pixel_size"] == [0.5, 0.5, 0.125]
+        assert cli_attrs["unit"] == widget_attrs["unit"] == "µm"
+        assert cli_attrs["napari_wpp"]["source"] == widget_attrs["napari_wpp"]["source"]
 
 
 def test_2d_image(make_napari_viewer, qtbot) -> None:

@@ -18,13 +18,14 @@ Three ways to run:
   ``dask.distributed`` cluster runs it unchanged;
 * :func:`superresolve_into` computes such an array slab by slab into any array-like target
   (a zarr array, a memory map, ...), with progress events and stop checks between slabs.
-  :func:`napari_wpp.io.superresolve_zarr` wraps it for zarr paths.
+  :func:`napari_wpp.jobs.zarr_layout.superresolve_zarr` wraps it for zarr paths.
 
 A WPPFlow draws posterior samples instead: :func:`sample` (generator) and :func:`run_sample`
 give the pixelwise mean and standard deviation of ``k`` samples of one normalised 2D image
 (streaming moments; the samples themselves only when asked), :func:`sample_volume` does the
 same slice by slice for volumes in memory and :func:`sample_into` for out-of-core volumes
-(:func:`napari_wpp.io.sample_zarr` for zarr paths). The latent of every sample is drawn for
+(:func:`napari_wpp.jobs.zarr_layout.sample_zarr` for zarr paths). The latent of every sample
+is drawn for
 the whole slice from ``(seed, slice index)`` first, so results do not depend on batch size or
 tiling; tiles get a halo of :func:`flow_receptive_radius`.
 

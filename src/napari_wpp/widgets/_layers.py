@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.jobs.zarr_layout import grown_axes
 
 __all__ = [
     "PROVENANCE_KEY",
@@ -42,26 +43,6 @@ def layer_role(layer: Any) -> str | None:
     meta = getattr(layer, "metadata", None) or {}
     info = meta.get(PROVENANCE_KEY) if isinstance(meta, dict) else None
     return info.get("role") if isinstance(info, dict) else None
-
-
-def grown_axes(ndim: int, axis: int | None = 0) -> tuple[bool, ...]:
-    """Which axes a superresolution grows: both of a 2D image, all but ``axis`` of a volume.
-
-    Parameters
-    ----------
-    ndim
-        2 or 3.
-    axis
-        Slice axis of a volume (ignored for 2D).
-    """
-    if ndim == 2:
-        return (True, True)
-    if ndim != 3:
-        raise InputError(f"cannot superresolve {ndim}D data: use a 2D image or a 3D stack")
-    if axis is None or not -3 <= int(axis) < 3:
-        raise InputError(f"slice axis {axis!r} is out of range for a 3D stack: use 0, 1 or 2")
-    ax = int(axis) % 3
-    return tuple(i != ax for i in range(3))
 
 
 def superresolved_geometry(

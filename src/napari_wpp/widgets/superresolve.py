@@ -1,14 +1,13 @@
 """The "Superresolve" dock widget: apply a trained model to an image layer, slice by slice.
 
 The model is the session's (``session.model``, trained or loaded in the Train widget) or one
-read from a model file. The widget runs :func:`napari_wpp.core.inference.superresolve` (or,
-for stacks too large for memory, :func:`~napari_wpp.core.inference.superresolve_into` a zarr
-array, or :func:`napari_wpp.io.superresolve_zarr` when the layer itself comes from a zarr
-array) in a napari thread worker, with progress (also in napari's activity dock) and Cancel.
+read from a model file. The widget runs :func:`napari_wpp.jobs.predict.superresolve_job`, the
+job of ``napari-wpp predict`` (in memory, or into a zarr array for stacks too large for
+memory), in a napari thread worker, with progress (also in napari's activity dock) and Cancel.
 
-Intensities are handled as ``napari-wpp predict`` does: integer inputs use their dtype's
-range, float inputs the model's recorded range (or their own percentiles) and the result has
-the input's dtype. The output layer ``"<source> superresolved"`` overlays the source (scale
+Intensities are handled by the job's one rule (:func:`napari_wpp.jobs.predict.
+input_normalisation`, computed on the whole layer even when one slice is run) and the result
+has the input's dtype. The output layer ``"<source> superresolved"`` overlays the source (scale
 ``s / q``, translate ``t − s·(q − 1) / (2q)`` on the superresolved axes, see
 :mod:`napari_wpp.widgets._layers`), carries its provenance in ``metadata["napari_wpp"]`` and is
 updated in place when the widget runs again. A zarr result is shown lazily (dask).
@@ -17,7 +16,6 @@ updated in place when the widget runs again. A zarr result is shown lazily (dask
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +39,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wpp.core.config import PredictSpec, bounds
 from napari_wpp.core.errors import InputError
+from napari_wpp.jobs.predict import (
+    NormalisationChosen,
+    OutputWritten,
+    PredictSource,
+    PredictTarget,
+    superresolve_job,
+)
 from napari_wpp.widgets._form import choice_combo, form_layout, note_label, scrolled_column
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
@@ -66,24 +72,17 @@ from napari_wpp.widgets._workers import (
 if TYPE_CHECKING:
     import napari
 
-    from napari_wpp.core.intensity import Normalisation
     from napari_wpp.core.training import TrainingState
 
 __all__ = [
-    "NormalisationChosen",
     "SuperresolveSettings",
     "SuperresolveWidget",
-    "ZarrWritten",
-    "input_normalisation",
     "output_name",
-    "superresolve_job",
 ]
 
 MODEL_SOURCES = (("session", "This session's model"), ("file", "Model file"))
 EXTENTS = (("slice", "Current slice"), ("stack", "Whole stack"))
 MODEL_NAMES = {"wppnet": "WPPNet", "wppflow": "WPPFlow"}
-#: Slices whose percentiles normalise a float input (as ``napari-wpp predict``).
-SAMPLE_SLICES = 16
 _NONE = ""
 
 
@@ -123,143 +122,13 @@ class SuperresolveSettings:
     model_source: str = "session"
     model_file: str = ""
     input_layer: str = _NONE
-    axis: int = 0
+    axis: int = PredictSpec.axis
     extent: str = "stack"
-    tile: int = 0
-    batch_size: int = 4
-    device: str = "auto"
+    tile: int = PredictSpec.tile or 0
+    batch_size: int = PredictSpec.batch_size
+    device: str = PredictSpec.device
     to_zarr: bool = False
     zarr_path: str = ""
-
-
-# --------------------------------------------------------------------------- worker job
-@dataclass(frozen=True)
-class NormalisationChosen:
-    """First item of a job: the input's normalisation (a dict) and how it was chosen."""
-
-    normalisation: dict[str, Any]
-    how: str
-
-
-@dataclass(frozen=True)
-class ZarrWritten:
-    """The result was written to the zarr array at ``path``."""
-
-    path: Path
-
-
-def input_normalisation(
-    dtype: Any, recorded: dict[str, Any] | None, sample: Callable[[], np.ndarray]
-) -> tuple[Normalisation, str]:
-    """The normalisation of an input, chosen as ``napari-wpp predict`` does.
-
-    Integer inputs use their dtype's range; float inputs the model's recorded range when it
-    was trained on floats, else the percentiles of ``sample()``.
-
-    Returns
-    -------
-    tuple
-        The :class:`~napari_wpp.core.intensity.Normalisation` and a short description.
-    """
-    from napari_wpp.core.intensity import Normalisation
-
-    dtype = np.dtype(dtype)
-    if dtype.kind in "ui":
-        return Normalisation.from_array(np.zeros(1, dtype)), f"{dtype} range"
-    if dtype.kind != "f":
-        raise InputError(f"input dtype {dtype} is not supported: use an integer or float image")
-    recorded_kind = None
-    if isinstance(recorded, dict):
-        try:
-            recorded_kind = np.dtype(str(recorded.get("dtype"))).kind
-        except TypeError:
-            recorded_kind = None
-    if recorded_kind == "f":
-        norm = Normalisation.from_dict(recorded)  # type: ignore[arg-type]
-        return norm, f"model's range [{norm.low:g}, {norm.high:g}]"
-    norm = Normalisation.from_array(sample())
-    return norm, f"input's percentiles [{norm.low:g}, {norm.high:g}]"
-
-
-def _sample_slices(data: Any, axis: int) -> np.ndarray:
-    """Up to :data:`SAMPLE_SLICES` evenly spaced slices of ``data`` along ``axis``, in memory."""
-    if len(data.shape) == 2:
-        return np.asarray(data[...])
-    count = int(data.shape[axis])
-    picks = np.unique(np.linspace(0, count - 1, min(SAMPLE_SLICES, count)).astype(int))
-    index: list[Any] = [slice(None)] * 3
-    planes = []
-    for i in picks:
-        index[axis] = int(i)
-        planes.append(np.asarray(data[tuple(index)]))
-    return np.stack(planes)
-
-
-def superresolve_job(
-    model: Any,
-    data: Any,
-    axis: int,
-    tile: int | None,
-    batch_size: int,
-    device: str,
-    recorded_normalisation: dict[str, Any] | None,
-    stop: threading.Event,
-    zarr_out: Path | None = None,
-    zarr_in: Path | None = None,
-    attrs: dict[str, Any] | None = None,
-) -> Iterator[Any]:
-    """Worker body: choose the normalisation, superresolve in memory or into a zarr array.
-
-    Yields :class:`NormalisationChosen`, the inference events (progress, then
-    ``InferenceFinished``) and, after a complete zarr run, :class:`ZarrWritten`.
-    ``zarr_in`` (the zarr array the data come from) selects
-    :func:`napari_wpp.io.superresolve_zarr`; otherwise a zarr output is created with
-    :func:`napari_wpp.io.create_zarr_array` and filled by
-    :func:`~napari_wpp.core.inference.superresolve_into`.
-    """
-    from napari_wpp.core import inference
-    from napari_wpp.io import PROVENANCE_ATTR, create_zarr_array, superresolve_zarr
-
-    ndim = len(data.shape)
-    norm, how = input_normalisation(
-        data.dtype, recorded_normalisation, lambda: _sample_slices(data, axis if ndim == 3 else 0)
-    )
-    yield NormalisationChosen(norm.to_dict(), how)
-    common = {"tile": tile, "normalisation": norm, "device": device, "stop": stop}
-    if zarr_out is None:
-        yield from inference.superresolve(
-            model, data, axis=axis, batch_size=batch_size, **common
-        )
-        return
-    if zarr_in is not None:
-        events = superresolve_zarr(
-            model, zarr_in, zarr_out, axis=axis, slices_per_chunk=batch_size, **common
-        )
-        target = None
-    else:
-        scale = inference.model_scale(model)
-        shape = inference.output_shape(tuple(data.shape), scale, axis)
-        dtype = inference.output_dtype(data.dtype, norm)
-        grow = grown_axes(ndim, axis)
-        chunks = tuple(n if g else batch_size for n, g in zip(shape, grow))
-        provenance = dict((attrs or {}).get(PROVENANCE_ATTR, {}))
-        provenance.update({"normalisation": norm.to_dict(), "complete": False})
-        target = create_zarr_array(
-            zarr_out, shape, dtype, chunks, {**(attrs or {}), PROVENANCE_ATTR: provenance}
-        )
-        events = inference.superresolve_into(
-            model, data, target, axis=axis, slices_per_chunk=batch_size, **common
-        )
-    complete = False
-    for event in events:
-        if isinstance(event, inference.InferenceFinished):
-            complete = not event.stopped_early
-            if target is not None:
-                provenance["complete"] = complete
-                target.attrs[PROVENANCE_ATTR] = provenance
-        yield event
-    if complete:
-        yield ZarrWritten(Path(zarr_out))
 
 
 # --------------------------------------------------------------------------- widget
@@ -355,13 +224,13 @@ class SuperresolveWidget(JobOwner, QWidget):
             self.extent_combo.addItem(text, value)
         form.addRow("Superresolve", self.extent_combo)
         self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(0, 65536)
+        self.tile_spin.setRange(0, bounds(PredictSpec, "tile")[1])
         self.tile_spin.setSpecialValueText("whole slices")
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setToolTip("Tile side in LR pixels for slices too large at once")
         form.addRow("Tiles", self.tile_spin)
         self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 4096)
+        self.batch_spin.setRange(*bounds(PredictSpec, "batch_size"))
         self.batch_spin.setToolTip("Slices per forward pass")
         form.addRow("Batch size", self.batch_spin)
         self.device_combo = self._combo()
@@ -639,17 +508,12 @@ class SuperresolveWidget(JobOwner, QWidget):
         self._open_progress(run)
         self.worker = start_job(
             superresolve_job,
+            run["spec"],
             run["model"],
-            run["data"],
-            run["axis"],
-            run["tile"],
-            run["batch_size"],
-            run["device"],
             run["recorded_normalisation"],
+            run["source"],
+            run["target"],
             self._stop,
-            run["zarr_out"],
-            run["zarr_in"],
-            run["zarr_attrs"],
             stop=self._stop,
             on_yield=self._on_event,
             on_finish=self._on_finished,
@@ -699,7 +563,6 @@ class SuperresolveWidget(JobOwner, QWidget):
             what = f"slice {index} (axis {axis}) of {layer.name}"
         tile = int(self.settings.tile) or None
         zarr_out = zarr_in = None
-        zarr_attrs: dict[str, Any] = {}
         provenance: dict[str, Any] = {
             "role": "superresolved",
             "source": layer.name,
@@ -717,29 +580,34 @@ class SuperresolveWidget(JobOwner, QWidget):
         if whole and self.settings.to_zarr:
             zarr_out, zarr_in = self._zarr_paths(layer, data)
             provenance["zarr"] = str(zarr_out)
-            grow = grown_axes(ndim, axis)
-            zarr_attrs = {
-                "pixel_size": [s / q if g else s for s, g in zip(scale, grow)],
-                "napari_wpp": {
-                    **{k: v for k, v in provenance.items() if k != "role"},
-                    "source": layer.name,
-                    "slices_done": 0,
-                },
-            }
+        spec = PredictSpec(
+            axis=axis,
+            tile=tile,
+            batch_size=int(self.settings.batch_size),
+            device=self.settings.device,
+        )
+        source = PredictSource(
+            data=run_data,
+            name=str(zarr_in.resolve()) if zarr_in is not None else layer.name,
+            zarr_path=zarr_in,
+            pixel_size=scale,
+            volume=data,
+        )
+        target = PredictTarget(
+            path=zarr_out,
+            provenance={"model_file": model_file, "model_step": int(state.step)},
+        )
         return {
             "layer_name": layer.name,
             "model": model,
-            "data": run_data,
+            "spec": spec,
+            "source": source,
+            "target": target,
             "ndim": ndim,
             "axis": axis,
             "index": index,
-            "tile": tile,
-            "batch_size": int(self.settings.batch_size),
-            "device": self.settings.device,
             "recorded_normalisation": state.normalisation,
             "zarr_out": zarr_out,
-            "zarr_in": zarr_in,
-            "zarr_attrs": zarr_attrs,
             "slices": slices,
             "what": what,
             "scale_factor": q,
@@ -806,8 +674,8 @@ class SuperresolveWidget(JobOwner, QWidget):
             run["finished"] = item
             if not item.stopped_early and item.result is not None:
                 self._show_result(item.result)
-        elif isinstance(item, ZarrWritten):
-            self._show_zarr(item.path)
+        elif isinstance(item, OutputWritten):
+            self._show_zarr(item.paths["result"])
 
     def _geometry(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         run = self._run

@@ -7,8 +7,9 @@ thread worker (progress, also in napari's activity dock, and Cancel). The region
 the layer through its world/data transforms, as in the Reference & operator widget, so scaled
 and translated layers work; 3D stacks are cut into slices along axis 0.
 
-Intensities are handled as ``napari-wpp predict`` does: integer inputs use their dtype's
-range, float inputs the model's recorded range (or the slice's own percentiles); the mean and
+Intensities are handled as ``napari-wpp predict`` does (:func:`napari_wpp.jobs.predict.
+input_normalisation` of the whole LR layer: integer inputs use their dtype's range, float
+inputs the model's recorded range or the layer's percentiles); the mean and
 the samples come back in the input's dtype, the standard deviation as float32 in the input's
 intensity units. Results appear as the layers
 
@@ -58,7 +59,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wpp.core.config import PredictSpec, bounds
 from napari_wpp.core.errors import InputError
+from napari_wpp.jobs.predict import input_normalisation
 from napari_wpp.widgets._form import (
     NOTE_STYLE,
     choice_combo,
@@ -97,6 +100,7 @@ __all__ = [
     "UncertaintyMaps",
     "UncertaintySettings",
     "UncertaintyWidget",
+    "SamplingRegion",
     "output_names",
     "share_above",
     "truth_index",
@@ -104,8 +108,6 @@ __all__ = [
 ]
 
 MODEL_SOURCES = (("session", "This session's model"), ("file", "Model file"))
-#: Samples drawn by default (as ``napari-wpp predict``).
-DEFAULT_SAMPLES = 8
 #: Smallest region side in LR pixels.
 MIN_REGION = 4
 #: Tolerance (in truth pixels) of the check that a ground truth lies on the output grid.
@@ -170,13 +172,13 @@ class UncertaintySettings:
     input_layer: str = _NONE
     region_shapes: str = _NONE
     truth_layer: str = _NONE
-    k: int = DEFAULT_SAMPLES
-    temperature: float = 1.0
-    seed: int = 0
-    batch_size: int = 4
-    tile: int = 0
-    device: str = "auto"
-    keep_samples: bool = False
+    k: int = PredictSpec.samples
+    temperature: float = PredictSpec.temperature
+    seed: int = PredictSpec.seed
+    batch_size: int = PredictSpec.batch_size
+    tile: int = PredictSpec.tile or 0
+    device: str = PredictSpec.device
+    keep_samples: bool = PredictSpec.keep_samples
     overlay_std: bool = True
     threshold_percent: float = 5.0
 
@@ -245,40 +247,49 @@ def _figures(
     return figures
 
 
+@dataclass(frozen=True, eq=False)
+class SamplingRegion:
+    """The part of an LR layer an Uncertainty run samples.
+
+    Attributes
+    ----------
+    region
+        The 2D LR region (array-like, read in the worker).
+    volume
+        The whole LR layer the region comes from (its percentiles normalise a float input,
+        as for ``napari-wpp predict`` of that layer).
+    slice_index
+        Random stream of the seed (the slice's index, as ``sample_volume`` uses).
+    truth
+        The ground truth under the region on the output grid (array-like) or ``None``.
+    """
+
+    region: Any
+    volume: Any
+    slice_index: int = 0
+    truth: Any = None
+
+
 def uncertainty_job(
+    spec: PredictSpec,
     model: Any,
-    region: Any,
-    plane: Any,
     recorded_normalisation: dict[str, Any] | None,
-    k: int,
-    temperature: float,
-    seed: int,
-    batch_size: int,
-    tile: int | None,
-    device: str,
-    keep_samples: bool,
-    slice_index: int,
-    truth: Any,
+    where: SamplingRegion,
     stop: threading.Event,
 ) -> Iterator[Any]:
     """Worker body: normalise the region, draw the samples, compute the statistics.
 
     Parameters
     ----------
+    spec
+        ``samples``, ``temperature``, ``seed``, ``batch_size``, ``tile``, ``device`` and
+        ``keep_samples`` as :func:`napari_wpp.core.inference.sample` takes them.
     model
         A WPPFlow.
-    region
-        The 2D LR region (array-like, read here).
-    plane
-        The whole LR slice the region comes from (percentiles of float inputs).
     recorded_normalisation
         The model's normalisation (used for float inputs when it was trained on floats).
-    k, temperature, seed, batch_size, tile, device, keep_samples
-        As :func:`napari_wpp.core.inference.sample`.
-    slice_index
-        Random stream of ``seed`` (the slice's index, as ``sample_volume`` uses).
-    truth
-        The ground truth under the region on the output grid (array-like) or ``None``.
+    where
+        The region, its layer, its slice and its ground truth.
     stop
         Set to cancel after the current batch of samples.
 
@@ -287,25 +298,23 @@ def uncertainty_job(
     SamplingProgress, then UncertaintyFinished
     """
     from napari_wpp.core.inference import SamplingFinished, sample
-    from napari_wpp.widgets.superresolve import input_normalisation
 
+    region, truth = where.region, where.truth
     lr = np.asarray(region)
-    norm, how = input_normalisation(
-        lr.dtype, recorded_normalisation, lambda: np.asarray(plane)
-    )
+    norm, how = input_normalisation(lr.dtype, recorded_normalisation, where.volume)
     lr01 = norm.apply(lr)
     for event in sample(
         model,
         lr01,
-        k,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-        tile=tile,
-        keep_samples=keep_samples,
-        device=device,
+        spec.samples,
+        temperature=spec.temperature,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
+        tile=spec.tile,
+        keep_samples=spec.keep_samples,
+        device=spec.device,
         stop=stop,
-        slice_index=slice_index,
+        slice_index=where.slice_index,
     ):
         if not isinstance(event, SamplingFinished):
             yield event
@@ -518,11 +527,11 @@ class UncertaintyWidget(JobOwner, QWidget):
         box = QGroupBox("Sampling")
         form = self._form(box)
         self.k_spin = QSpinBox()
-        self.k_spin.setRange(1, 4096)
+        self.k_spin.setRange(*bounds(PredictSpec, "samples"))
         self.k_spin.setToolTip("Number of posterior samples")
         form.addRow("Samples K", self.k_spin)
         self.temperature_spin = QDoubleSpinBox()
-        self.temperature_spin.setRange(0.0, 5.0)
+        self.temperature_spin.setRange(*bounds(PredictSpec, "temperature"))
         self.temperature_spin.setDecimals(2)
         self.temperature_spin.setSingleStep(0.1)
         self.temperature_spin.setToolTip(
@@ -530,14 +539,14 @@ class UncertaintyWidget(JobOwner, QWidget):
         )
         form.addRow("Temperature", self.temperature_spin)
         self.seed_spin = QSpinBox()
-        self.seed_spin.setRange(0, 2_147_483_647)
+        self.seed_spin.setRange(*bounds(PredictSpec, "seed"))
         form.addRow("Seed", self.seed_spin)
         self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 4096)
+        self.batch_spin.setRange(*bounds(PredictSpec, "batch_size"))
         self.batch_spin.setToolTip("Samples per forward pass")
         form.addRow("Batch size", self.batch_spin)
         self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(0, 65536)
+        self.tile_spin.setRange(0, bounds(PredictSpec, "tile")[1])
         self.tile_spin.setSpecialValueText("whole region")
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setToolTip("Tile side in LR pixels for regions too large at once")
@@ -1007,21 +1016,22 @@ class UncertaintyWidget(JobOwner, QWidget):
         self._close_progress()
         self._progress = ActivityProgress(run["k"], "Posterior samples")
         s = self.settings
+        spec = PredictSpec(
+            samples=run["k"],
+            temperature=float(s.temperature),
+            seed=int(s.seed),
+            batch_size=int(s.batch_size),
+            tile=int(s.tile) or None,
+            device=s.device,
+            keep_samples=bool(s.keep_samples),
+        )
+        where = SamplingRegion(run["region"], run["volume"], run["slice_index"], run["truth"])
         self.worker = start_job(
             uncertainty_job,
+            spec,
             run["model"],
-            run["region"],
-            run["plane"],
             run["recorded_normalisation"],
-            run["k"],
-            float(s.temperature),
-            int(s.seed),
-            int(s.batch_size),
-            int(s.tile) or None,
-            s.device,
-            bool(s.keep_samples),
-            run["slice_index"],
-            run["truth"],
+            where,
             self._stop,
             stop=self._stop,
             on_yield=self._on_event,
@@ -1051,10 +1061,10 @@ class UncertaintyWidget(JobOwner, QWidget):
         index, rows, cols = self._region(layer)
         ndim = len(data.shape)
         if index is None:
-            region, plane = data[rows, cols], data
+            region = data[rows, cols]
             start: list[int] = [rows.start, cols.start]
         else:
-            region, plane = data[index, rows, cols], data[index]
+            region = data[index, rows, cols]
             start = [index, rows.start, cols.start]
         scale = tuple(float(v) for v in layer.scale)
         crop_translate = offset_translate(scale, tuple(float(v) for v in layer.translate), start)
@@ -1100,7 +1110,7 @@ class UncertaintyWidget(JobOwner, QWidget):
             "names": names,
             "model": state.model,
             "region": region,
-            "plane": plane,
+            "volume": data,
             "recorded_normalisation": state.normalisation,
             "k": int(s.k),
             "slice_index": 0 if index is None else int(index),
