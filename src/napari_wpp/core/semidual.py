@@ -79,6 +79,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from napari_wpp.core import semidual_gpu
 from napari_wpp.core.errors import InputError
 
 __all__ = [
@@ -590,8 +591,13 @@ def c_transform_argmin(
         Precision of the candidate scores: ``"fp32"`` (default) or ``"bf16"`` (rounded
         inputs, wider error bound, more float64 re-ranking). The result is exact either way.
     backend
-        ``"torch"`` (grouped block engine, any device), ``"faiss"`` (CPU, needs faiss) or
-        ``"auto"`` (currently the torch engine; faiss is not faster on this workload).
+        ``"auto"`` (default): the grouped engine on CPU tensors, the fused Triton kernel on
+        CUDA when Triton imports, else the torch device path (MPS and other devices).
+        ``"torch"``: the grouped block engine (any device). ``"triton"``: the fused kernel of
+        :mod:`napari_wpp.core.semidual_gpu` (CUDA, or CPU tensors under
+        ``TRITON_INTERPRET=1``). ``"device"``: the sync-free torch device path (any device).
+        ``"faiss"``: CPU, needs faiss. The GPU paths compute fp32 candidates; ``bf16`` runs
+        the grouped engine.
 
     Returns
     -------
@@ -614,8 +620,24 @@ def c_transform_argmin(
                     "faiss is not installed: pip install faiss-cpu or use backend='torch'"
                 )
             return _faiss_argmin(x, y, psi)
-        if backend not in ("auto", "torch"):
-            raise InputError(f"unknown backend {backend!r}: use auto, torch or faiss")
+        if backend not in ("auto", "torch", "triton", "device"):
+            raise InputError(
+                f"unknown backend {backend!r}: use auto, torch, triton, device or faiss"
+            )
+        if backend == "auto" and x.device.type != "cpu" and precision == "fp32":
+            backend = "triton" if semidual_gpu.triton_usable(x.device) else "device"
+        if backend in ("triton", "device"):
+            if precision != "fp32":
+                raise InputError(f"the {backend} backend computes fp32 scores: use precision fp32")
+            with _ieee_fp32_matmul(x.device):
+                if backend == "device":
+                    return semidual_gpu.device_argmin(x, y, psi)
+                if not semidual_gpu.triton_usable(x.device):
+                    raise InputError(
+                        "the triton backend needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                        "for CPU tensors): use backend='device'"
+                    )
+                return semidual_gpu.triton_argmin(x, y, psi)
         return _grouped_argmin(x, y, psi, precision)
 
 
