@@ -6,6 +6,10 @@ from __future__ import annotations
 import collections
 import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +20,6 @@ from napari_wpp.core.semidual import WassersteinPatchPrior, c_transform_argmin
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run Triton kernels in its CPU interpreter (read when a kernel is defined)."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (it comes with torch's Linux CUDA wheels)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _case(name: str, n: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -56,29 +52,70 @@ def _case(name: str, n: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tenso
 
 
 SHAPES = [(1, 1, 3), (70, 1, 5), (1, 70, 5), (65, 130, 9), (130, 64, 36), (17, 129, 36)]
+NAMES = ["dup", "near", "random"]
 
 
-@pytest.mark.parametrize("name", ["dup", "near", "random"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_triton_kernel_exact_under_interpreter(
-    interpreter: None, name: str, shape: tuple[int, int, int]
-) -> None:
-    """Fused kernel + float64 re-rank kernel = float64 brute force (block and tile edges)."""
-    x, y, psi = _case(name, *shape)
-    got = c_transform_argmin(x, y, psi, backend="triton")
-    assert got.dtype == torch.int64
-    assert torch.equal(got, semidual._brute_force64(x, y, psi))
-
-
-def test_triton_first_index_among_ties_across_tiles(interpreter: None) -> None:
-    """Copies of the winner in the same tile and in later tiles: the lowest index wins."""
-    x, y, psi = _case("random", 40, 200, 6, seed=3)
+def _ties_case() -> tuple[torch.Tensor, ...]:
+    """Copies of the winner in the same tile and in later tiles (zero ψ)."""
+    x, y, _ = _case("random", 40, 200, 6, seed=3)
     y[[5, 9, 70, 199]] = x[0]
     y[[64, 130]] = x[1]
-    got = c_transform_argmin(x, y, torch.zeros(200), backend="triton")
+    return x, y, torch.zeros(200)
+
+
+def interpreted_results() -> dict[str, torch.Tensor]:
+    """Triton path on every case; run in a process started with ``TRITON_INTERPRET=1``."""
+    out = {}
+    for name in NAMES:
+        for shape in SHAPES:
+            key = f"{name}-{'-'.join(map(str, shape))}"
+            out[key] = c_transform_argmin(*_case(name, *shape), backend="triton")
+    out["ties"] = c_transform_argmin(*_ties_case(), backend="triton")
+    out["ties-flags"] = semidual_gpu.triton_top2(*_ties_case())[1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Results of the Triton kernels in Triton's CPU interpreter.
+
+    The interpreter must be chosen before triton is first imported (its own jit helpers,
+    ``tl.argmin`` included, are defined at import), so the kernels run in a fresh process.
+    """
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (it comes with torch's Linux CUDA wheels)")
+    out = tmp_path_factory.mktemp("triton") / "results.pt"
+    tests = str(Path(__file__).parent)
+    script = (
+        f"import sys, torch; sys.path.insert(0, {tests!r}); "
+        "from test_semidual_gpu import interpreted_results; "
+        f"torch.save(interpreted_results(), {str(out)!r})"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_kernel_exact_under_interpreter(
+    interpreted: dict[str, torch.Tensor], name: str, shape: tuple[int, int, int]
+) -> None:
+    """Fused kernel + float64 re-rank kernel = float64 brute force (block and tile edges)."""
+    got = interpreted[f"{name}-{'-'.join(map(str, shape))}"]
+    assert got.dtype == torch.int64
+    assert torch.equal(got, semidual._brute_force64(*_case(name, *shape)))
+
+
+def test_triton_first_index_among_ties_across_tiles(interpreted: dict[str, torch.Tensor]) -> None:
+    """Copies of the winner in the same tile and in later tiles: the lowest index wins."""
+    got = interpreted["ties"]
     assert got[0] == 5 and got[1] == 64
-    assert torch.equal(got, semidual._brute_force64(x, y, torch.zeros(200)))
-    _, flags = semidual_gpu.triton_top2(x, y, torch.zeros(200))
+    assert torch.equal(got, semidual._brute_force64(*_ties_case()))
+    flags = interpreted["ties-flags"]
     assert flags[0] == 1 and flags[1] == 1  # exact ties are never certified
 
 

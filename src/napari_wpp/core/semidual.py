@@ -29,6 +29,10 @@ its operations single-threaded: many small parallel operations would otherwise e
 OpenMP barrier, which is slow on a busy machine. While a call runs, torch's thread count is
 set to 1 in the workers and restored afterwards.
 
+On CUDA (a fused Triton kernel) and other devices (a torch device path),
+:func:`c_transform_argmin` runs :mod:`napari_wpp.core.semidual_gpu` instead: same bound, same
+exact answer, no host synchronisation inside a pass; CPU tensors keep this engine.
+
 The error bound (u = unit round-off of float32, d = dimension, T_j = 2 |x_j| max_k |y_k| +
 max_k |c_k|, centred coordinates) is ``E_j = (d + 6) u T_j + 3 u max_k |y_k|²`` for float32
 inputs. It is rigorous to first order in u with room to spare: a score is a (d+1)-term dot

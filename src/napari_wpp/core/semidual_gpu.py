@@ -114,7 +114,10 @@ def triton_available() -> bool:
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Whether the Triton path can run on ``device``: CUDA, or the CPU interpreter."""
+    """Whether the Triton path can run on ``device``: CUDA, or the CPU interpreter.
+
+    ``TRITON_INTERPRET=1`` must be set before triton is first imported in the process.
+    """
     if not triton_available():
         return False
     if device.type == "cuda":
