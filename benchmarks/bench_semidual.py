@@ -13,6 +13,14 @@ Run ``python benchmarks/bench_semidual.py`` (``--help`` for options). Prints
   against 10,000 reference patches, ψ warmed up by ASGD, then 20 passes where each pass runs
   the full engine and the pruned tracker on the same ψ (interleaved, same run) and checks
   that they agree.
+
+With ``--device cuda`` (or ``--backend``), the speed part times the GPU paths instead: the
+fused Triton kernel (``--backend triton``, also its top-2 kernel alone) and the torch device
+path (``device``) against the chunked baseline, in ms per pass (median of repeats, each
+between ``torch.cuda.synchronize()`` calls), at ``--sizes`` (default 225,625 × 10,000 and
+1,000,000 × 20,000; on the CPU ``--n × --m``), and one ψ ascent pass of
+``WassersteinPatchPrior``. Rows checked in float64 on the device: ``--check-rows`` random rows
+plus every uncertain row. The solver and pruning parts run on the CPU as before.
 """
 
 from __future__ import annotations
@@ -44,26 +52,113 @@ def float64_check(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, rows: int
 
 
 def speed_inputs(
-    data: str, n: int, m: int, d: int, seed: int
+    data: str, n: int, m: int, d: int, seed: int, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uniform random clouds, or real SiC patches (with their exact duplicates) and a ψ."""
+    """Uniform random clouds, or real SiC patches (with their exact duplicates) and a ψ.
+
+    Generated patches come from the HR image, or from the HR stack when the image has fewer
+    than ``n`` patches. The ψ is warmed up on ``device``.
+    """
     g = torch.Generator().manual_seed(seed)
     if data == "random":
         return (
-            torch.rand(n, d, generator=g),
-            torch.rand(m, d, generator=g),
-            0.1 * torch.rand(m, generator=g),
+            torch.rand(n, d, generator=g).to(device),
+            torch.rand(m, d, generator=g).to(device),
+            0.1 * torch.rand(m, generator=g).to(device),
         )
     from PIL import Image
 
     side = int(round(d**0.5))
     ref = np.asarray(Image.open(DATA / "sic" / "ref_SiC.png"))
     hr = np.asarray(Image.open(DATA / "sic" / "hr_SiC.png"))
-    y = sample_reference_patches(ref, m, side, seed=seed)
-    x = sample_reference_patches(hr, n, side, seed=seed + 1)
+    if n > (hr.shape[0] - side + 1) * (hr.shape[1] - side + 1):
+        import tifffile
+
+        hr = tifffile.imread(DATA / "sic" / "sic_stack_hr.tif")
+    y = sample_reference_patches(ref, m, side, seed=seed).to(device)
+    x = sample_reference_patches(hr, n, side, seed=seed + 1).to(device)
     prior = WassersteinPatchPrior(y)
     prior.ascend(x[:20_000], 10)  # a ψ as met during a reconstruction
     return x, y, prior.psi.clone()
+
+
+def float64_rows(
+    x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Float64 brute-force argmin of some rows on their device (direct differences)."""
+    y64, p64 = y.double(), psi.double()
+    elems = (1 << 27) if x.device.type == "cuda" else (1 << 22)
+    out = [torch.empty(0, dtype=torch.int64, device=x.device)]
+    for part in rows.split(max(1, elems // (y.shape[0] * y.shape[1]))):
+        diff = x[part].double()[:, None, :] - y64[None]
+        out.append(((diff * diff).sum(-1) - p64).argmin(1))
+    return torch.cat(out)
+
+
+def bench_device_speed(
+    n: int,
+    m: int,
+    d: int,
+    repeats: int,
+    seed: int,
+    check_rows: int,
+    data: str,
+    device: str,
+    backends: list[str],
+) -> None:
+    """GPU paths against the chunked baseline: ms per pass, uncertain rows, float64 check."""
+    from napari_wpp.core import semidual_gpu
+
+    x, y, psi = speed_inputs(data, n, m, d, seed, device)
+    n = x.shape[0]
+    dev = x.device
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"## c-transform argmin on {data} data, {dev}: N={n:,} M={m:,} d={d}")
+    runs = {"baseline (chunked addmm + argmin)": lambda: baseline(x, y, psi)}
+    top2 = {"triton": semidual_gpu.triton_top2, "device": semidual_gpu.device_top2}
+    for b in backends:
+        runs[f"exact, backend {b}"] = lambda b=b: c_transform_argmin(x, y, psi, backend=b)
+        if b == "triton":
+            runs["  triton top-2 kernel only"] = lambda: semidual_gpu.triton_top2(x, y, psi)
+    prior = WassersteinPatchPrior(y)
+    prior.psi.copy_(psi)
+    prior.ascend(x, 1)  # scale set, kernels compiled
+    runs["psi ascent pass (auto)"] = lambda: prior.ascend(x, 1)
+    results = {name: f() for name, f in runs.items()}  # warm-up (compiles kernels)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, f in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    for name, ts in times.items():
+        print(
+            f"{name:34s} median {statistics.median(ts):9.2f} ms/pass  "
+            f"(runs {', '.join(f'{v:.2f}' for v in ts)})"
+        )
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(n, generator=g)[:check_rows].to(dev)
+    for b in backends:
+        with semidual._ieee_fp32_matmul(dev):
+            _, flags = top2[b](x, y, psi)
+        uncertain = torch.nonzero(flags).squeeze(1)
+        rows = torch.unique(torch.cat([sample, uncertain]))
+        got = results[f"exact, backend {b}"]
+        same = int((got[rows] == float64_rows(x, y, psi, rows)).sum())
+        print(
+            f"backend {b}: uncertain rows {uncertain.numel():,} "
+            f"({100 * uncertain.numel() / n:.2f} %), exact on {same:,}/{rows.numel():,} "
+            "float64-checked rows (random + all uncertain)"
+        )
+    base = results["baseline (chunked addmm + argmin)"]
+    same = int((base[sample] == float64_rows(x, y, psi, sample)).sum())
+    print(f"baseline (float32 only): exact on {same:,}/{sample.numel():,} random rows")
 
 
 def bench_speed(
@@ -222,6 +317,20 @@ def main() -> None:
     parser.add_argument("--prune-solver", default="asgd", help="ψ solver of the passes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: the GPU paths' speed bench"
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="GPU paths timed, comma-separated: triton, device (default off the CPU: both, "
+        "triton where usable); on the CPU, a backend runs the GPU speed bench at --n x --m",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="NxM pairs of the GPU speed bench (default off the CPU: 225625x10000,1000000x20000)",
+    )
+    parser.add_argument(
         "--data",
         default="random,sic",
         help="speed inputs: random (uniform), sic (real patches, needs ../shared/data) or both",
@@ -233,7 +342,31 @@ def main() -> None:
             import faiss
 
             faiss.omp_set_num_threads(args.threads)
-    if not args.skip_speed:
+    gpu_bench = args.device != "cpu" or args.backend is not None
+    if not args.skip_speed and gpu_bench:
+        from napari_wpp.core import semidual_gpu
+
+        if args.backend is not None:
+            backends = args.backend.split(",")
+        else:
+            usable = semidual_gpu.triton_usable(torch.device(args.device))
+            backends = ["triton", "device"] if usable else ["device"]
+        if args.sizes is not None:
+            sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+        elif args.device != "cpu":
+            sizes = [(225_625, 10_000), (1_000_000, 20_000)]
+        else:
+            sizes = [(args.n, args.m)]
+        for n, m in sizes:
+            for data in args.data.split(","):
+                if data == "sic" and not (DATA / "sic" / "ref_SiC.png").exists():
+                    print(f"## speed on sic data: skipped, real data not found in {DATA}")
+                    continue
+                bench_device_speed(
+                    n, m, args.d, args.repeats, args.seed, args.check_rows, data,
+                    args.device, backends,
+                )  # fmt: skip
+    elif not args.skip_speed:
         for data in args.data.split(","):
             if data == "sic" and not (DATA / "sic" / "ref_SiC.png").exists():
                 print(f"## speed on sic data: skipped, real data not found in {DATA}")

@@ -29,6 +29,10 @@ its operations single-threaded: many small parallel operations would otherwise e
 OpenMP barrier, which is slow on a busy machine. While a call runs, torch's thread count is
 set to 1 in the workers and restored afterwards.
 
+On CUDA (a fused Triton kernel) and other devices (a torch device path),
+:func:`c_transform_argmin` runs :mod:`napari_wpp.core.semidual_gpu` instead: same bound, same
+exact answer, no host synchronisation inside a pass; CPU tensors keep this engine.
+
 The error bound (u = unit round-off of float32, d = dimension, T_j = 2 |x_j| max_k |y_k| +
 max_k |c_k|, centred coordinates) is ``E_j = (d + 6) u T_j + 3 u max_k |y_k|²`` for float32
 inputs. It is rigorous to first order in u with room to spare: a score is a (d+1)-term dot
@@ -79,6 +83,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from napari_wpp.core import semidual_gpu
 from napari_wpp.core.errors import InputError
 
 __all__ = [
@@ -590,8 +595,13 @@ def c_transform_argmin(
         Precision of the candidate scores: ``"fp32"`` (default) or ``"bf16"`` (rounded
         inputs, wider error bound, more float64 re-ranking). The result is exact either way.
     backend
-        ``"torch"`` (grouped block engine, any device), ``"faiss"`` (CPU, needs faiss) or
-        ``"auto"`` (currently the torch engine; faiss is not faster on this workload).
+        ``"auto"`` (default): the grouped engine on CPU tensors, the fused Triton kernel on
+        CUDA when Triton imports, else the torch device path (MPS and other devices).
+        ``"torch"``: the grouped block engine (any device). ``"triton"``: the fused kernel of
+        :mod:`napari_wpp.core.semidual_gpu` (CUDA, or CPU tensors under
+        ``TRITON_INTERPRET=1``). ``"device"``: the sync-free torch device path (any device).
+        ``"faiss"``: CPU, needs faiss. The GPU paths compute fp32 candidates; ``bf16`` runs
+        the grouped engine.
 
     Returns
     -------
@@ -614,8 +624,24 @@ def c_transform_argmin(
                     "faiss is not installed: pip install faiss-cpu or use backend='torch'"
                 )
             return _faiss_argmin(x, y, psi)
-        if backend not in ("auto", "torch"):
-            raise InputError(f"unknown backend {backend!r}: use auto, torch or faiss")
+        if backend not in ("auto", "torch", "triton", "device"):
+            raise InputError(
+                f"unknown backend {backend!r}: use auto, torch, triton, device or faiss"
+            )
+        if backend == "auto" and x.device.type != "cpu" and precision == "fp32":
+            backend = "triton" if semidual_gpu.triton_usable(x.device) else "device"
+        if backend in ("triton", "device"):
+            if precision != "fp32":
+                raise InputError(f"the {backend} backend computes fp32 scores: use precision fp32")
+            with _ieee_fp32_matmul(x.device):
+                if backend == "device":
+                    return semidual_gpu.device_argmin(x, y, psi)
+                if not semidual_gpu.triton_usable(x.device):
+                    raise InputError(
+                        "the triton backend needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+                        "for CPU tensors): use backend='device'"
+                    )
+                return semidual_gpu.triton_argmin(x, y, psi)
         return _grouped_argmin(x, y, psi, precision)
 
 
@@ -1096,15 +1122,16 @@ class WassersteinPatchPrior:
         m = self.reference.shape[0]
         self.psi = torch.zeros(m, dtype=torch.float32, device=dev)
         zeros = torch.zeros(m, dtype=torch.float32, device=dev)
-        scalar = torch.zeros((), dtype=torch.float64)
+        # scalars live with ψ: off the CPU the solver runs without host syncs
+        scalar = torch.zeros((), dtype=torch.float64, device=dev)
         self._state = {"step": scalar.clone(), "scale": scalar.clone()}
         if self.solver == "adam":
             self._state.update(exp_avg=zeros.clone(), exp_avg_sq=zeros.clone())
         elif self.solver == "asgd":
             self._state.update(
                 ax=zeros.clone(),
-                eta=torch.tensor(self.options["lr"], dtype=torch.float64),
-                mu=torch.ones((), dtype=torch.float64),
+                eta=torch.full((), self.options["lr"], dtype=torch.float64, device=dev),
+                mu=torch.ones((), dtype=torch.float64, device=dev),
             )
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -1138,9 +1165,13 @@ class WassersteinPatchPrior:
         self.reference = self.reference.to(device)
         self.psi = self.psi.to(device)
         for k, v in self._state.items():
-            if v.ndim:
-                self._state[k] = v.to(device)
+            self._state[k] = v.to(device)
         return self
+
+    @property
+    def _on_host(self) -> bool:
+        """CPU prior: scalars are Python floats. Elsewhere they stay device tensors (no sync)."""
+        return self.reference.device.type == "cpu"
 
     # ------------------------------------------------------------------ solver
     def _check_patches(self, patches: Tensor) -> None:
@@ -1170,8 +1201,13 @@ class WassersteinPatchPrior:
             return c_transform_argmin(x, self.reference, self.psi)
         return tracker(self.psi)
 
-    def _pass(self, x: Tensor, tracker: _PassTracker | None = None) -> tuple[float, Tensor]:
-        """One c-transform over all patches: semi-dual value and ascent direction ∇ψ."""
+    def _pass(
+        self, x: Tensor, tracker: _PassTracker | None = None
+    ) -> tuple[float | Tensor, Tensor]:
+        """One c-transform over all patches: semi-dual value and ascent direction ∇ψ.
+
+        On the CPU the value is a float; elsewhere a float64 device tensor (no host sync).
+        """
         idx = self._argmin(x, tracker)
         diff = x - self.reference[idx]
         costs = (diff * diff).sum(1)
@@ -1180,13 +1216,21 @@ class WassersteinPatchPrior:
         self._update_scale(value, cost_sum / n)
         return value, self._ascent_direction(counts, n)
 
-    def _semidual_value(self, counts: Tensor, n: float, cost_sum: float) -> float:
+    def _semidual_value(
+        self, counts: Tensor, n: float | Tensor, cost_sum: float | Tensor
+    ) -> float | Tensor:
         """``mean_j (c_j − ψ_κ(j)) + mean_k ψ_k`` from the counts and the cost sum."""
-        psi_sum = float((counts.double() * self.psi.double()).sum())
-        return (cost_sum - psi_sum) / n + float(self.psi.double().mean())
+        psi_sum: float | Tensor = (counts.double() * self.psi.double()).sum()
+        psi_mean: float | Tensor = self.psi.double().mean()
+        if self._on_host:
+            psi_sum, psi_mean = float(psi_sum), float(psi_mean)
+        return (cost_sum - psi_sum) / n + psi_mean
 
-    def _update_scale(self, value: float, mean_cost: float) -> None:
+    def _update_scale(self, value: float | Tensor, mean_cost: float | Tensor) -> None:
         """Cost scale of the adam/gd steps: fixed at the first value, or tracked."""
+        if not self._on_host:
+            self._update_scale_on_device(value, mean_cost)  # type: ignore[arg-type]
+            return
         if float(self._state["scale"]) <= 0.0:
             # the semi-dual value at the first call (mean nearest-neighbour cost when
             # psi = 0), floored to stay positive
@@ -1194,17 +1238,29 @@ class WassersteinPatchPrior:
         elif self.scale_momentum is not None:
             self._track_scale(mean_cost)
 
-    def _global_counts(self, idx: Tensor, costs: Tensor) -> tuple[Tensor, float, float]:
-        """Argmin counts (M,), number of patches and sum of assigned costs, over all ranks."""
-        counts = torch.bincount(idx, minlength=self.reference.shape[0])
-        size = torch.tensor(float(idx.shape[0]), dtype=torch.float64, device=costs.device)
+    def _global_counts(
+        self, idx: Tensor, costs: Tensor
+    ) -> tuple[Tensor, float | Tensor, float | Tensor]:
+        """Argmin counts (M,), number of patches and sum of assigned costs, over all ranks.
+
+        On the CPU the two sums are floats, elsewhere float64 device scalars (no sync).
+        """
+        m = self.reference.shape[0]
+        if self._on_host:
+            counts = torch.bincount(idx, minlength=m)
+        else:  # CUDA's bincount reads the maximum index on the host; a scatter does not
+            counts = torch.zeros(m, dtype=torch.int64, device=idx.device)
+            counts.scatter_add_(0, idx, torch.ones_like(idx))
+        size = torch.full((), float(idx.shape[0]), dtype=torch.float64, device=costs.device)
         sums = torch.stack([size, costs.double().sum()])
         if self.reduce_sum is not None:
             counts, sums = self.reduce_sum(counts), self.reduce_sum(sums)
+        if not self._on_host:
+            return counts, sums[0], sums[1]
         n, cost_sum = (float(v) for v in sums)
         return counts, n, cost_sum
 
-    def _ascent_direction(self, counts: Tensor, n: float) -> Tensor:
+    def _ascent_direction(self, counts: Tensor, n: float | Tensor) -> Tensor:
         """∇ψ of the semi-dual objective: ``1/M − counts/N``."""
         return 1.0 / counts.shape[0] - counts.to(torch.float32) / n
 
@@ -1213,7 +1269,44 @@ class WassersteinPatchPrior:
         scale = (1 - m) * float(self._state["scale"]) + m * max(mean_cost, 1e-12)
         self._state["scale"] = torch.tensor(scale, dtype=torch.float64)
 
+    def _update_scale_on_device(self, value: Tensor, mean_cost: Tensor) -> None:
+        """:meth:`_update_scale` with device scalars: selections instead of branches."""
+        scale = self._state["scale"]
+        first = value.abs().clamp(min=1e-12)
+        if self.scale_momentum is not None:
+            m = float(self.scale_momentum)
+            tracked = (1 - m) * scale + m * mean_cost.clamp(min=1e-12)
+        else:
+            tracked = scale
+        self._state["scale"] = torch.where(scale <= 0.0, first, tracked)
+
+    def _step_on_device(self, grad: Tensor) -> None:
+        """:meth:`_step` with the step count and scalars as device tensors (no host sync)."""
+        st, opt = self._state, self.options
+        st["step"] = st["step"] + 1
+        t = st["step"]
+        m = self.psi.shape[0]
+        if self.solver == "adam":
+            b1, b2 = opt["beta1"], opt["beta2"]
+            st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            mhat = st["exp_avg"] / (1 - b1**t)
+            vhat = st["exp_avg_sq"] / (1 - b2**t)
+            lr = opt["lr"] * st["scale"]
+            self.psi.add_(lr * mhat / (vhat.sqrt() + opt["eps"]))
+        elif self.solver == "asgd":
+            eta, mu = st["eta"], st["mu"]
+            self.psi.mul_(1 - opt["lambd"] * eta).add_(grad * eta)
+            st["ax"].copy_(torch.where(mu == 1.0, self.psi, st["ax"] + (self.psi - st["ax"]) * mu))
+            st["eta"] = opt["lr"] / (1 + opt["lambd"] * opt["lr"] * t) ** opt["alpha"]
+            st["mu"] = 1.0 / (t - opt["t0"]).clamp(min=1.0)
+        else:  # gd
+            self.psi.add_(grad * (opt["lr"] * st["scale"] * m))
+
     def _step(self, grad: Tensor) -> None:
+        if not self._on_host:
+            self._step_on_device(grad)
+            return
         st, opt = self._state, self.options
         st["step"] = st["step"] + 1
         t = float(st["step"])
@@ -1264,10 +1357,10 @@ class WassersteinPatchPrior:
         tracker = self._tracker(x, int(passes))
         value = self._ascend(x, int(passes), tracker)
         self._tracker_done(tracker)
-        return value
+        return float(value)  # off the CPU: the call's one host sync
 
-    def _ascend(self, x: Tensor, passes: int, tracker: _PassTracker | None) -> float:
-        value = float("nan")
+    def _ascend(self, x: Tensor, passes: int, tracker: _PassTracker | None) -> float | Tensor:
+        value: float | Tensor = float("nan")
         with torch.no_grad():
             for _ in range(passes):
                 value, grad = self._pass(x, tracker)
