@@ -111,3 +111,52 @@ def test_rank_devices() -> None:
         distributed.rank_device("cuda:1", 0, 2)
     if not torch.cuda.is_available():
         assert distributed.rank_device("auto", 1, 2) == "cpu"
+
+
+@pytest.mark.slow  # about 20 s on two shared cores: three processes import torch
+def test_torchrun_cli_writes_one_model_and_one_progress_stream(tmp_path: Path) -> None:
+    import tifffile
+
+    from napari_wpp import io
+    from napari_wpp.data import synthetic_material
+
+    m = synthetic_material(shape=(4, 32, 32), scale=2, noise=0.01, seed=0)
+    tifffile.imwrite(tmp_path / "lr.tif", m.lr, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "ref.tif", m.reference)
+    out = tmp_path / "m.safetensors"
+    command = torchrun(
+        2,
+        "-m",
+        "napari_wpp.cli",
+        "train",
+        "--lr-data",
+        str(tmp_path / "lr.tif"),
+        "--reference",
+        str(tmp_path / "ref.tif"),
+        "--scale",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "12",
+        "--reference-patches",
+        "200",
+        "--psi-passes",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and "cpu ×2" in wrote[0], result.stdout
+    progress = [line for line in result.stderr.splitlines() if "step 2/2" in line]
+    assert len(progress) == 1 and "· cpu ×2 ·" in progress[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.tif", "m.safetensors", "ref.tif"]
+    state = io.load_model(out)
+    assert state.step == 2 and state.config["batch_size"] == 2
+    assert not any(k.startswith("module.") for k in state.model.state_dict())

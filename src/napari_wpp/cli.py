@@ -49,8 +49,8 @@ DEMO_SLICES = 8
 DEMO_CPU_MODEL: dict[str, Any] = {"features": 32, "blocks": 4, "offset": 0.5}
 #: Training settings of the demo (``TrainingConfig`` fields).
 DEMO_TRAINING: dict[str, Any] = {"batch_size": 4, "patches_per_step": 6000}
-#: Defaults of ``napari-wpp train`` shown in its help (those of ``TrainingConfig``, checked by
-#: a test; kept here so that ``--help`` does not import torch).
+#: Defaults of ``napari-wpp train`` shown in its help (those of ``TrainingConfig`` on a CPU,
+#: checked by a test; kept here so that ``--help`` does not import torch).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 500,
     "batch_size": 8,
@@ -58,6 +58,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "n_reference_patches": 5_000,
     "psi_passes": 2,
     "seed": 0,
+}
+#: Defaults that differ on CUDA (``core.training.DEVICE_DEFAULTS["cuda"]``, checked by a test).
+TRAIN_CUDA_DEFAULTS: dict[str, Any] = {
+    "batch_size": 25,
+    "n_reference_patches": 10_000,
+    "psi_passes": 5,
 }
 #: Minutes between two writes of the model file during ``napari-wpp train``.
 CHECKPOINT_MINUTES = 5.0
@@ -399,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive["--batch-size"],
         metavar="B",
-        help=f"LR crops per step (default {d['batch_size']})",
+        help=f"LR crops per step, per process under torchrun (default {d['batch_size']}; "
+        f"{TRAIN_CUDA_DEFAULTS['batch_size']} on CUDA)",
     )
     p.add_argument(
         "--crop-size",
@@ -411,13 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-patches",
         type=_positive["--reference-patches"],
         metavar="M",
-        help=f"random reference patches used by the prior (default {d['n_reference_patches']})",
+        help=f"random reference patches used by the prior (default {d['n_reference_patches']}; "
+        f"{TRAIN_CUDA_DEFAULTS['n_reference_patches']} on CUDA)",
     )
     p.add_argument(
         "--psi-passes",
         type=_positive["--psi-passes"],
         metavar="P",
-        help=f"dual (ψ) ascent passes per step (default {d['psi_passes']})",
+        help=f"dual (ψ) ascent passes per step (default {d['psi_passes']}; "
+        f"{TRAIN_CUDA_DEFAULTS['psi_passes']} on CUDA)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument(
@@ -678,8 +687,11 @@ class _ProgressBar:
     the work and at most every ``interval_s`` seconds in between.
     """
 
-    def __init__(self, label: str, width: int = 24, interval_s: float = 60.0) -> None:
+    def __init__(
+        self, label: str, width: int = 24, interval_s: float = 60.0, silent: bool = False
+    ) -> None:
         self.label = label
+        self.silent = silent
         self.width = width
         self.interval_s = interval_s
         self.stream = sys.stderr
@@ -695,6 +707,8 @@ class _ProgressBar:
 
     def update(self, fraction: float, detail: str = "") -> None:
         """Show ``fraction`` (0..1) of the work done and a short ``detail``."""
+        if self.silent:  # a data-parallel rank other than 0
+            return
         fraction = min(max(float(fraction), 0.0), 1.0)
         now = time.perf_counter()
         elapsed = now - self.start
@@ -1354,12 +1368,24 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
     if isinstance(event, TrainingProgress):
         logdet = "" if event.logdet is None else f" logdet {event.logdet:.3g}"
         phase = "" if event.phase is None else f" ({event.phase})"
+        total = "" if event.total_steps is None else f"/{event.total_steps}"
+        rate = "" if event.steps_per_s is None else f" · {_rate_text(event.steps_per_s)}"
+        device = f" · {event.device}" if event.device else ""
         return (
             event.fraction,
-            f"step {event.step}{phase} data {event.data_term:.2e} wpp {event.wpp_term:.2e}"
-            f"{logdet}",
+            f"step {event.step}{total}{phase}{rate}{device} · data {event.data_term:.2e} "
+            f"wpp {event.wpp_term:.2e}{logdet}",
         )
     return None
+
+
+def _rate_text(steps_per_s: float) -> str:
+    """``3.4 steps/s``, or ``12 s/step`` for slow steps."""
+    if steps_per_s >= 1.0:
+        return f"{steps_per_s:.1f} steps/s"
+    if steps_per_s > 0.0:
+        return f"{1.0 / steps_per_s:.1f} s/step"
+    return ""
 
 
 def _train_model(
@@ -1371,20 +1397,33 @@ def _train_model(
     resume: Any = None,
     normalisation: dict[str, Any] | None = None,
     label: str = "train",
+    data_parallel: Any = None,
 ) -> tuple[Any, int]:
     """Drive :func:`napari_wpp.core.training.train`, writing ``out`` at checkpoints and at the end.
 
     The model file is written in the worker thread, so Ctrl-C (which stops training after the
     current step) still ends with the file written. Returns the final event and the number of
-    checkpoints written.
+    checkpoints written. Under ``torchrun`` (``data_parallel`` with several ranks) only rank 0
+    shows progress and writes ``out``.
     """
     from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished, train
 
     written = [0]
 
+    main_rank = data_parallel is None or data_parallel.is_main
+    if not main_rank:
+        out = None
+
     def events(stop: threading.Event) -> Iterable[Any]:
         for event in train(
-            lr, reference, operator, config, stop=stop, resume=resume, normalisation=normalisation
+            lr,
+            reference,
+            operator,
+            config,
+            stop=stop,
+            resume=resume,
+            normalisation=normalisation,
+            data_parallel=data_parallel,
         ):
             if out is not None and isinstance(event, TrainingCheckpoint):
                 _save_model(out, event.state)
@@ -1395,7 +1434,7 @@ def _train_model(
 
     final = _drive(
         events,
-        _ProgressBar(label),
+        _ProgressBar(label, silent=not main_rank),
         describe=_describe_training,
         finished=TrainingFinished,
         stopping="stopping after this step; the model file will still be written",
@@ -1404,6 +1443,22 @@ def _train_model(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """``napari-wpp train``; under ``torchrun`` one data-parallel rank of the run."""
+    from napari_wpp.core import distributed
+
+    if not distributed.launched():
+        return _train_command(args, _check_device(args.device), None)
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = _check_device(distributed.rank_device(args.device, local_rank, world_size))
+    data_parallel = distributed.init_from_environment(device)
+    try:
+        return _train_command(args, device, data_parallel)
+    finally:
+        distributed.shutdown()
+
+
+def _train_command(args: argparse.Namespace, device: str, data_parallel: Any) -> int:
     import numpy as np
 
     from napari_wpp.core.intensity import Normalisation
@@ -1412,7 +1467,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = _check_output(args.out, "model file", suffixes=(".safetensors",))
     if args.model is not None:
         _check_model_kind(args.model)
-    device = _check_device(args.device)
     resume = None
     if args.resume is not None:
         name = Path(args.resume).name
@@ -1449,22 +1503,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         noise_std=DEFAULT_NOISE_STD if args.noise is None else args.noise,
         steps=args.steps,
         minutes=args.minutes,
-        batch_size=args.batch_size or d["batch_size"],
+        batch_size=args.batch_size,  # None: the device's default
         crop_size=args.crop_size or d["crop_size"],
-        n_reference_patches=args.reference_patches or d["n_reference_patches"],
-        psi_passes=args.psi_passes or d["psi_passes"],
+        n_reference_patches=args.reference_patches,
+        psi_passes=args.psi_passes,
         seed=args.seed if args.seed is not None else d["seed"],
         device=device,
         checkpoint_minutes=args.checkpoint_minutes or None,
     )
-    if "auto" in (args.lam, args.rho) and resume is None:
+    main_rank = data_parallel is None or data_parallel.is_main
+    if "auto" in (args.lam, args.rho) and resume is None and main_rank:
         flag = "--lambda" if args.lam == "auto" else "--rho"
         sys.stderr.write(f"choosing λ on the reference ({flag} auto)...\n")
         sys.stderr.flush()
     first_step = resume.step if resume is not None else 0
     final, checkpoints = _train_model(
-        lr_n, ref_n, operator, config, out, resume=resume, normalisation=norm.to_dict()
+        lr_n,
+        ref_n,
+        operator,
+        config,
+        out,
+        resume=resume,
+        normalisation=norm.to_dict(),
+        data_parallel=data_parallel,
     )
+    if not main_rank:  # rank 0 reports for all
+        return EXIT_OK
+    if data_parallel is not None and data_parallel.active:
+        device = f"{device} ×{data_parallel.world_size}"
     state = final.state
     last = state.history[-1] if state.history else {}
     stopped = bool(final.stopped_early)
