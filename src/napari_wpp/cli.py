@@ -1363,13 +1363,13 @@ def _save_model(path: Path, state: Any) -> None:
 
 
 def _describe_training(event: Any) -> tuple[float, str] | None:
-    from napari_wpp.core.training import TrainingProgress
+    from napari_wpp.core.training import TrainingProgress, rate_text
 
     if isinstance(event, TrainingProgress):
         logdet = "" if event.logdet is None else f" logdet {event.logdet:.3g}"
         phase = "" if event.phase is None else f" ({event.phase})"
         total = "" if event.total_steps is None else f"/{event.total_steps}"
-        rate = "" if event.steps_per_s is None else f" · {_rate_text(event.steps_per_s)}"
+        rate = f" · {rate_text(event.steps_per_s)}" if event.steps_per_s else ""
         device = f" · {event.device}" if event.device else ""
         return (
             event.fraction,
@@ -1377,15 +1377,6 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
             f"wpp {event.wpp_term:.2e}{logdet}",
         )
     return None
-
-
-def _rate_text(steps_per_s: float) -> str:
-    """``3.4 steps/s``, or ``12 s/step`` for slow steps."""
-    if steps_per_s >= 1.0:
-        return f"{steps_per_s:.1f} steps/s"
-    if steps_per_s > 0.0:
-        return f"{1.0 / steps_per_s:.1f} s/step"
-    return ""
 
 
 def _train_model(

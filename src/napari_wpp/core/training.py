@@ -90,6 +90,15 @@ CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": False}
 RATE_WINDOW = 20
 
 
+def rate_text(steps_per_s: float | None) -> str:
+    """``"3.4 steps/s"``, ``"12.0 s/step"`` for slow steps, ``""`` when unknown."""
+    if steps_per_s is None or not steps_per_s > 0.0:
+        return ""
+    if steps_per_s >= 1.0:
+        return f"{steps_per_s:.1f} steps/s"
+    return f"{1.0 / steps_per_s:.1f} s/step"
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 convolutions natively (fast)."""
     if device.type == "cuda":
