@@ -25,7 +25,17 @@ Each configuration runs in its own subprocess so that its peak memory (max RSS) 
 The published code itself measured about 130 s per step on these 2 cores (REFERENCE.md,
 issue 3); the ratio printed is against the published-style step measured here.
 
+``--device cuda`` measures our step on the GPU (defaults, published settings with ASGD and
+with Adam ψ; the CPU-only published-style re-implementation is skipped) and then, with
+``--psnr-minutes`` (default 1,3,10 on CUDA, none on the CPU), trains the README's SiC ×4
+command (corner operator σ = 2, kernel 16, circular; the device's defaults, seed 0) once for
+each budget and prints the PSNR of ``lr_SiC_x4.png`` superresolved against ``hr_SiC.png``
+(40-pixel border cropped, as ``napari-wpp evaluate``).
+
     python benchmarks/bench_training.py [--steps 2] [--warm-steps 150] [--data sic|synthetic]
+    python benchmarks/bench_training.py --device cuda [--psnr-minutes 1,3,10]
+    python benchmarks/bench_training.py --device cpu --steps 1 --configs ours-defaults \
+        --psnr-minutes 0.05   # smoke test
 """
 
 from __future__ import annotations
@@ -48,8 +58,16 @@ PUBLISHED = dict(
     n_reference_patches=10_000,
     psi_passes=20,
     psi_solver="asgd",
-    patches_per_step=None,
+    patches_per_step=0,  # all generated patches
 )
+#: Configurations measured by default on each device.
+DEFAULT_CONFIGS = {
+    "cpu": (
+        "published-style,ours-published,ours-published-warm,ours-published-adam,"
+        "ours-published-adam-warm,ours-defaults"
+    ),
+    "cuda": "ours-defaults,ours-published,ours-published-adam",
+}
 
 
 def load_data(kind: str) -> tuple[np.ndarray, np.ndarray, object]:
@@ -116,10 +134,12 @@ def published_style_step(lr: np.ndarray, ref: np.ndarray, operator, steps: int) 
     return times
 
 
-def ours(lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: dict) -> list[float]:
+def ours(
+    lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: dict, device: str = "cpu"
+) -> list[float]:
     from napari_wpp.core.training import TrainingConfig, TrainingProgress, train
 
-    config = TrainingConfig(steps=steps + 1, device="cpu", **settings)
+    config = TrainingConfig(steps=steps + 1, device=device, **settings)
     times, last = [], None
     for event in train(lr, ref, operator, config):
         if isinstance(event, TrainingProgress):
@@ -129,7 +149,15 @@ def ours(lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: dict) 
     return times
 
 
-def ours_warm(lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: dict, warm: int):
+def ours_warm(
+    lr: np.ndarray,
+    ref: np.ndarray,
+    operator,
+    steps: int,
+    settings: dict,
+    warm: int,
+    device: str = "cpu",
+):
     """Seconds per step with ``settings`` after ``warm`` cheap steps of the same run."""
     from napari_wpp.core.training import (
         TrainingConfig,
@@ -140,13 +168,13 @@ def ours_warm(lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: d
 
     cheap = {**settings, "psi_passes": 2, "patches_per_step": 20_000}
     state = None
-    for event in train(lr, ref, operator, TrainingConfig(steps=warm, device="cpu", **cheap)):
+    for event in train(lr, ref, operator, TrainingConfig(steps=warm, device=device, **cheap)):
         if isinstance(event, TrainingFinished):
             state = event.state
     assert state is not None
-    state.config.update(psi_passes=settings["psi_passes"], patches_per_step=None)
+    state.config.update(psi_passes=settings["psi_passes"], patches_per_step=0)
     times, last = [], None
-    config = TrainingConfig(steps=warm + steps + 1, device="cpu")
+    config = TrainingConfig(steps=warm + steps + 1, device=device)
     for event in train(lr, ref, operator, config, resume=state):
         if isinstance(event, TrainingProgress):
             if last is not None:
@@ -158,22 +186,45 @@ def ours_warm(lr: np.ndarray, ref: np.ndarray, operator, steps: int, settings: d
 ADAM_PUBLISHED = {**PUBLISHED, "psi_solver": "adam", "psi_passes": 5}
 
 
-def child(which: str, steps: int, data: str, warm: int) -> None:
+def psnr_after(minutes: float, device: str) -> tuple[float, int]:
+    """PSNR (dB) and steps of the README's SiC ×4 training run with ``minutes`` of budget."""
+    import imageio.v3 as iio
+
+    from napari_wpp.core.inference import run_superresolve
+    from napari_wpp.core.metrics import psnr
+    from napari_wpp.core.training import TrainingConfig, run_training
+
+    lr, ref, operator = load_data("sic")
+    config = TrainingConfig(minutes=minutes, seed=0, device=device)
+    state = run_training(lr, ref, operator, config).state
+    test_lr = iio.imread(DATA / "lr_SiC_x4.png").astype(np.float32) / 255
+    truth = iio.imread(DATA / "hr_SiC.png").astype(np.float32) / 255
+    pred = run_superresolve(state.model, test_lr, device=device)
+    return psnr(np.clip(pred, 0, 1), truth, crop=40), state.step
+
+
+def child(which: str, steps: int, data: str, warm: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
+    if which.startswith("psnr-"):
+        value, trained_steps = psnr_after(float(which[5:]), device)
+        print(json.dumps({"psnr": value, "steps": trained_steps}))
+        return
     lr, ref, operator = load_data(data)
     if which == "published-style":
         times = published_style_step(lr, ref, operator, steps)
     elif which == "ours-published":
-        times = ours(lr, ref, operator, steps, PUBLISHED)
+        times = ours(lr, ref, operator, steps, PUBLISHED, device)
     elif which == "ours-published-warm":
-        times = ours_warm(lr, ref, operator, steps, PUBLISHED, warm)
+        times = ours_warm(lr, ref, operator, steps, PUBLISHED, warm, device)
     elif which == "ours-published-adam":
-        times = ours(lr, ref, operator, steps, ADAM_PUBLISHED)
+        times = ours(lr, ref, operator, steps, ADAM_PUBLISHED, device)
     elif which == "ours-published-adam-warm":
-        times = ours_warm(lr, ref, operator, steps, ADAM_PUBLISHED, warm)
+        times = ours_warm(lr, ref, operator, steps, ADAM_PUBLISHED, warm, device)
     else:
-        times = ours(lr, ref, operator, steps, {})
+        times = ours(lr, ref, operator, steps, {}, device)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20  # GPU memory, not host RSS
     print(json.dumps({"times": times, "peak_mb": peak_mb}))
 
 
@@ -183,11 +234,14 @@ def main() -> None:
     parser.add_argument("--data", choices=("sic", "synthetic"), default="sic")
     parser.add_argument(
         "--configs",
-        default=(
-            "published-style,ours-published,ours-published-warm,ours-published-adam,"
-            "ours-published-adam-warm,ours-defaults"
-        ),
-        help="comma-separated subset of the configurations (ratios need published-style)",
+        help="comma-separated subset of the configurations (ratios need published-style; "
+        f"default on the CPU: {DEFAULT_CONFIGS['cpu']}; on CUDA: {DEFAULT_CONFIGS['cuda']})",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument(
+        "--psnr-minutes",
+        help="comma-separated training budgets (minutes) of the SiC PSNR runs (default "
+        "1,3,10 on CUDA, none on the CPU)",
     )
     parser.add_argument(
         "--warm-steps", type=int, default=150, help="cheap steps before the warm rows' steps"
@@ -195,17 +249,22 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.data, args.warm_steps)
+        child(args.child, args.steps, args.data, args.warm_steps, args.device)
         return
     from napari_wpp.core.training import TrainingConfig
 
-    defaults = TrainingConfig()
-    print(
-        f"# WPPNet training step, ×4, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, data {args.data}"
+    kind = torch.device(args.device).type
+    configs = args.configs or DEFAULT_CONFIGS["cuda" if kind == "cuda" else "cpu"]
+    psnr_minutes = (
+        args.psnr_minutes if args.psnr_minutes is not None else ("1,3,10" if kind == "cuda" else "")
     )
-    rows = {}
-    for which in args.configs.split(","):
+    defaults = TrainingConfig().for_device(args.device)
+    where = f"{torch.get_num_threads()} threads"
+    if kind == "cuda":
+        where = f"{torch.cuda.get_device_name(torch.device(args.device))}, {where}"
+    print(f"# WPPNet training step, ×4, torch {torch.__version__}, {where}, data {args.data}")
+
+    def run_child(which: str) -> dict:
         out = subprocess.run(
             [
                 sys.executable,
@@ -218,12 +277,16 @@ def main() -> None:
                 args.data,
                 "--warm-steps",
                 str(args.warm_steps),
+                "--device",
+                args.device,
             ],
             capture_output=True,
             text=True,
             check=True,
         )
-        rows[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = {which: run_child(which) for which in configs.split(",")}
     base = float(np.median(rows.get("published-style", {"times": [float("nan")]})["times"]))
     labels = {
         "published-style": "published-style step (same run)",
@@ -233,14 +296,29 @@ def main() -> None:
         "ours-published-adam-warm": "ours, published settings, Adam ψ 5 passes, warm",
         "ours-defaults": (
             f"ours, defaults (batch {defaults.batch_size}, {defaults.n_reference_patches} ref, "
-            f"{defaults.psi_passes} passes, ~{defaults.patches_per_step} patches)"
+            f"{defaults.psi_passes} passes, "
+            + (
+                f"~{defaults.patches_per_step} patches)"
+                if defaults.patches_per_step
+                else "all patches)"
+            )
         ),
     }
     print(f"{'configuration':<66} {'s/step':>8} {'speed-up':>9} {'peak MB':>8}")
     for which, row in rows.items():
         t = float(np.median(row["times"]))
         print(f"{labels[which]:<66} {t:8.2f} {base / t:8.2f}x {row['peak_mb']:8.0f}")
-    print("(published code as measured on these 2 cores: about 130 s/step, peak 1.7 GB)")
+    if kind == "cpu":
+        print("(published code as measured on these 2 cores: about 130 s/step, peak 1.7 GB)")
+    else:
+        print("(peak MB: GPU memory allocated by torch)")
+    budgets = [float(m) for m in psnr_minutes.split(",") if m.strip()]
+    if budgets:
+        print(f"# SiC ×4, README command with the {kind} defaults: PSNR vs hr_SiC.png")
+        print(f"{'minutes':>8} {'steps':>7} {'PSNR dB':>8}")
+        for minutes in budgets:
+            row = run_child(f"psnr-{minutes:g}")
+            print(f"{minutes:8g} {row['steps']:7d} {row['psnr']:8.2f}")
 
 
 if __name__ == "__main__":

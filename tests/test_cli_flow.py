@@ -149,7 +149,7 @@ def test_train_a_flow_with_rho_and_noise(
     )
     assert code == 0, err
     assert "ρ = 40" in stdout and "σ = 0.02" in stdout
-    assert "step 1 (mean warm-up) data" in err and "step 2 (spread) data" in err
+    assert "step 1/2 (mean warm-up) · " in err and "step 2/2 (spread) · " in err
     meta = io.read_model_metadata(out)
     assert meta["lam"] == 40.0 and meta["config"]["noise_std"] == 0.02
     # one warm-up step of the mean network, then one of the flow with the mean frozen

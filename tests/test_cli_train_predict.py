@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def test_train_text_output_and_progress(
     assert code == 0, err
     assert stdout.startswith(f"wrote {out} (wppnet ×2) after 2 steps")
     assert "λ = 0.01" in stdout and "data " in stdout and "wpp " in stdout
-    assert "step 2 data" in err
+    # the progress line: step/budget, steps per second, device, losses
+    assert re.search(r"step 2/2 · [0-9.]+ (steps/s|s/step) · cpu · data ", err), err
     assert io.read_model_metadata(out)["lam"] == pytest.approx(0.01)
 
 
@@ -293,7 +295,7 @@ def test_train_out_must_be_safetensors(
 def test_train_defaults_in_help_match_the_library(capsys: pytest.CaptureFixture) -> None:
     from napari_wpp.core.training import DEFAULT_STEPS, PAPER_LAMBDA_NUMERATOR, TrainingConfig
 
-    config = TrainingConfig()
+    config = TrainingConfig().for_device("cpu")
     assert cli.TRAIN_DEFAULTS == {
         "steps": DEFAULT_STEPS,
         "batch_size": config.batch_size,
@@ -302,11 +304,15 @@ def test_train_defaults_in_help_match_the_library(capsys: pytest.CaptureFixture)
         "psi_passes": config.psi_passes,
         "seed": config.seed,
     }
+    cuda = TrainingConfig().for_device("cuda")
+    assert cli.TRAIN_CUDA_DEFAULTS == {
+        key: getattr(cuda, key) for key in ("batch_size", "n_reference_patches", "psi_passes")
+    }
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert f"{DEFAULT_STEPS} steps" in text
-    assert f"(default {config.batch_size})" in text
-    assert f"(default {config.n_reference_patches})" in text
+    assert f"(default {config.batch_size}; {cuda.batch_size} on CUDA)" in text
+    assert f"(default {config.n_reference_patches}; {cuda.n_reference_patches} on CUDA)" in text
     assert f"default {PAPER_LAMBDA_NUMERATOR:g} / crop-size²" in text
 
 

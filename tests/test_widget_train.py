@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,20 @@ def test_train_preview_plot_and_resume(setup, qtbot, tmp_path, errors) -> None:
     assert widget.plot.steps == [1, 2, 3, 4, 5]
     assert read_model_metadata(save_path)["step"] == 5
     assert len(errors) == 1
+
+
+def test_status_shows_steps_per_second_and_device(setup, qtbot, tmp_path) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    _tiny(widget, tmp_path / "rate.safetensors", steps=2, preview_every=0)
+    texts: list[str] = []
+    set_text = widget.status_label.setText
+    widget.status_label.setText = lambda text: (texts.append(text), set_text(text))
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS):
+        assert widget.start() is not None
+    progress = [t for t in texts if t.startswith("Step 2/2")]
+    assert progress, texts
+    assert re.match(r"Step 2/2 · [0-9.]+ (steps/s|s/step) · cpu · data ", progress[-1])
 
 
 def test_stop_midway_keeps_a_checkpoint(setup, qtbot, tmp_path) -> None:

@@ -45,6 +45,7 @@ from napari_wpp.cli.train import (
     DEFAULT_MEAN_WARMUP,
     DEFAULT_NOISE_STD,
     PUBLISHED_RHO_PER_CROP,
+    TRAIN_CUDA_DEFAULTS,
     TRAIN_DEFAULTS,
     TRAINABLE_MODELS,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_NOISE_STD",
     "PUBLISHED_RHO_PER_CROP",
     "TRAINABLE_MODELS",
+    "TRAIN_CUDA_DEFAULTS",
     "TRAIN_DEFAULTS",
     "build_parser",
     "main",

@@ -191,8 +191,11 @@ class _ProgressBar:
     the work and at most every ``interval_s`` seconds in between.
     """
 
-    def __init__(self, label: str, width: int = 24, interval_s: float = 60.0) -> None:
+    def __init__(
+        self, label: str, width: int = 24, interval_s: float = 60.0, silent: bool = False
+    ) -> None:
         self.label = label
+        self.silent = silent
         self.width = width
         self.interval_s = interval_s
         self.stream = sys.stderr
@@ -208,6 +211,8 @@ class _ProgressBar:
 
     def update(self, fraction: float, detail: str = "") -> None:
         """Show ``fraction`` (0..1) of the work done and a short ``detail``."""
+        if self.silent:  # a data-parallel rank other than 0
+            return
         fraction = min(max(float(fraction), 0.0), 1.0)
         now = time.perf_counter()
         elapsed = now - self.start

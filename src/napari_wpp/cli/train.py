@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -29,8 +30,8 @@ from napari_wpp.cli._common import (
 )
 from napari_wpp.core.errors import InputError
 
-#: Defaults of ``napari-wpp train`` shown in its help (those of ``TrainingConfig``, checked by
-#: a test; kept here so that ``--help`` does not import torch).
+#: Defaults of ``napari-wpp train`` shown in its help (those of ``TrainingConfig`` on a CPU,
+#: checked by a test; kept here so that ``--help`` does not import torch).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 500,
     "batch_size": 8,
@@ -41,6 +42,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Defaults that differ on CUDA (``core.training.DEVICE_DEFAULTS["cuda"]``, checked by a test).
+TRAIN_CUDA_DEFAULTS: dict[str, Any] = {
+    "batch_size": 25,
+    "n_reference_patches": 10_000,
+    "psi_passes": 5,
+}
 #: Minutes between two writes of the model file during ``napari-wpp train``.
 CHECKPOINT_MINUTES = 5.0
 #: Model kinds ``napari-wpp train`` knows (``core.training.TRAINABLE_MODELS``, checked by a
@@ -143,7 +150,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=_positive["--batch-size"],
         metavar="B",
-        help=f"LR crops per step (default {d['batch_size']})",
+        help=f"LR crops per step, per process under torchrun (default {d['batch_size']}; "
+        f"{TRAIN_CUDA_DEFAULTS['batch_size']} on CUDA)",
     )
     p.add_argument(
         "--crop-size",
@@ -155,13 +163,15 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--reference-patches",
         type=_positive["--reference-patches"],
         metavar="M",
-        help=f"random reference patches used by the prior (default {d['n_reference_patches']})",
+        help=f"random reference patches used by the prior (default {d['n_reference_patches']}; "
+        f"{TRAIN_CUDA_DEFAULTS['n_reference_patches']} on CUDA)",
     )
     p.add_argument(
         "--psi-passes",
         type=_positive["--psi-passes"],
         metavar="P",
-        help=f"dual (ψ) ascent passes per step (default {d['psi_passes']})",
+        help=f"dual (ψ) ascent passes per step (default {d['psi_passes']}; "
+        f"{TRAIN_CUDA_DEFAULTS['psi_passes']} on CUDA)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument(
@@ -374,14 +384,18 @@ def _save_model(path: Path, state: Any) -> None:
 
 
 def _describe_training(event: Any) -> tuple[float, str] | None:
-    from napari_wpp.core.training import TrainingProgress
+    from napari_wpp.core.training import TrainingProgress, rate_text
 
     if isinstance(event, TrainingProgress):
         logdet = "" if event.logdet is None else f" logdet {event.logdet:.3g}"
         phase = "" if event.phase is None else f" ({event.phase})"
+        total = "" if event.total_steps is None else f"/{event.total_steps}"
+        rate = f" · {rate_text(event.steps_per_s)}" if event.steps_per_s else ""
+        device = f" · {event.device}" if event.device else ""
         return (
             event.fraction,
-            f"step {event.step}{phase} data {event.data_term:.2e} wpp {event.wpp_term:.2e}{logdet}",
+            f"step {event.step}{total}{phase}{rate}{device} · data {event.data_term:.2e} "
+            f"wpp {event.wpp_term:.2e}{logdet}",
         )
     return None
 
@@ -395,20 +409,33 @@ def _train_model(
     resume: Any = None,
     normalisation: dict[str, Any] | None = None,
     label: str = "train",
+    data_parallel: Any = None,
 ) -> tuple[Any, int]:
     """Drive :func:`napari_wpp.core.training.train`, writing ``out`` at checkpoints and at the end.
 
     The model file is written in the worker thread, so Ctrl-C (which stops training after the
     current step) still ends with the file written. Returns the final event and the number of
-    checkpoints written.
+    checkpoints written. Under ``torchrun`` (``data_parallel`` with several ranks) only rank 0
+    shows progress and writes ``out``.
     """
     from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished, train
 
     written = [0]
 
+    main_rank = data_parallel is None or data_parallel.is_main
+    if not main_rank:
+        out = None
+
     def events(stop: threading.Event) -> Iterable[Any]:
         for event in train(
-            lr, reference, operator, config, stop=stop, resume=resume, normalisation=normalisation
+            lr,
+            reference,
+            operator,
+            config,
+            stop=stop,
+            resume=resume,
+            normalisation=normalisation,
+            data_parallel=data_parallel,
         ):
             if out is not None and isinstance(event, TrainingCheckpoint):
                 _save_model(out, event.state)
@@ -419,7 +446,7 @@ def _train_model(
 
     final = _drive(
         events,
-        _ProgressBar(label),
+        _ProgressBar(label, silent=not main_rank),
         describe=_describe_training,
         finished=TrainingFinished,
         stopping="stopping after this step; the model file will still be written",
@@ -428,6 +455,22 @@ def _train_model(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """``napari-wpp train``; under ``torchrun`` one data-parallel rank of the run."""
+    from napari_wpp.core import distributed
+
+    if not distributed.launched():
+        return _train_command(args, _check_device(args.device), None)
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = _check_device(distributed.rank_device(args.device, local_rank, world_size))
+    data_parallel = distributed.init_from_environment(device)
+    try:
+        return _train_command(args, device, data_parallel)
+    finally:
+        distributed.shutdown()
+
+
+def _train_command(args: argparse.Namespace, device: str, data_parallel: Any) -> int:
     import numpy as np
 
     from napari_wpp.core.intensity import Normalisation
@@ -436,7 +479,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = _check_output(args.out, "model file", suffixes=(".safetensors",))
     if args.model is not None:
         _check_model_kind(args.model)
-    device = _check_device(args.device)
     resume = None
     if args.resume is not None:
         name = Path(args.resume).name
@@ -473,22 +515,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         noise_std=DEFAULT_NOISE_STD if args.noise is None else args.noise,
         steps=args.steps,
         minutes=args.minutes,
-        batch_size=args.batch_size or d["batch_size"],
+        batch_size=args.batch_size,  # None: the device's default
         crop_size=args.crop_size or d["crop_size"],
-        n_reference_patches=args.reference_patches or d["n_reference_patches"],
-        psi_passes=args.psi_passes or d["psi_passes"],
+        n_reference_patches=args.reference_patches,
+        psi_passes=args.psi_passes,
         seed=args.seed if args.seed is not None else d["seed"],
         device=device,
         checkpoint_minutes=args.checkpoint_minutes or None,
     )
-    if "auto" in (args.lam, args.rho) and resume is None:
+    main_rank = data_parallel is None or data_parallel.is_main
+    if "auto" in (args.lam, args.rho) and resume is None and main_rank:
         flag = "--lambda" if args.lam == "auto" else "--rho"
         sys.stderr.write(f"choosing λ on the reference ({flag} auto)...\n")
         sys.stderr.flush()
     first_step = resume.step if resume is not None else 0
     final, checkpoints = _train_model(
-        lr_n, ref_n, operator, config, out, resume=resume, normalisation=norm.to_dict()
+        lr_n,
+        ref_n,
+        operator,
+        config,
+        out,
+        resume=resume,
+        normalisation=norm.to_dict(),
+        data_parallel=data_parallel,
     )
+    if not main_rank:  # rank 0 reports for all
+        return EXIT_OK
+    if data_parallel is not None and data_parallel.active:
+        device = f"{device} ×{data_parallel.world_size}"
     state = final.state
     last = state.history[-1] if state.history else {}
     stopped = bool(final.stopped_early)

@@ -23,8 +23,9 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from napari_wpp.core.budget import Budget, cosine_factor
 from napari_wpp.core.devices import resolve_device
+from napari_wpp.core.distributed import DataParallel, current
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.metrics import psnr
 from napari_wpp.core.models import build_model
@@ -62,6 +64,39 @@ FLOW_GRAD_CLIP = 1.0
 #: (docs/algorithms.md, "Mean first, then the spread").
 DEFAULT_MEAN_WARMUP = 0.3
 TRAINABLE_MODELS = ("wppnet", "wppflow")
+#: Defaults of the settings whose best value depends on the device (``TrainingConfig`` fields
+#: left at ``None``). The CPU values are the measured CPU defaults; the CUDA values are the
+#: published settings (batch 25, 10,000 reference patches, all generated patches, 5 ψ
+#: passes), provisional until measured on a GPU (docs/benchmarks.md). Other devices (MPS) take
+#: the CPU values. ``patches_per_step`` 0 means all generated patches.
+DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
+    "cpu": {
+        "batch_size": 8,
+        "n_reference_patches": 5_000,
+        "patches_per_step": 20_000,
+        "psi_passes": 2,
+    },
+    "cuda": {
+        "batch_size": 25,
+        "n_reference_patches": 10_000,
+        "patches_per_step": 0,
+        "psi_passes": 5,
+    },
+}
+#: Channels-last convolutions per device type for the network being trained: measured faster
+#: on CPUs; on CUDA a switch left off until measured (bf16 autocast is on there).
+CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": False}
+#: Steps over which the progress events' steps per second are averaged.
+RATE_WINDOW = 20
+
+
+def rate_text(steps_per_s: float | None) -> str:
+    """``"3.4 steps/s"``, ``"12.0 s/step"`` for slow steps, ``""`` when unknown."""
+    if steps_per_s is None or not steps_per_s > 0.0:
+        return ""
+    if steps_per_s >= 1.0:
+        return f"{steps_per_s:.1f} steps/s"
+    return f"{1.0 / steps_per_s:.1f} s/step"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -117,13 +152,18 @@ class TrainingConfig:
     steps, minutes
         Budgets; training stops at whichever comes first. With neither, :data:`DEFAULT_STEPS`.
     batch_size
-        LR crops per step; their generated patches are pooled into one distribution.
+        LR crops per step and process; their generated patches are pooled into one
+        distribution (over all processes of a data-parallel run: W processes train as one
+        process with W times the batch and the patches per step). ``None``: the device's
+        default (:data:`DEVICE_DEFAULTS`, like the three settings below); :func:`train`
+        records the value it used in the saved configuration.
     crop_size
         Side of the LR crops (clipped to the LR data's size).
     n_reference_patches
-        Size of the fixed random subset of reference patches.
+        Size of the fixed random subset of reference patches (``None``: the device's).
     psi_passes
-        ψ ascent passes per step; the last one shares its c-transform with the loss.
+        ψ ascent passes per step; the last one shares its c-transform with the loss
+        (``None``: the device's).
     psi_mode
         ``"shared"``: one ψ for all batches, fresh random crops every step;
         ``"per_batch"`` (published): ``n_fixed_batches`` fixed batches of crops, one ψ each.
@@ -134,8 +174,8 @@ class TrainingConfig:
         (``None``: the solver's default). The adam/gd cost scale follows the mean assigned
         cost (:data:`PSI_SCALE_MOMENTUM`), since early outputs are far from the reference.
     patches_per_step
-        About this many generated patches per step, on a strided grid with a random offset
-        (``None`` or 0: all of them).
+        About this many generated patches per step and process, on a strided grid with a
+        random offset (0: all of them; ``None``: the device's default).
     patch_size
         Side p of the patches.
     learning_rate
@@ -172,15 +212,15 @@ class TrainingConfig:
     mean_warmup: float = DEFAULT_MEAN_WARMUP
     steps: int | None = None
     minutes: float | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     crop_size: int = 25
-    n_reference_patches: int = 5_000
-    psi_passes: int = 2
+    n_reference_patches: int | None = None
+    psi_passes: int | None = None
     psi_mode: str = "shared"
     psi_solver: str = "adam"
     psi_lr: float | None = None
     n_fixed_batches: int = 40
-    patches_per_step: int | None = 20_000
+    patches_per_step: int | None = None
     patch_size: int = 6
     learning_rate: float = 1e-3
     mixed_precision: str = "auto"
@@ -197,6 +237,13 @@ class TrainingConfig:
     def to_dict(self) -> dict:
         """JSON-serialisable copy of the parameters."""
         return asdict(self)
+
+    def for_device(self, device: torch.device | str) -> TrainingConfig:
+        """A copy with the device-dependent settings left at ``None`` filled in."""
+        kind = torch.device(device).type
+        defaults = DEVICE_DEFAULTS.get(kind, DEVICE_DEFAULTS["cpu"])
+        chosen = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return replace(self, **chosen)
 
 
 @dataclass
@@ -225,13 +272,16 @@ class TrainingState:
 def saved_config(state: TrainingState) -> TrainingConfig:
     """The configuration a resumed run goes on with (settings absent from older files
     take the value those files were trained with: no mean warm-up)."""
-    return TrainingConfig(
+    config = TrainingConfig(
         **{
             "mean_warmup": 0.0,  # runs saved before the warm-up existed trained jointly
             **state.config,
             "model_options": state.config.get("model_options", {}),
         }
     )
+    if config.patches_per_step is None:  # files saved before device defaults: all patches
+        config.patches_per_step = 0
+    return config
 
 
 @dataclass
@@ -240,7 +290,10 @@ class TrainingProgress:
 
     ``phase`` is ``"mean warm-up"`` or ``"spread"`` for a WPPFlow with a mean warm-up
     (:attr:`TrainingConfig.mean_warmup`), ``None`` otherwise; ``logdet`` is ``None`` for a
-    WPPNet and during the warm-up.
+    WPPNet and during the warm-up. ``steps_per_s`` is the rate over the last
+    :data:`RATE_WINDOW` steps (``None`` at the first step of a run), ``device`` the training
+    device (with ``×W`` for W data-parallel processes) and ``total_steps`` the step budget
+    (``None`` with a time budget only). Losses are means over all processes.
     """
 
     step: int
@@ -252,6 +305,9 @@ class TrainingProgress:
     psnr: float | None = None
     logdet: float | None = None
     phase: str | None = None
+    steps_per_s: float | None = None
+    device: str = ""
+    total_steps: int | None = None
 
 
 @dataclass
@@ -465,6 +521,58 @@ def choose_lambda(
 
 
 # --------------------------------------------------------------------------- training
+# what rank 0 decides before every step
+_GO_ON, _BUDGET_DONE, _STOP_ASKED = 0, 1, 2
+
+
+def _rate(times: deque[float]) -> float | None:
+    """Steps per second over the step end times in ``times`` (the first: a start)."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def _data_parallel_modules(
+    model: torch.nn.Module, device: torch.device, dp: DataParallel
+) -> Callable[[str], torch.nn.Module]:
+    """What the training step calls: ``"model"`` or the flow's ``"mean"`` network.
+
+    One process: the modules themselves. Several: each wrapped in ``DistributedDataParallel``
+    (gradients averaged over the ranks) when first asked for, so that a flow's wrapper is
+    built after its mean network is frozen (DDP registers the parameters that need
+    gradients when it is built).
+    """
+    wrapped: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        module = model.mean_net if name == "mean" else model
+        if not dp.active:
+            return module
+        if name not in wrapped:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            wrapped[name] = DistributedDataParallel(module, device_ids=ids)
+        return wrapped[name]
+
+    return get
+
+
+def _initialise_on(model: torch.nn.Module, z: Tensor, lr: Tensor) -> None:
+    """Run the flow once on a whole step's batch if a data-dependent initialisation waits.
+
+    ActNorm layers set themselves from their first training batch; under data parallelism
+    every rank runs that first batch in full, so all ranks (and one process with the whole
+    batch) start from the same parameters.
+    """
+    from napari_wpp.core.models.flow_blocks import ActNorm
+
+    waiting = [m for m in model.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
+    if waiting:
+        with torch.no_grad():
+            model(z, lr)
+
+
 def _snapshot(
     model: torch.nn.Module,
     kind: str,
@@ -508,6 +616,7 @@ def train(
     normalisation: dict | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     preview_input: np.ndarray | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> Iterator[TrainingEvent]:
     """Train a WPPNet on LR data without paired HR data.
 
@@ -534,6 +643,15 @@ def train(
         Optional ``(lr, hr)`` pair in normalised units; PSNR every ``validate_every`` steps.
     preview_input
         LR image for previews (default: the first slice of the data, at most 64×64).
+    data_parallel
+        This process's place in a data-parallel run (default: that of an initialised
+        ``torch.distributed`` process group, else one process). Every rank draws the same
+        ``W · batch_size`` crops (and flow noise) from the shared seed and trains on its own
+        ``batch_size`` of them; the network is wrapped in ``DistributedDataParallel``, ψ
+        steps use the argmin counts of all ranks, and rank 0 decides when to stop. W ranks
+        thus reproduce one process with W times the batch and the patches per step. Only
+        rank 0 yields previews, validation PSNRs and checkpoints; every rank yields the
+        progress (all-reduced losses) and the final event.
 
     Yields
     ------
@@ -558,6 +676,9 @@ def train(
                 "the operator differs from the one the checkpoint was trained with: "
                 "resume with the same operator"
             )
+    dp = data_parallel if data_parallel is not None else current()
+    device = resolve_device(config.device)
+    config = config.for_device(device)
     _check_config(config)
     stack = _as_stack(lr_data)
     q = operator.scale
@@ -570,7 +691,6 @@ def train(
             f"{margin_start + margin_end} LR pixels for the blur and ≥ {p} HR pixels for a "
             "patch): use larger LR crops"
         )
-    device = resolve_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # initial weights
 
@@ -595,7 +715,7 @@ def train(
             operator,
             config.noise_std,
             seed=config.seed,
-            device=config.device,
+            device=str(device),
             stop=stop,
         )
         return lam_net
@@ -627,9 +747,14 @@ def train(
     n_priors = config.n_fixed_batches if config.psi_mode == "per_batch" else 1
     solver_options = {} if config.psi_lr is None else {"lr": config.psi_lr}
     momentum = None if config.psi_solver == "asgd" else PSI_SCALE_MOMENTUM
+    reduce_sum = dp.all_reduce_sum if dp.active else None
     priors = [
         WassersteinPatchPrior(
-            reference_patches, config.psi_solver, scale_momentum=momentum, **solver_options
+            reference_patches,
+            config.psi_solver,
+            scale_momentum=momentum,
+            reduce_sum=reduce_sum,
+            **solver_options,
         )
         for _ in range(n_priors)
     ]
@@ -653,7 +778,11 @@ def train(
     if config.psi_mode == "per_batch":
         fixed_gen = torch.Generator().manual_seed(config.seed + 1)
         fixed_sampler = CropSampler(stack, crop, False, fixed_gen)
-        fixed_batches = [fixed_sampler.sample(config.batch_size) for _ in range(n_priors)]
+        fixed_batches = [
+            fixed_sampler.sample(dp.world_size * config.batch_size) for _ in range(n_priors)
+        ]
+    # this rank's share of the W·B crops (and flow noise) that every rank draws alike
+    share = slice(dp.rank * config.batch_size, (dp.rank + 1) * config.batch_size)
 
     op = copy.deepcopy(operator).to(device)
     if preview_input is None:
@@ -676,7 +805,9 @@ def train(
     # mean network during its warm-up); a frozen mean network returns to the default layout
     # that the flow's other blocks and inference use.
     warmup = config.mean_warmup if flow and config.mean_warmup > 0 else 0.0
-    channels_last = device.type == "cpu" and (not flow or (bool(warmup) and not mean_frozen))
+    channels_last = CHANNELS_LAST.get(device.type, False) and (
+        not flow or (bool(warmup) and not mean_frozen)
+    )
     if channels_last:
         (model.mean_net if flow else model).to(memory_format=torch.channels_last)
     budget = Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before)
@@ -712,11 +843,22 @@ def train(
     model.train()
     if mean_frozen:
         model.mean_net.requires_grad_(False)
-    while not budget.exhausted(step):
-        if stop is not None and stop.is_set():
+    trained = _data_parallel_modules(model, device, dp)
+    device_text = str(device) + (f" ×{dp.world_size}" if dp.active else "")
+    step_times: deque[float] = deque([time.perf_counter()], maxlen=RATE_WINDOW + 1)
+    while True:
+        if budget.exhausted(step):
+            decision, fraction = _BUDGET_DONE, 1.0
+        elif stop is not None and stop.is_set():
+            decision, fraction = _STOP_ASKED, 1.0
+        else:
+            decision, fraction = _GO_ON, budget.fraction(step)
+        if dp.active:  # rank 0's clock and stop event decide for all ranks
+            decision, fraction = dp.main_decision(decision, fraction)
+        if decision == _STOP_ASKED:
             stopped_early = True
+        if decision != _GO_ON:
             break
-        fraction = budget.fraction(step)
         mean_phase = bool(warmup) and not mean_frozen and fraction < warmup
         if warmup and not mean_phase and not mean_frozen:
             mean_frozen = True
@@ -731,10 +873,11 @@ def train(
             group["lr"] = config.learning_rate * factor
         if fixed_batches:
             index = step % n_priors
-            batch, prior = fixed_batches[index].to(device), priors[index]
+            full_batch, prior = fixed_batches[index], priors[index]
         else:
-            batch, prior = sampler.sample(config.batch_size).to(device), priors[0]
-        if device.type == "cpu":
+            full_batch, prior = sampler.sample(dp.world_size * config.batch_size), priors[0]
+        batch = (full_batch[share] if dp.active else full_batch).to(device)
+        if CHANNELS_LAST.get(device.type, False):
             batch = batch.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         logdet = None
@@ -743,12 +886,17 @@ def train(
         weight = warmup_lam if mean_phase else lam
         if wppnet_loss:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                hr = (model.mean_net if mean_phase else model)(batch)
+                hr = trained("mean" if mean_phase else "model")(batch)
         else:
-            z = torch.randn(
-                (batch.shape[0], 1, batch.shape[2] * q, batch.shape[3] * q), generator=generator
-            ).to(device)
-            hr, logdet = model(z, batch)
+            full_z = torch.randn(
+                (full_batch.shape[0], 1, batch.shape[2] * q, batch.shape[3] * q),
+                generator=generator,
+            )
+            if dp.active:
+                # data-dependent initialisations (ActNorm) see the whole step's batch
+                _initialise_on(model, full_z.to(device), full_batch.to(device))
+            z = (full_z[share] if dp.active else full_z).to(device)
+            hr, logdet = trained("model")(z, batch)
         hr = hr.float()
         lr_hat = op(hr)
         inner = (
@@ -770,9 +918,12 @@ def train(
             entropy = logdet.mean() / float(batch.shape[2] * batch.shape[3])
             loss = data_term / two_sigma2 + lam * wpp_term - entropy
             scaled = loss * two_sigma2  # WPPNet units: same step sizes, same clipping bound
-        if not torch.isfinite(loss):
+        logged = [data_term, wpp_term, loss] + ([logdet.mean()] if logdet is not None else [])
+        logged_means = dp.all_reduce_mean(torch.stack([v.detach().double() for v in logged]))
+        values = [float(v) for v in logged_means.cpu()]
+        if not math.isfinite(values[2]):
             raise DivergenceError(
-                f"training diverged at step {step + 1} (loss {float(loss.detach())}): lower the "
+                f"training diverged at step {step + 1} (loss {values[2]}): lower the "
                 "learning rate or λ; checkpoints written before are kept"
             )
         scaled.backward()
@@ -785,17 +936,19 @@ def train(
                 )
         optimizer.step()
         step += 1
+        step_times.append(time.perf_counter())
         record = {
             "step": step,
             "elapsed_s": now(),
-            "data_term": float(data_term.detach()),
-            "wpp_term": float(wpp_term.detach()),
-            "loss": float(loss.detach()),
+            "data_term": values[0],
+            "wpp_term": values[1],
+            "loss": values[2],
         }
         if logdet is not None:
-            record["logdet"] = float(logdet.detach().mean())
+            record["logdet"] = values[3]
         val_psnr = None
-        if val is not None and config.validate_every and step % config.validate_every == 0:
+        validate = val is not None and bool(config.validate_every) and dp.is_main
+        if validate and step % config.validate_every == 0:
             out = run_model(val[0])[0, 0].cpu().numpy()
             val_psnr = psnr(np.clip(out, 0, 1), val[1], crop=40 if min(out.shape) > 160 else 0)
             record["psnr"] = val_psnr
@@ -810,7 +963,12 @@ def train(
             psnr=val_psnr,
             logdet=record.get("logdet"),
             phase=("mean warm-up" if mean_phase else "spread") if warmup else None,
+            steps_per_s=_rate(step_times),
+            device=device_text,
+            total_steps=budget.max_steps,
         )
+        if not dp.is_main:  # previews and checkpoints are rank 0's
+            continue
         if config.preview_every and step % config.preview_every == 0:
             image = run_model(preview_t)[0, 0].cpu().numpy().astype(np.float32)
             yield TrainingPreview(step=step, elapsed_s=now(), image=image)

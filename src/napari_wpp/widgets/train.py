@@ -1011,12 +1011,17 @@ class TrainWidget(JobOwner, QWidget):
                 f"Training {self._run['config'].model}: step {event.step}",
             )
         self.plot.add(event.step, event.data_term, event.wpp_term)
+        from napari_wpp.core.training import rate_text
+
         psnr = f" · PSNR {event.psnr:.2f} dB" if event.psnr is not None else ""
         stopping = " · stopping…" if self._stop.is_set() else ""
         phase = f" · {event.phase}" if event.phase else ""
+        total = f"/{event.total_steps}" if event.total_steps else ""
+        rate = f" · {rate_text(event.steps_per_s)}" if event.steps_per_s else ""
+        device = f" · {event.device}" if event.device else ""
         self.status_label.setText(
-            f"Step {event.step}{phase} · data {event.data_term:.3e} · WPP {event.wpp_term:.3e} · "
-            f"{event.elapsed_s:.0f} s{psnr}{stopping}"
+            f"Step {event.step}{total}{phase}{rate}{device} · data {event.data_term:.3e} · "
+            f"WPP {event.wpp_term:.3e} · {event.elapsed_s:.0f} s{psnr}{stopping}"
         )
 
     def _show_preview(self, image: np.ndarray) -> None:
