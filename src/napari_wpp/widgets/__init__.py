@@ -4,3 +4,7 @@ Every widget reads and writes one :class:`~napari_wpp.widgets._session.WPPSessio
 viewer, turns its fields into the same config objects the CLI builds, and runs the core
 generators in napari thread workers.
 """
+
+from napari_wpp.widgets._triton import load_triton_safely
+
+load_triton_safely()  # before napari's canvas loads Mesa's LLVM, where possible

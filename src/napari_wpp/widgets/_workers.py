@@ -19,6 +19,8 @@ from typing import Any
 from napari.qt.threading import GeneratorWorker, create_worker
 from qtpy.QtCore import QTimer
 
+from napari_wpp.widgets._triton import load_triton_safely
+
 __all__ = ["ActivityProgress", "JobOwner", "StoppableWorker", "WorkerFailure", "start_job"]
 
 #: Seconds :meth:`StoppableWorker.quit` waits for a job to end after asking it to stop.
@@ -107,6 +109,7 @@ def start_job(
     StoppableWorker
         The started worker.
     """
+    load_triton_safely()  # in the GUI thread, before torch may import it in the worker
     done = threading.Event()
 
     def job() -> Iterator[Any]:
