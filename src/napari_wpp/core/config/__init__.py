@@ -1,0 +1,15 @@
+"""Specifications of runs: every default, bound and one-line help in one place (torch-free).
+
+The command line builds its options from these fields (``default``, ``help``) and the dock
+widgets their forms (initial values, spin box ranges), so neither repeats a default. Each field
+carries ``metadata`` with
+
+* ``help``: one line, without the default (see :func:`help_text`),
+* ``min`` / ``max``: inclusive bounds (absent: unbounded),
+* ``default_text``: how the default reads in a help text, when ``str(default)`` does not say it.
+"""
+
+from napari_wpp.core.config.fields import MAX_COUNT, MAX_SEED, bounds, default_of, help_text
+from napari_wpp.core.config.predict import PredictSpec
+
+__all__ = ["MAX_COUNT", "MAX_SEED", "PredictSpec", "bounds", "default_of", "help_text"]
