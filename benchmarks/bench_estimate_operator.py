@@ -18,14 +18,14 @@ Run: ``python benchmarks/bench_estimate_operator.py`` (about a minute on 2 cores
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import DATA_ROOT
 
 from napari_wpp.core.operators import FourierDownsampling, estimate_operator
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fs_registered_pair"
+DATA = DATA_ROOT / "fs_registered_pair"
 SCALE = 2
 CASES: list[tuple[str, dict]] = [
     ("published (block reduction)", {"method": "published", "reduction": "block"}),

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import DATA_ROOT
 
 from napari_wpp.core.inference import run_superresolve
 from napari_wpp.core.models.wppnet import WPPNet
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sic" / "sic_stack_hr.tif"
+DATA = DATA_ROOT / "sic" / "sic_stack_hr.tif"
 SCALE = 4
 
 

@@ -28,16 +28,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import DATA_ROOT
 
 from napari_wpp.core import semidual
 from napari_wpp.core.patches import sample_reference_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior, c_transform_argmin, exact_w2
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = DATA_ROOT
 
 
 def baseline(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:

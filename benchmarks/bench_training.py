@@ -46,12 +46,12 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from shared_data import DATA_ROOT
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sic"
+DATA = DATA_ROOT / "sic"
 PUBLISHED = dict(
     batch_size=25,
     crop_size=25,

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: ``../shared/data``, or ``$NAPARI_WPP_DATA`` where the checkout has no ``../shared`` beside it.
+SHARED_DATA = Path(
+    os.environ.get("NAPARI_WPP_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 
 
 @pytest.fixture(scope="session")
