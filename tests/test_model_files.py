@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -515,3 +516,86 @@ def test_gpu_model_saves_and_loads_onto_the_gpu(tmp_path: Path, state) -> None:
     x = torch.rand(1, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x.cuda()).cpu(), cpu_model(x))
+
+
+# ---------------------------------------------------------------- crafted files
+@pytest.fixture(scope="module")
+def flow_file(tmp_path_factory: pytest.TempPathFactory, base_state: TrainingState) -> Path:
+    """A tiny WPPFlow model file (weights only)."""
+    from napari_wpp.core.models import build_model
+
+    config = {"scale": 2, "steps": 1, "hidden": 4, "cond_features": 4, "edge_shifts": 1,
+              "mean_features": 4, "mean_blocks": 1}  # fmt: skip
+    flow = build_model("wppflow", **config)
+    state = dataclasses.replace(
+        base_state, kind="wppflow", model=flow, model_config=flow.config(), priors=[],
+        optimizer=None, rng=None,
+    )  # fmt: skip
+    return io.save_model(tmp_path_factory.mktemp("flow") / "flow.safetensors", state)
+
+
+@pytest.mark.parametrize(
+    ("which", "key", "value"),
+    [
+        ("wppnet", "features", 4000),
+        ("wppnet", "blocks", 3_000_000),
+        ("wppnet", "features", 1e300),
+        ("wppnet", "offset", float("nan")),
+        ("wppflow", "edge_shifts", 200_000),
+        ("wppflow", "hidden", 1500),
+    ],
+)
+def test_crafted_model_config_is_refused_before_building(
+    tmp_path: Path, model_file: Path, flow_file: Path, which: str, key: str, value: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Values the stored weights cannot hold are refused without building the model."""
+    from napari_wpp.core import models
+
+    def edit(meta: dict) -> None:
+        meta["model_config"][key] = value
+
+    src = model_file if which == "wppnet" else flow_file
+    path = _rewrite(src, tmp_path / "crafted.safetensors", edit_meta=edit)
+    real_build = models.build_model
+    built: list[str] = []
+
+    def spy(kind: str, **config):
+        built.append(str(torch.get_default_device()))
+        return real_build(kind, **config)
+
+    monkeypatch.setattr(models, "build_model", spy)
+    message = _one_line_error(io.load_model, path)
+    assert "crafted.safetensors" in message
+    assert "damaged metadata" in message or "do not fit" in message
+    assert all(device == "meta" for device in built), built  # never built for real
+
+
+def test_crafted_prior_count_is_refused(tmp_path: Path, model_file: Path) -> None:
+    def edit(meta: dict) -> None:
+        meta["n_priors"] = 10**9
+
+    path = _rewrite(model_file, tmp_path / "p.safetensors", edit_meta=edit)
+    message = _one_line_error(io.load_model, path, match="damaged metadata")
+    assert "p.safetensors" in message and "n_priors" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("elapsed_s", "abc"),
+        ("lam", "0.1"),
+        ("history", {"step": 1}),
+        ("optimizer", {"param_groups": [], "extra_state": {"zero": {}}}),
+        ("optimizer", {"param_groups": ["not a group"]}),
+    ],
+)
+def test_damaged_metadata_values_name_the_file(
+    tmp_path: Path, model_file: Path, key: str, value: object
+) -> None:
+    def edit(meta: dict) -> None:
+        meta[key] = value
+
+    path = _rewrite(model_file, tmp_path / "v.safetensors", edit_meta=edit)
+    message = _one_line_error(io.load_model, path, match="has damaged metadata")
+    assert "model file v.safetensors" in message

@@ -680,6 +680,75 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _damaged(path: Path, what: str) -> InputError:
+    """The error of a model file whose metadata does not hold together."""
+    return InputError(
+        f"model file {path.name} has damaged metadata: {what}; save or train the model again"
+    )
+
+
+def _prior_count(path: Path, meta: dict[str, Any], tensors: dict[str, Any]) -> int:
+    """Number of ψ states, derived from the tensors and checked against the metadata."""
+    indices = set()
+    for key in tensors:
+        head, _, rest = key.partition(".")
+        index = rest.partition(".")[0]
+        if head == "prior" and index.isdigit():
+            indices.add(int(index))
+    count = max(indices) + 1 if indices else 0
+    stated = meta.get("n_priors", 0)
+    if not isinstance(stated, int) or isinstance(stated, bool) or stated != count:
+        raise _damaged(path, f"n_priors is {stated!r} but the file holds {count} ψ states")
+    if len(indices) != count:
+        raise _damaged(path, f"the ψ states are numbered {sorted(indices)[:5]}…, not 0…{count - 1}")
+    return count
+
+
+def _check_model_config(
+    path: Path, kind: str, model_config: dict[str, Any], weights: dict[str, Any]
+) -> None:
+    """Bound every value of ``model_config`` by what the stored weights can hold.
+
+    A count of repeated parts (blocks, steps, …) cannot exceed the number of weight tensors,
+    a width cannot exceed the largest weight tensor: a crafted file cannot make the model
+    builder spend minutes or gigabytes before the shapes are compared.
+    """
+    from napari_wpp.core.models import MODEL_COUNT_OPTIONS
+
+    n_tensors = len(weights)
+    largest = max((int(v.numel()) for v in weights.values()), default=0)
+    counts = MODEL_COUNT_OPTIONS.get(kind, ())
+    for name, value in model_config.items():
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (int, float)):
+            raise _damaged(path, f"model_config {name} is {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _damaged(path, f"model_config {name} is {value!r}")
+        limit = n_tensors if name in counts else largest
+        if abs(value) > max(limit, 64):
+            raise _damaged(
+                path, f"model_config {name} = {value!r} does not fit the {n_tensors} stored tensors"
+            )
+
+
+def _expected_shapes(path: Path, kind: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Parameter and buffer shapes of the configured model, built on the meta device."""
+    import torch
+
+    from napari_wpp.core.models import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(kind, **model_config)
+    except (InputError, ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(
+            f"{path.name} has an invalid {kind} configuration {model_config} "
+            f"({_one_line(exc)}): save or train the model again"
+        ) from None
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+
 def _split_tensors(
     path: Path, tensors: dict[str, Any], n_priors: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, dict[str, Any]], Any]:
@@ -711,6 +780,39 @@ def _split_tensors(
                 "edited; save or train the model again"
             )
     return weights, priors, optimizer, rng
+
+
+def _optimizer_state(
+    path: Path, opt_meta: Any, opt_tensors: dict[int, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """torch's optimizer ``state_dict`` from its metadata and tensors (``None``: not saved)."""
+    if not isinstance(opt_meta, dict):
+        if opt_tensors:
+            raise InputError(
+                f"{path.name} holds optimizer tensors without their parameter groups: the file "
+                "is damaged; save the model again"
+            )
+        return None
+    state: dict[int, dict[str, Any]] = {i: dict(v) for i, v in opt_tensors.items()}
+    extra = opt_meta.get("extra_state") or {}
+    groups_meta = opt_meta.get("param_groups") or []
+    if not isinstance(extra, dict) or not isinstance(groups_meta, list):
+        raise _damaged(path, "the optimizer entry is not the saved layout")
+    for index, values in extra.items():
+        if not str(index).isdigit() or not isinstance(values, dict):
+            raise _damaged(path, f"optimizer state {index!r} is not a parameter index")
+        state.setdefault(int(index), {}).update(values)
+    groups = []
+    for group in groups_meta:
+        if not isinstance(group, dict):
+            raise _damaged(path, "an optimizer parameter group is not a record")
+        groups.append(
+            {
+                key: (tuple(value) if isinstance(value, list) and key != "params" else value)
+                for key, value in group.items()
+            }
+        )
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
 def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
@@ -753,23 +855,14 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
             f"{path.name} holds a model of unknown kind {kind!r}: update napari-wpp "
             f"(this version knows {', '.join(MODEL_KINDS)})"
         )
-    try:
-        model = build_model(kind, **model_config)
-    except (InputError, ValueError, TypeError) as exc:
-        raise InputError(
-            f"{path.name} has an invalid {kind} configuration {model_config} "
-            f"({_one_line(exc)}): save or train the model again"
-        ) from None
-    n_priors = meta.get("n_priors", 0)
-    if not isinstance(n_priors, int) or n_priors < 0:
-        raise InputError(f"{path.name} has damaged napari-wpp metadata: save the model again")
+    n_priors = _prior_count(path, meta, tensors)
     weights, priors, opt_tensors, rng = _split_tensors(path, tensors, n_priors)
-
-    expected = model.state_dict()
+    _check_model_config(path, kind, model_config, weights)
+    expected = _expected_shapes(path, kind, model_config)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(
-        k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape
+        k for k in set(expected) & set(weights) if expected[k] != tuple(weights[k].shape)
     )
     if missing or unexpected or wrong:
         parts = []
@@ -782,42 +875,35 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
             f"the weights in {path.name} do not fit its {kind} configuration {model_config} "
             f"({'; '.join(parts)}): the file is damaged or was edited; save the model again"
         )
+    optimizer = _optimizer_state(path, meta.get("optimizer"), opt_tensors)
+    elapsed_s = meta.get("elapsed_s") or 0.0
+    lam = meta.get("lam")
+    history = meta.get("history") or []
+    if isinstance(elapsed_s, bool) or not isinstance(elapsed_s, (int, float)):
+        raise _damaged(path, f"elapsed_s is {elapsed_s!r}")
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
+        raise _damaged(path, f"lam is {lam!r}")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise _damaged(path, "history is not a list of records")
+
+    model = build_model(kind, **model_config)  # the shapes fit: as large as the file
     model.load_state_dict(weights, strict=True)
     model.to(target).eval()
-
-    optimizer = None
-    opt_meta = meta.get("optimizer")
-    if isinstance(opt_meta, dict):
-        state: dict[int, dict[str, Any]] = {i: dict(v) for i, v in opt_tensors.items()}
-        for index, values in (opt_meta.get("extra_state") or {}).items():
-            state.setdefault(int(index), {}).update(values)
-        groups = []
-        for group in opt_meta.get("param_groups") or []:
-            groups.append(
-                {k: (tuple(v) if isinstance(v, list) and k != "params" else v)
-                 for k, v in group.items()}
-            )
-        optimizer = {"state": dict(sorted(state.items())), "param_groups": groups}
-    elif opt_tensors:
-        raise InputError(
-            f"{path.name} holds optimizer tensors without their parameter groups: the file is "
-            "damaged; save the model again"
-        )
 
     return TrainingState(
         kind=kind,
         model=model,
         model_config=model_config,
         operator=meta.get("operator") or {},
-        lam=float(meta["lam"]) if isinstance(meta.get("lam"), (int, float)) else 0.0,
+        lam=float(lam) if lam is not None else 0.0,
         config=meta.get("config") or {},
         step=meta["step"],
-        elapsed_s=float(meta.get("elapsed_s") or 0.0),
+        elapsed_s=float(elapsed_s),
         normalisation=meta.get("normalisation"),
         priors=priors,
         optimizer=optimizer,
         rng=rng,
-        history=list(meta.get("history") or []),
+        history=list(history),
         mean_frozen=meta.get("mean_frozen") is True,
     )
 

@@ -12,6 +12,12 @@ from napari_wpp.core.models.wppnet import WPPNet
 
 #: Model kinds by name, as stored in model files.
 MODEL_KINDS: dict[str, type[torch.nn.Module]] = {"wppnet": WPPNet, "wppflow": WPPFlow}
+#: Constructor arguments that count repeated parts (each part holds at least one weight
+#: tensor): a model file's metadata cannot ask for more of them than it stores tensors.
+MODEL_COUNT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "wppnet": ("blocks",),
+    "wppflow": ("steps", "edge_shifts", "mean_blocks"),
+}
 
 
 def build_model(kind: str, **config: Any) -> torch.nn.Module:
