@@ -8,7 +8,7 @@ Run ``python benchmarks/bench_semidual.py`` (``--help`` for options). Prints
 * the share of the exact W₂² (Hungarian) reached by each ψ solver after a number of passes
   on 2,000 vs 2,000 real SiC 6×6 patches (needs ../shared/data);
 * the cost of the ψ ascent passes of one training step with and without pass pruning
-  (``semidual.PASS_PRUNING``): all 225,625 6×6 patches of 25 SiC crops of 100×100 (sharp HR
+  (``semidual_pruning.PASS_PRUNING``): all 225,625 6×6 patches of 25 SiC crops of 100×100 (sharp HR
   crops, or ``blur``: ×4 average-pooled and bicubic-upsampled, like early network outputs)
   against 10,000 reference patches, ψ warmed up by ASGD, then 20 passes where each pass runs
   the full engine and the pruned tracker on the same ψ (interleaved, same run) and checks
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from shared_data import DATA_ROOT
 
-from napari_wpp.core import semidual
 from napari_wpp.core.patches import sample_reference_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior, c_transform_argmin, exact_w2
+from napari_wpp.core.semidual import engine as semidual_engine
+from napari_wpp.core.semidual import pruning as semidual_pruning
 
 DATA = DATA_ROOT
 
@@ -48,7 +49,7 @@ def baseline(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor) -> torch.Tenso
 
 def float64_check(x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, rows: int) -> np.ndarray:
     """Float64 brute-force argmin of the first ``rows`` rows (direct differences)."""
-    return semidual._brute_force64(x[:rows], y, psi).numpy()
+    return semidual_engine._brute_force64(x[:rows], y, psi).numpy()
 
 
 def speed_inputs(
@@ -145,7 +146,7 @@ def bench_device_speed(
     g = torch.Generator().manual_seed(seed)
     sample = torch.randperm(n, generator=g)[:check_rows].to(dev)
     for b in backends:
-        with semidual._ieee_fp32_matmul(dev):
+        with semidual_engine._ieee_fp32_matmul(dev):
             _, flags = top2[b](x, y, psi)
         uncertain = torch.nonzero(flags).squeeze(1)
         rows = torch.unique(torch.cat([sample, uncertain]))
@@ -171,7 +172,7 @@ def bench_speed(
         f"torch threads={torch.get_num_threads()}"
     )
     engines = {"engine (torch, default)": lambda: c_transform_argmin(x, y, psi)}
-    if semidual._faiss_available():
+    if semidual_engine._faiss_available():
         engines["engine (faiss backend)"] = lambda: c_transform_argmin(x, y, psi, backend="faiss")
     ref = baseline(x, y, psi)  # warm-up
     results = {name: f() for name, f in engines.items()}  # warm-up
@@ -263,7 +264,7 @@ def bench_passes(data: str, m: int, passes: int, warm: int, solver: str, seed: i
         f"## psi ascent passes on {data} patches: N={x.shape[0]:,} M={m:,} d={x.shape[1]}, "
         f"{solver}, {passes} passes, torch threads={torch.get_num_threads()}"
     )
-    tracker = semidual._PassTracker(x, y)
+    tracker = semidual_pruning._PassTracker(x, y)
     full, pruned = [], []
     with torch.no_grad():
         for _ in range(passes):
@@ -338,7 +339,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-        if semidual._faiss_available():
+        if semidual_engine._faiss_available():
             import faiss
 
             faiss.omp_set_num_threads(args.threads)

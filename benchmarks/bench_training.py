@@ -19,7 +19,7 @@ Each configuration runs in its own subprocess so that its peak memory (max RSS) 
   ψ, 2 passes over 20,000 patches), then the run resumes with the measured settings. The
   published-style step costs the same in any regime (its ``addmm + argmin`` does not depend
   on the data); ours is faster once the network's outputs and ψ have settled, because the ψ
-  passes of a step re-score only what ψ's change can affect (``semidual._PassTracker``,
+  passes of a step re-score only what ψ's change can affect (``semidual.pruning._PassTracker``,
   exact). The first steps of a fresh network (``cold`` rows) get no such pruning.
 
 The published code itself measured about 130 s per step on these 2 cores (REFERENCE.md,

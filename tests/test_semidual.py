@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_wpp.core import semidual
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.semidual import (
     WassersteinPatchPrior,
@@ -17,6 +16,7 @@ from napari_wpp.core.semidual import (
     c_transform_argmin,
     exact_w2,
 )
+from napari_wpp.core.semidual import engine as semidual_engine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -49,8 +49,8 @@ def test_argmin_exact_random(n: int, m: int, d: int, precision: str) -> None:
 
 
 def test_argmin_exact_across_block_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(semidual, "BLOCK_ELEMS", 3000)
-    monkeypatch.setattr(semidual, "GROUP_SIZE", 7)
+    monkeypatch.setattr(semidual_engine, "BLOCK_ELEMS", 3000)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", 7)
     x, y, psi = _random(1001, 150, 6, seed=5)
     want, _ = brute_force(x, y, psi)
     np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)
@@ -79,8 +79,8 @@ def test_argmin_exact_on_adversarial_near_ties(monkeypatch: pytest.MonkeyPatch) 
     psi64[2 * n + ar] = dist(2 * n + ar) - dist(2 * ar) + far_gaps
     psi = psi64.float()
     calls = {"multi": 0, "across": 0, "brute": 0}
-    real_multi, real_brute = semidual._resolve_multi, semidual._brute_force64
-    real_across = semidual._resolve_across_groups
+    real_multi, real_brute = semidual_engine._resolve_multi, semidual_engine._brute_force64
+    real_across = semidual_engine._resolve_across_groups
 
     def multi(*a: object) -> torch.Tensor:
         calls["multi"] += 1
@@ -94,10 +94,10 @@ def test_argmin_exact_on_adversarial_near_ties(monkeypatch: pytest.MonkeyPatch) 
         calls["brute"] += 1
         return real_brute(*a)
 
-    monkeypatch.setattr(semidual, "_resolve_multi", multi)
-    monkeypatch.setattr(semidual, "_resolve_across_groups", across)
-    monkeypatch.setattr(semidual, "_brute_force64", brute)
-    monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
+    monkeypatch.setattr(semidual_engine, "_resolve_multi", multi)
+    monkeypatch.setattr(semidual_engine, "_resolve_across_groups", across)
+    monkeypatch.setattr(semidual_engine, "_brute_force64", brute)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", 8)
     want, _ = brute_force(x, y, psi)
     for precision in ("fp32", "bf16"):
         np.testing.assert_array_equal(
@@ -106,7 +106,7 @@ def test_argmin_exact_on_adversarial_near_ties(monkeypatch: pytest.MonkeyPatch) 
     # near-ties were detected and resolved in float64 (within and across groups)
     assert calls["multi"] > 0 and calls["across"] > 0
     # with room for a single candidate only, cross-group ties go to the brute force
-    monkeypatch.setattr(semidual, "CROSS_CANDIDATES", 1)
+    monkeypatch.setattr(semidual_engine, "CROSS_CANDIDATES", 1)
     np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)
     assert calls["brute"] > 0
 
@@ -134,7 +134,7 @@ def test_argmin_identical_references_and_ties_to_first() -> None:
     assert torch.all(c_transform_argmin(x, y, psi) == 37)
 
 
-@pytest.mark.skipif(not semidual._faiss_available(), reason="faiss is not installed")
+@pytest.mark.skipif(not semidual_engine._faiss_available(), reason="faiss is not installed")
 def test_argmin_faiss_backend_exact() -> None:
     x, y, psi = _random(900, 400, 36, seed=2)
     want, _ = brute_force(x, y, psi)
@@ -143,15 +143,15 @@ def test_argmin_faiss_backend_exact() -> None:
 
 def test_argmin_memory_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     shapes: list[tuple[int, int]] = []
-    real = semidual._score_block
+    real = semidual_engine._score_block
 
     def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = real(a, b)
         shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(semidual, "_score_block", spy)
-    monkeypatch.setattr(semidual, "BLOCK_ELEMS", 64 * 256)
+    monkeypatch.setattr(semidual_engine, "_score_block", spy)
+    monkeypatch.setattr(semidual_engine, "BLOCK_ELEMS", 64 * 256)
     x, y, psi = _random(2000, 250, 5, seed=3)
     want, _ = brute_force(x, y, psi)
     np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)
@@ -348,7 +348,7 @@ def test_score_error_bound_holds(scale: float) -> None:
     y = scale * (0.5 + torch.rand(300, d, generator=g))
     x = scale * (0.5 + torch.rand(200, d, generator=g))
     psi = scale**2 * torch.rand(300, generator=g)
-    engine = semidual._Engine(x, y, psi, "fp32")
+    engine = semidual_engine._Engine(x, y, psi, "fp32")
     x_aug, bound2 = engine.prepare_rows(x)
     s32 = torch.mm(engine.y_aug, x_aug.T)[: y.shape[0]].T.double()  # (N, M), original order
     x64, y64 = x.double(), y.double()
@@ -370,8 +370,8 @@ def test_argmin_exact_with_small_cross_batches(monkeypatch: pytest.MonkeyPatch) 
     x = torch.cat([flat + 1e-4 * torch.randn(200, d, generator=g), torch.rand(100, d)])
     psi = torch.zeros(y.shape[0])
     want, _ = brute_force(x, y, psi)
-    monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
-    monkeypatch.setattr(semidual, "BLOCK_ELEMS", 8 * 1024)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", 8)
+    monkeypatch.setattr(semidual_engine, "BLOCK_ELEMS", 8 * 1024)
     for batch in (1, 7, 1000):
-        monkeypatch.setattr(semidual, "CROSS_BATCH", batch)
+        monkeypatch.setattr(semidual_engine, "CROSS_BATCH", batch)
         np.testing.assert_array_equal(c_transform_argmin(x, y, psi).numpy(), want)

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from napari_wpp.core import semidual, semidual_gpu
 from napari_wpp.core.semidual import WassersteinPatchPrior, c_transform_argmin
+from napari_wpp.core.semidual import engine as semidual
+from napari_wpp.core.semidual import gpu as semidual_gpu
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_wpp.core import semidual
 from napari_wpp.core.semidual import WassersteinPatchPrior, c_transform_argmin
+from napari_wpp.core.semidual import engine as semidual_engine
+from napari_wpp.core.semidual import pruning as semidual_pruning
 
 
 def _random(n: int, m: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,9 +24,9 @@ def _ascent_step(x: torch.Tensor, idx: torch.Tensor, m: int, lr: float) -> torch
 
 def _run_sequence(
     x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, lrs: list[float]
-) -> semidual._PassTracker:
+) -> semidual_pruning._PassTracker:
     """Tracker and engine side by side along an ascent path; asserts equality at every pass."""
-    tracker = semidual._PassTracker(x, y)
+    tracker = semidual_pruning._PassTracker(x, y)
     x0, y0 = x.clone(), y.clone()
     for p, lr in enumerate(lrs):
         psi_before = psi.clone()
@@ -45,7 +46,7 @@ def test_passes_exact_along_an_ascent_path(n: int, m: int, d: int) -> None:
     lrs = [0.002 * scale * m] * 15
     tracker = _run_sequence(x, y, psi, lrs)
     pairs = tracker.stats["pairs"]
-    n_groups = -(-m // min(semidual.GROUP_SIZE, m))
+    n_groups = -(-m // min(semidual_engine.GROUP_SIZE, m))
     # after the baseline, passes were pruned: fewer pairs than a full pass, some rows skipped
     assert pairs[0] == -1 and all(0 <= p < n * n_groups for p in pairs[1:])
     assert min(tracker.stats["slow_rows"][1:]) < n
@@ -64,8 +65,8 @@ def test_large_steps_fall_back_to_full_passes() -> None:
 @pytest.mark.parametrize("lr", [0.02, 0.2])
 def test_passes_exact_with_few_listed_groups(monkeypatch: pytest.MonkeyPatch, lr: float) -> None:
     """With 2 listed groups of 40, winners move to unlisted groups: rows are re-scored in full."""
-    monkeypatch.setattr(semidual, "PRUNE_GROUPS", 2)
-    monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
+    monkeypatch.setattr(semidual_pruning, "PRUNE_GROUPS", 2)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", 8)
     x, y, psi = _random(2000, 320, 6, seed=33)
     scale = float(((x[:200, None] - y[None]) ** 2).sum(-1).min(1).values.mean())
     tracker = _run_sequence(x, y, psi, [lr * scale * 320] * 12)
@@ -74,7 +75,7 @@ def test_passes_exact_with_few_listed_groups(monkeypatch: pytest.MonkeyPatch, lr
 
 
 def test_refresh_share_forces_new_baselines(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(semidual, "PRUNE_REFRESH", 1e-4)
+    monkeypatch.setattr(semidual_pruning, "PRUNE_REFRESH", 1e-4)
     x, y, psi = _random(1200, 256, 6, seed=4)
     tracker = _run_sequence(x, y, psi, [0.05] * 8)
     assert tracker.stats["pairs"].count(-1) >= 3
@@ -82,15 +83,15 @@ def test_refresh_share_forces_new_baselines(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("group", [1, 7, 64, 1000])
 def test_passes_exact_for_any_group_size(monkeypatch: pytest.MonkeyPatch, group: int) -> None:
-    monkeypatch.setattr(semidual, "GROUP_SIZE", group)
-    monkeypatch.setattr(semidual, "BLOCK_ELEMS", 4096)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", group)
+    monkeypatch.setattr(semidual_engine, "BLOCK_ELEMS", 4096)
     x, y, psi = _random(700, 150, 5, seed=group)
     _run_sequence(x, y, psi, [0.3] * 6 + [3.0] * 3)
 
 
 def test_passes_exact_with_duplicate_references(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exact duplicates tie across and inside groups: the lowest index wins at every pass."""
-    monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", 8)
     g = torch.Generator().manual_seed(5)
     d = 16
     flat = torch.full((1, d), 0.25)
@@ -113,13 +114,13 @@ def test_passes_exact_with_duplicate_references(monkeypatch: pytest.MonkeyPatch)
         ]
     )
     calls = {"n": 0}
-    real = semidual._resolve_across_groups
+    real = semidual_engine._resolve_across_groups
 
     def spy(*a: object) -> tuple[torch.Tensor, torch.Tensor]:
         calls["n"] += 1
         return real(*a)
 
-    tracker = semidual._PassTracker(x, y)
+    tracker = semidual_pruning._PassTracker(x, y)
     psi = torch.zeros(y.shape[0])
     tracker(psi)  # baseline (a full pass)
     # ψ = 0 keeps the duplicates tied; tiny steps give them equal potentials again
@@ -127,9 +128,9 @@ def test_passes_exact_with_duplicate_references(monkeypatch: pytest.MonkeyPatch)
         want = c_transform_argmin(x, y, psi)
         psi = psi + _ascent_step(x, want, y.shape[0], lr)
         want = c_transform_argmin(x, y, psi)
-        monkeypatch.setattr(semidual, "_resolve_across_groups", spy)
+        monkeypatch.setattr(semidual_engine, "_resolve_across_groups", spy)
         got = tracker(psi)
-        monkeypatch.setattr(semidual, "_resolve_across_groups", real)
+        monkeypatch.setattr(semidual_engine, "_resolve_across_groups", real)
         assert torch.equal(got, want)
     assert all(p >= 0 for p in tracker.stats["pairs"][1:])  # pruned passes
     assert calls["n"] == 4  # which re-ranked ties in float64
@@ -138,8 +139,8 @@ def test_passes_exact_with_duplicate_references(monkeypatch: pytest.MonkeyPatch)
 def test_passes_exact_on_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     """Copies of references with potentials that tie them to ~1e-7, then tiny ψ moves."""
     # every row is a near tie here: prune anyway (no refresh), with groups of 8 points
-    monkeypatch.setattr(semidual, "PRUNE_REFRESH", 1.0)
-    monkeypatch.setattr(semidual, "GROUP_SIZE", 8)
+    monkeypatch.setattr(semidual_pruning, "PRUNE_REFRESH", 1.0)
+    monkeypatch.setattr(semidual_engine, "GROUP_SIZE", 8)
     g = torch.Generator().manual_seed(11)
     d, n = 36, 100
     base = torch.rand(n, d, generator=g)
@@ -160,7 +161,7 @@ def test_passes_exact_on_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     far_gaps[n // 2 :] = -1.0  # far copies (other groups) compete for half of the rows only
     psi64[2 * n + ar] = dist(2 * n + ar) - dist(2 * ar) + far_gaps
     psi = psi64.float()
-    tracker = semidual._PassTracker(x, y)
+    tracker = semidual_pruning._PassTracker(x, y)
     jitter = torch.Generator().manual_seed(12)
     for step in [0.0, 1e-8, 1e-7, 1e-6, 1e-5]:
         moved = psi + step * torch.randn(psi.shape[0], generator=jitter)
@@ -188,7 +189,7 @@ def test_prior_trajectory_identical_with_and_without_pruning(
     batches = [torch.rand(1200, 9, generator=g) for _ in range(3)]
     priors = {}
     for pruning in (False, True):
-        monkeypatch.setattr(semidual, "PASS_PRUNING", pruning)
+        monkeypatch.setattr(semidual_pruning, "PASS_PRUNING", pruning)
         prior = WassersteinPatchPrior(y, solver=solver)
         values, losses = [], []
         for x in batches:
@@ -208,42 +209,42 @@ def test_prior_trajectory_identical_with_and_without_pruning(
 
 
 def test_prior_uses_the_tracker_for_several_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[semidual._PassTracker] = []
-    real = semidual._PassTracker
+    made: list[semidual_pruning._PassTracker] = []
+    real = semidual_pruning._PassTracker
 
-    def spy(*a: torch.Tensor) -> semidual._PassTracker:
+    def spy(*a: torch.Tensor) -> semidual_pruning._PassTracker:
         made.append(real(*a))
         return made[-1]
 
-    monkeypatch.setattr(semidual, "_PassTracker", spy)
+    monkeypatch.setattr(semidual_pruning, "_PassTracker", spy)
     x, y, _ = _random(600, 120, 6, seed=31)
     prior = WassersteinPatchPrior(y, solver="asgd")
     prior.loss_and_ascend(x, 4)
     prior.ascend(x, 1)  # a single pass needs no baseline
     assert len(made) == 1 and len(made[0].stats["pairs"]) == 4
-    monkeypatch.setattr(semidual, "PASS_PRUNING", False)
+    monkeypatch.setattr(semidual_pruning, "PASS_PRUNING", False)
     prior.ascend(x, 3)
     assert len(made) == 1
 
 
 def test_prior_pauses_pruning_after_it_gave_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(semidual, "PRUNE_REFRESH", 0.0)  # every pruned pass falls back
-    monkeypatch.setattr(semidual, "PRUNE_PAUSE", 2)
-    made: list[semidual._PassTracker] = []
-    real = semidual._PassTracker
+    monkeypatch.setattr(semidual_pruning, "PRUNE_REFRESH", 0.0)  # every pruned pass falls back
+    monkeypatch.setattr(semidual_pruning, "PRUNE_PAUSE", 2)
+    made: list[semidual_pruning._PassTracker] = []
+    real = semidual_pruning._PassTracker
 
-    def spy(*a: torch.Tensor) -> semidual._PassTracker:
+    def spy(*a: torch.Tensor) -> semidual_pruning._PassTracker:
         made.append(real(*a))
         return made[-1]
 
-    monkeypatch.setattr(semidual, "_PassTracker", spy)
+    monkeypatch.setattr(semidual_pruning, "_PassTracker", spy)
     x, y, _ = _random(600, 120, 6, seed=34)
     prior = WassersteinPatchPrior(y, solver="asgd")
     reference = WassersteinPatchPrior(y, solver="asgd")
     for passes in (6, 3, 3, 3):
         prior.ascend(x, passes)
         with monkeypatch.context() as off:
-            off.setattr(semidual, "PASS_PRUNING", False)
+            off.setattr(semidual_pruning, "PASS_PRUNING", False)
             reference.ascend(x, passes)
         assert torch.equal(prior.psi, reference.psi)
     # gave up after PRUNE_GIVE_UP fallbacks (then plain passes), paused 2 calls, tried again
@@ -254,9 +255,9 @@ def test_prior_pauses_pruning_after_it_gave_up(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize("listed", [2, 24])
 def test_tracker_bounds_hold_after_passes(monkeypatch: pytest.MonkeyPatch, listed: int) -> None:
     """Listed lower bounds, rest bound and winner upper bound hold at each row's refresh."""
-    monkeypatch.setattr(semidual, "PRUNE_GROUPS", listed)
+    monkeypatch.setattr(semidual_pruning, "PRUNE_GROUPS", listed)
     x, y, psi = _random(1500, 400, 7, seed=32)
-    tracker = semidual._PassTracker(x, y)
+    tracker = semidual_pruning._PassTracker(x, y)
     scale = float(((x[:200, None] - y[None]) ** 2).sum(-1).min(1).values.mean())
     for _ in range(6):
         idx = tracker(psi)

@@ -339,7 +339,7 @@ def rerank64(x: Tensor, y: Tensor, psi: Tensor, rows: Tensor) -> Tensor:
     bound (no other point can win or tie), or when all M points are candidates; the others
     go to the float64 brute force (one sync to find them).
     """
-    from napari_wpp.core.semidual import _brute_force64
+    from napari_wpp.core.semidual.engine import _brute_force64
 
     dev = _float64_device(x.device)
     m, d = y.shape
