@@ -49,12 +49,43 @@ _SOLVER_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+def distinct_rows(y: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The rows of ``y`` without repeats, in the order of their first occurrence.
+
+    Returns
+    -------
+    rows
+        (M', d) distinct rows (``y`` itself when all rows differ).
+    counts
+        (M',) multiplicity of each distinct row, or ``None`` when all rows differ.
+    which
+        (M,) index of each row of ``y`` among the distinct rows, or ``None``.
+    """
+    unique, inverse, counts = torch.unique(y, dim=0, return_inverse=True, return_counts=True)
+    m, u = y.shape[0], unique.shape[0]
+    if u == m:
+        return y, None, None
+    index = torch.arange(m, device=y.device)
+    first = torch.full((u,), m, dtype=torch.int64, device=y.device)
+    first = first.scatter_reduce(0, inverse, index, "amin")
+    order = first.argsort()  # distinct rows by first occurrence
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(u, device=y.device)
+    return y[first[order]].contiguous(), counts[order], rank[inverse]
+
+
 class WassersteinPatchPrior:
     """Semi-dual Wasserstein patch prior against fixed reference patches.
 
-    Holds the potential ψ (M,) of the semi-dual problem
+    Holds the potential ψ of the semi-dual problem
 
         W₂²(μ_x, μ_y) = max_ψ mean_j min_k (‖x_j − y_k‖² − ψ_k) + mean_k ψ_k,
+
+    with one ψ_k per *distinct* reference patch: repeated patches (flat or saturated regions
+    of real scans, a featureless reference) are one point of the reference measure with
+    their multiplicity as its weight, so ``mean_k ψ_k`` is weighted and the ascent direction
+    is ``w_k − counts_k/N``. It is the same optimal transport problem, without the ties
+    between copies that would send many rows of every pass to float64 re-ranking.
 
     improves it with a first-order solver (warm-started across calls) and gives the WPP loss
     whose gradient in the generated patches is that of ``mean_j ‖x_j − y_κ(j)‖²``.
@@ -62,7 +93,9 @@ class WassersteinPatchPrior:
     Parameters
     ----------
     reference_patches
-        Reference patches y (M, d).
+        Reference patches y (M, d); :attr:`reference` keeps the distinct ones (M', d), in
+        order of first occurrence, and :attr:`weights` their multiplicities / M (``None``
+        when all differ).
     solver
         ``"adam"`` (default: Adam on ψ with a step of ``lr`` times the cost scale, the mean
         nearest-neighbour cost at ψ = 0), ``"asgd"`` (the published averaged SGD, lr 1) or
@@ -110,7 +143,12 @@ class WassersteinPatchPrior:
             raise InputError(
                 f"reference patches have shape {tuple(y.shape)}: pass a non-empty (M, d) matrix"
             )
-        self.reference = y.to(torch.float32).contiguous()
+        y = y.to(torch.float32).contiguous()
+        self.reference, counts, self._distinct_index = distinct_rows(y)
+        #: Number of reference patches given (with repeats).
+        self.n_given = int(y.shape[0])
+        #: Weight of each distinct patch in the reference measure (``None``: uniform).
+        self.weights = None if counts is None else counts.to(torch.float32) / self.n_given
         self.solver = solver
         self.options = {
             **_SOLVER_DEFAULTS[solver],
@@ -147,7 +185,13 @@ class WassersteinPatchPrior:
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned (same reference patches and solver)."""
+        """Restore what :meth:`state_dict` returned (same reference patches and solver).
+
+        A state saved with one ψ per given patch (before repeated patches were merged) is
+        mapped onto the distinct patches: each takes the copy with the largest ψ (the one
+        every c-transform picked), with its solver moments.
+        """
+        state = self._merged_copies(state)
         psi = state.get("psi")
         if psi is None or psi.shape != self.psi.shape:
             raise InputError(
@@ -165,11 +209,35 @@ class WassersteinPatchPrior:
         for k, v in self._state.items():
             self._state[k] = state[f"solver.{k}"].detach().to(v.device, v.dtype).clone()
 
+    def _merged_copies(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with per-patch entries of all M given patches reduced to the M' distinct."""
+        psi = state.get("psi")
+        which = self._distinct_index
+        if which is None or psi is None or psi.shape != (self.n_given,):
+            return state
+        which = which.to(psi.device)
+        u, m = self.reference.shape[0], self.n_given
+        best = torch.full((u,), -torch.inf, dtype=psi.dtype, device=psi.device)
+        best = best.scatter_reduce(0, which, psi, "amax")
+        index = torch.arange(m, device=psi.device)
+        index = torch.where(psi == best[which], index, m)
+        pick = torch.full((u,), m, dtype=torch.int64, device=psi.device)
+        pick = pick.scatter_reduce(0, which, index, "amin")
+        return {k: v[pick] if v.ndim == 1 and v.shape[0] == m else v for k, v in state.items()}
+
+    def _psi_mean(self, psi: Tensor) -> Tensor:
+        """``mean_k ψ_k`` over the reference measure (weighted where patches repeat)."""
+        if self.weights is None:
+            return psi.mean()
+        return (self.weights.to(psi.device, psi.dtype) * psi).sum()
+
     def to(self, device: torch.device | str) -> WassersteinPatchPrior:
         """Move reference patches, ψ and the solver state to ``device`` (in place)."""
         device = torch.device(device)
         self.reference = self.reference.to(device)
         self.psi = self.psi.to(device)
+        if self.weights is not None:
+            self.weights = self.weights.to(device)
         for k, v in self._state.items():
             self._state[k] = v.to(device)
         return self
@@ -227,7 +295,7 @@ class WassersteinPatchPrior:
     ) -> float | Tensor:
         """``mean_j (c_j − ψ_κ(j)) + mean_k ψ_k`` from the counts and the cost sum."""
         psi_sum: float | Tensor = (counts.double() * self.psi.double()).sum()
-        psi_mean: float | Tensor = self.psi.double().mean()
+        psi_mean: float | Tensor = self._psi_mean(self.psi.double())
         if self._on_host:
             psi_sum, psi_mean = float(psi_sum), float(psi_mean)
         return (cost_sum - psi_sum) / n + psi_mean
@@ -267,8 +335,9 @@ class WassersteinPatchPrior:
         return counts, n, cost_sum
 
     def _ascent_direction(self, counts: Tensor, n: float | Tensor) -> Tensor:
-        """∇ψ of the semi-dual objective: ``1/M − counts/N``."""
-        return 1.0 / counts.shape[0] - counts.to(torch.float32) / n
+        """∇ψ of the semi-dual objective: ``w_k − counts_k/N`` (``w_k = 1/M`` if none repeat)."""
+        share = 1.0 / counts.shape[0] if self.weights is None else self.weights
+        return share - counts.to(torch.float32) / n
 
     def _track_scale(self, mean_cost: float) -> None:
         m = float(self.scale_momentum)  # type: ignore[arg-type]
@@ -396,7 +465,7 @@ class WassersteinPatchPrior:
         target = self.reference[idx].to(patches.dtype)
         diff = patches - target
         psi = self.psi.to(patches.dtype)
-        loss = (diff * diff).sum(1).mean() - psi[idx].mean() + psi.mean()
+        loss = (diff * diff).sum(1).mean() - psi[idx].mean() + self._psi_mean(psi)
         with torch.no_grad():
             counts, n, cost_sum = self._global_counts(idx, (diff.detach().float() ** 2).sum(1))
             self._update_scale(self._semidual_value(counts, n, cost_sum), cost_sum / n)
@@ -408,12 +477,13 @@ class WassersteinPatchPrior:
         self._check_patches(patches)
         with torch.no_grad():
             _, vals = c_transform(patches.detach().to(torch.float32), self.reference, self.psi)
-            return float(vals.double().mean() + self.psi.double().mean())
+            return float(vals.double().mean() + self._psi_mean(self.psi.double()))
 
     def loss(self, patches: Tensor) -> Tensor:
         """Semi-dual value at the current ψ, differentiable in ``patches``.
 
-        ``mean_j ‖x_j − y_κ(j)‖² − ψ_κ(j) + mean_k ψ_k`` with κ the exact c-transform argmin;
+        ``mean_j ‖x_j − y_κ(j)‖² − ψ_κ(j) + mean_k ψ_k`` (weighted where patches repeat) with
+        κ the exact c-transform argmin;
         the gradient flows only through the gathered reference patches (no gradient through
         ψ, no N × M graph).
         """
@@ -422,4 +492,4 @@ class WassersteinPatchPrior:
         target = self.reference[idx].to(patches.dtype)
         diff = patches - target
         psi = self.psi.to(patches.dtype)
-        return (diff * diff).sum(1).mean() - psi[idx].mean() + psi.mean()
+        return (diff * diff).sum(1).mean() - psi[idx].mean() + self._psi_mean(psi)
