@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from magicgui.widgets import ComboBox
+from magicgui.widgets import ComboBox, Container
 from magicgui.widgets.bases import ValueWidget
 from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtGui import QCloseEvent
@@ -237,6 +237,17 @@ class JobDockWidget(JobOwner, QWidget):
         bind_setting(self.settings, name, widget)
         return widget
 
+    def bind_form(self, form: Container, **settings_names: str) -> Container:
+        """Bind each widget of ``form`` to the setting of its name (or ``settings_names[name]``).
+
+        Widgets without a setting of that name are left unbound; returns ``form``.
+        """
+        for widget in form:
+            name = settings_names.get(widget.name, widget.name)
+            if isinstance(widget, ValueWidget) and hasattr(self.settings, name):
+                self.bind(name, widget)
+        return form
+
     def watch_layers(self, callback: Callable[..., Any], *layer_events: str) -> None:
         """Call ``callback`` when the layer list or a layer's ``name`` (``layer_events``) change."""
         events = self.viewer.layers.events
@@ -287,7 +298,7 @@ class JobDockWidget(JobOwner, QWidget):
 
     def show_progress(self, done: int, total: int, elapsed_s: float, what: str) -> None:
         """Show ``done`` of ``total`` (bar, activity dock, status: "<what> 3 / 8 · 1.2 s")."""
-        self.progress_bar.setValue(int(done))
+        self.progress_bar.setValue(min(int(done), self.progress_bar.maximum()))
         if self._progress is not None:
             self._progress.set(int(done))
         self.status_label.setText(f"{what} {done} / {total} · {elapsed_s:.1f} s")

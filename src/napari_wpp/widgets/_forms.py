@@ -26,6 +26,7 @@ from magicgui.widgets.bases import ValueWidget
 from napari_wpp.core.config import bounds, default_of, help_text
 
 __all__ = [
+    "device_choices",
     "field_widget",
     "form_value",
     "read_spec",
@@ -71,6 +72,13 @@ def spec_default(spec: type, name: str) -> Callable[[], Any]:
     return lambda: form_value(spec, name, default_of(spec, name))
 
 
+def device_choices() -> list[tuple[str, str]]:
+    """Choices of a device field: ``auto`` and the devices torch can use here."""
+    from napari_wpp.core.devices import available_devices
+
+    return [("auto", "auto"), *((name, name) for name in available_devices())]
+
+
 def _label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
@@ -86,8 +94,8 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
         Field name; also the widget's ``name`` (so :func:`read_spec` finds it).
     **options
         ``label``, ``tooltip``, ``min``, ``max``, ``step``, ``choices`` (makes a
-        ``ComboBox``), ``text`` (of a ``CheckBox``), ``suffix`` and ``special_text`` (Qt
-        spin box extras; ``special_text`` shows the minimum, e.g. ``None`` as 0).
+        ``ComboBox``), ``text`` (of a ``CheckBox``) and ``special_text`` (what a spin box
+        shows at its minimum, e.g. "whole slices" for a ``None`` tile shown as 0).
 
     Returns
     -------
@@ -97,7 +105,6 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
     kind, optional = _field_type(spec, name)
     low, high = bounds(spec, name)
     value = form_value(spec, name, default_of(spec, name))
-    suffix = options.pop("suffix", None)
     special_text = options.pop("special_text", None)
     common: dict[str, Any] = {
         "name": name,
@@ -130,8 +137,6 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
         )
     else:
         widget = LineEdit(value=str(value), **common, **options)
-    if suffix is not None:
-        widget.native.setSuffix(suffix)
     if special_text is not None:
         widget.native.setSpecialValueText(special_text)
     return widget
@@ -149,7 +154,7 @@ def spec_form(
     names
         Fields shown, in this order (default: all of them).
     **options
-        Per field, the options of :func:`field_widget` (e.g. ``tile={"suffix": " px"}``).
+        Per field, the options of :func:`field_widget` (e.g. ``tile={"label": "Tiles (px)"}``).
     """
     names = [item.name for item in dataclasses.fields(spec)] if names is None else list(names)
     unknown = set(options) - set(names)
