@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from napari_wpp.core.config import OperatorSpec
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import one_line
 
-__all__ = ["build_operator", "read_operator_file", "scaled_pixel_size"]
+__all__ = ["build_operator", "describe_operator", "read_operator_file", "scaled_pixel_size"]
 
 
 def read_operator_file(path_text: str) -> Any:
@@ -75,3 +77,22 @@ def scaled_pixel_size(pixel_size: Any, factor: float) -> Any:
     values = [float(v) for v in pixel_size]
     n = min(2, len(values))
     return type(pixel_size)(values[:-n] + [v * factor for v in values[-n:]]) if n else pixel_size
+
+
+def describe_operator(operator: Any) -> str:
+    """One-line description of a forward operator for the widget."""
+    data = operator.to_dict()
+    if data.get("kind") == "gaussian":
+        sigma = data["sigma"]
+        sigma_text = "/".join(f"{s:g}" for s in (sigma if isinstance(sigma, list) else [sigma]))
+        return (
+            f"Gaussian ×{data['scale']}, σ {sigma_text} px, kernel {data['kernel_size']}, "
+            f"{data['anchor']}, {data['padding']}"
+        )
+    if data.get("kind") == "fourier":
+        kernel = np.asarray(data["kernel"])
+        return (
+            f"estimated ×{data['scale']}, kernel {kernel.shape[0]}×{kernel.shape[1]} "
+            f"(sum {kernel.sum():.3f}), bias {data['bias']:.4f}"
+        )
+    return type(operator).__name__
