@@ -348,3 +348,25 @@ def test_notify_error_reaches_napari_notifications(make_napari_viewer) -> None:
         notification_manager.notification_ready.disconnect(collect)
     assert [n.message for n in received] == ["region too small: draw a larger rectangle"]
     assert received[0].severity == NotificationSeverity.ERROR
+
+
+@pytest.mark.parametrize(
+    ("spec_name", "name", "setting", "value"),
+    [
+        ("OperatorSpec", "kernel_size", "kernel_size", 20),
+        ("OperatorSpec", "padding", "padding", "reflect"),
+        ("EstimateSpec", "kernel_size", "pair_kernel_size", 9),
+    ],
+)
+def test_a_spec_default_changes_the_form(
+    make_napari_viewer, monkeypatch, spec_name, name, setting, value
+) -> None:
+    from napari_wpp import core
+
+    spec = getattr(core.config, spec_name)
+    monkeypatch.setattr(spec.__dataclass_fields__[name], "default", value)
+    widget = ReferenceOperatorWidget(make_napari_viewer())
+    assert getattr(widget.settings, setting) == value
+    form = widget.form if spec_name == "OperatorSpec" else widget.pair_form
+    assert form[name].value == value
+    widget.close()
