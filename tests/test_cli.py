@@ -615,7 +615,7 @@ class _FakeStream:
 def test_progress_bar(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
     stream = _FakeStream(tty)
     monkeypatch.setattr(sys, "stderr", stream)
-    bar = cli._ProgressBar("work")
+    bar = cli.ProgressBar("work")
     for i in range(1, 501):
         bar.update(i / 500, f"it {i}")
     bar.close()

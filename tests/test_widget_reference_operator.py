@@ -39,7 +39,6 @@ def _smooth_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.rint(image * 255).astype(np.uint8)
 
 
-
 @pytest.fixture
 def viewer_and_widget(make_napari_viewer):
     viewer = make_napari_viewer()
@@ -52,22 +51,22 @@ def test_widget_opens_from_manifest(viewer_and_widget) -> None:
     assert isinstance(widget, ReferenceOperatorWidget)
     assert widget.session is session_for(viewer)
     # the widget starts with the CLI's defaults
-    assert widget.state.scale == 4 and widget.state.sigma == default_sigma(4)
-    assert widget.state.anchor == "center"
+    assert widget.settings.scale == 4 and widget.settings.sigma == default_sigma(4)
+    assert widget.settings.anchor == "center"
 
 
 def test_layer_choices_follow_the_layer_list(viewer_and_widget) -> None:
     viewer, widget = viewer_and_widget
     viewer.add_image(np.zeros((32, 32), np.uint8), name="scan")
-    assert widget.state.reference_layer == "scan"
-    assert widget.slice_start_spin.isHidden()  # no slice range for a 2D layer
+    assert widget.settings.reference_layer == "scan"
+    assert widget.slice_start_spin.native.isHidden()  # no slice range for a 2D layer
     viewer.layers["scan"].name = "renamed"
-    assert widget.state.reference_layer == "renamed"
+    assert widget.settings.reference_layer == "renamed"
     viewer.add_shapes([np.array([[0, 0], [10, 10]])], shape_type="rectangle", name="roi")
-    assert widget.reference_shapes_combo.findData("roi") >= 0
-    assert widget.state.reference_shapes == ""  # whole image until a rectangle is chosen
+    assert widget.reference_shapes_combo.native.findData("roi") >= 0
+    assert widget.settings.reference_shapes == ""  # whole image until a rectangle is chosen
     viewer.layers.remove("renamed")
-    assert widget.state.reference_layer == ""
+    assert widget.settings.reference_layer == ""
     assert "no HR image layer chosen" in widget.patch_label.text()
 
 
@@ -78,8 +77,8 @@ def test_reference_from_scaled_layer_and_rectangle(viewer_and_widget) -> None:
     # world rectangle y 15..25, x 22..27 -> data rows 10..30, columns 8..28
     rect = np.array([[15.0, 22.0], [15.0, 27.0], [25.0, 27.0], [25.0, 22.0]])
     viewer.add_shapes([rect], shape_type="rectangle", name="roi")
-    widget.state.reference_layer = "hr"
-    widget.state.reference_shapes = "roi"
+    widget.settings.reference_layer = "hr"
+    widget.settings.reference_shapes = "roi"
     assert widget.patch_count() == (20 - 5) * (20 - 5)
     assert "225 patches" in widget.patch_label.text()
 
@@ -98,13 +97,13 @@ def test_reference_3d_slice_range(viewer_and_widget) -> None:
     viewer, widget = viewer_and_widget
     volume = _smooth_image((5, 24, 24), seed=2)
     viewer.add_image(volume, name="stack")
-    assert not widget.slice_start_spin.isHidden()  # slice rows appear for a 3D layer
-    assert (widget.state.slice_start, widget.state.slice_stop) == (0, 4)
+    assert not widget.slice_start_spin.native.isHidden()  # slice rows appear for a 3D layer
+    assert (widget.settings.slice_start, widget.settings.slice_stop) == (0, 4)
     viewer.dims.set_current_step(0, 2)
-    widget.current_slice_button.click()
-    assert (widget.state.slice_start, widget.state.slice_stop) == (2, 2)
+    widget.current_slice_button.native.click()
+    assert (widget.settings.slice_start, widget.settings.slice_stop) == (2, 2)
     assert widget.patch_count() == 19 * 19
-    widget.state.slice_start, widget.state.slice_stop = 1, 3
+    widget.settings.slice_start, widget.settings.slice_stop = 1, 3
     selection = widget.use_as_reference()
     assert selection is not None
     assert selection.regions[0].shape == (3, 24, 24)
@@ -117,8 +116,8 @@ def test_too_small_region_notifies(viewer_and_widget, errors) -> None:
     viewer.add_image(_smooth_image((40, 40), seed=3), name="hr", scale=(2.0, 2.0))
     tiny = np.array([[0.0, 0.0], [0.0, 8.0], [8.0, 8.0], [8.0, 0.0]])  # 4x4 data pixels
     viewer.add_shapes([tiny], shape_type="rectangle", name="roi")
-    widget.state.reference_layer = "hr"
-    widget.state.reference_shapes = "roi"
+    widget.settings.reference_layer = "hr"
+    widget.settings.reference_shapes = "roi"
     assert widget.patch_count() == 0
     assert "smaller than a 6×6 patch" in widget.patch_label.text()
     assert widget.use_as_reference() is None
@@ -128,11 +127,13 @@ def test_too_small_region_notifies(viewer_and_widget, errors) -> None:
 
 def test_parametric_operator_lands_in_session(viewer_and_widget) -> None:
     _, widget = viewer_and_widget
-    widget.scale_combo.setCurrentIndex(widget.scale_combo.findData(6))  # as a user would
-    assert widget.state.scale == 6 and widget.state.sigma == default_sigma(6)
-    widget.sigma_spin.setValue(2.5)
-    widget.state.kernel_size = 20
-    widget.anchor_combo.setCurrentIndex(widget.anchor_combo.findData("corner"))
+    widget.scale_combo.native.setCurrentIndex(
+        widget.scale_combo.native.findData(6)
+    )  # as a user would
+    assert widget.settings.scale == 6 and widget.settings.sigma == default_sigma(6)
+    widget.sigma_spin.value = 2.5
+    widget.settings.kernel_size = 20
+    widget.anchor_combo.native.setCurrentIndex(widget.anchor_combo.native.findData("corner"))
     operator = widget.use_parametric_operator()
     assert widget.session.operator is operator
     assert isinstance(operator, GaussianDownsampling)
@@ -142,7 +143,7 @@ def test_parametric_operator_lands_in_session(viewer_and_widget) -> None:
 
 def test_invalid_parametric_operator_notifies(viewer_and_widget, errors) -> None:
     _, widget = viewer_and_widget
-    widget.state.padding = "mirror"  # not a padding the operator knows
+    widget.settings.padding = "mirror"  # not a padding the operator knows
     assert widget.use_parametric_operator() is None
     assert widget.session.operator is None
     assert len(errors) == 1 and "padding" in errors[0]
@@ -179,11 +180,11 @@ def test_estimation_runs_in_a_worker(viewer_and_widget, qtbot) -> None:
     viewer.add_image(lr, name="lr pair", scale=(q, q), translate=((q - 1) / 2,) * 2)
     rect = np.array([[4.0, 4.0], [4.0, 60.0], [60.0, 60.0], [60.0, 4.0]])
     viewer.add_shapes([rect], shape_type="rectangle", name="pair roi")
-    widget.state.pair_hr_layer = "hr pair"
-    widget.state.pair_lr_layer = "lr pair"
-    widget.state.pair_hr_shapes = "pair roi"
-    assert widget.state.pair_scale == q  # guessed from the layers' pixel sizes
-    widget.state.pair_kernel_size = 9
+    widget.settings.pair_hr_layer = "hr pair"
+    widget.settings.pair_lr_layer = "lr pair"
+    widget.settings.pair_hr_shapes = "pair roi"
+    assert widget.settings.pair_scale == q  # guessed from the layers' pixel sizes
+    widget.settings.pair_kernel_size = 9
 
     with qtbot.waitSignal(widget.estimation_finished, timeout=60_000) as blocker:
         worker = widget.estimate()
@@ -213,9 +214,9 @@ def test_estimation_with_mismatched_scale_notifies(viewer_and_widget, errors) ->
     hr, lr = _registered_pair(2)
     viewer.add_image(hr, name="hr pair")
     viewer.add_image(lr, name="lr pair")  # not overlaid, no rectangles: whole layers
-    widget.state.pair_hr_layer = "hr pair"
-    widget.state.pair_lr_layer = "lr pair"
-    widget.state.pair_scale = 3
+    widget.settings.pair_hr_layer = "hr pair"
+    widget.settings.pair_lr_layer = "lr pair"
+    widget.settings.pair_scale = 3
     assert widget.estimate() is None
     assert len(errors) == 1 and "do not match scale ×3" in errors[0]
     assert widget.estimation_worker is None
@@ -226,20 +227,24 @@ def test_save_load_roundtrip(viewer_and_widget, tmp_path: Path, errors) -> None:
     assert widget.save_operator(tmp_path / "none.json") is None  # nothing to save yet
     assert len(errors) == 1 and "no operator" in errors[0]
 
-    widget.state.scale = 3
-    widget.state.sigma = 1.7
-    widget.state.padding = "reflect"
+    widget.settings.scale = 3
+    widget.settings.sigma = 1.7
+    widget.settings.padding = "reflect"
     saved = widget.use_parametric_operator()
     path = widget.save_operator(tmp_path / "op.json")
     assert path is not None and json.loads(path.read_text())["kind"] == "gaussian"
 
     other = ReferenceOperatorWidget(widget.viewer)  # a fresh widget of the same viewer
-    other.state.scale = 8
+    other.settings.scale = 8
     loaded = other.load_operator(path)
     assert loaded is not None and loaded.to_dict() == saved.to_dict()
     assert other.session.operator is loaded
-    assert (other.state.scale, other.state.sigma, other.state.padding) == (3, 1.7, "reflect")
-    assert other.sigma_spin.value() == pytest.approx(1.7)
+    assert (other.settings.scale, other.settings.sigma, other.settings.padding) == (
+        3,
+        1.7,
+        "reflect",
+    )
+    assert other.sigma_spin.value == pytest.approx(1.7)
 
     (tmp_path / "bad.json").write_text("{not json")
     assert other.load_operator(tmp_path / "bad.json") is None
@@ -253,8 +258,8 @@ def test_estimated_operator_saves_with_fit(viewer_and_widget, qtbot, tmp_path: P
     hr, lr = _registered_pair(2, size=48)
     viewer.add_image(hr, name="hr pair")
     viewer.add_image(lr, name="lr pair", scale=(2, 2), translate=(0.5, 0.5))
-    widget.state.pair_hr_layer, widget.state.pair_lr_layer = "hr pair", "lr pair"
-    widget.state.pair_kernel_size = 7
+    widget.settings.pair_hr_layer, widget.settings.pair_lr_layer = "hr pair", "lr pair"
+    widget.settings.pair_kernel_size = 7
     with qtbot.waitSignal(widget.estimation_finished, timeout=60_000):
         widget.estimate()
     operator = widget.use_estimated_operator()
@@ -276,14 +281,20 @@ def test_screenshot(make_napari_viewer, qtbot) -> None:
     _, widget = viewer.window.add_plugin_dock_widget("napari-wpp", DISPLAY_NAME)
     viewer.window.resize(1400, 1000)
     rect = np.array([[40.0, 300.0], [40.0, 460.0], [200.0, 460.0], [200.0, 300.0]])
-    viewer.add_shapes([rect], shape_type="rectangle", name="reference region", edge_color="cyan",
-                      face_color="transparent", edge_width=2)
-    widget.state.reference_shapes = "reference region"
+    viewer.add_shapes(
+        [rect],
+        shape_type="rectangle",
+        name="reference region",
+        edge_color="cyan",
+        face_color="transparent",
+        edge_width=2,
+    )
+    widget.settings.reference_shapes = "reference region"
     assert widget.use_as_reference() is not None
     # the sample's registered 3D pair (HR truth, LR stack): the slice shown is used
-    assert widget.state.pair_hr_layer == "synthetic HR truth"
-    assert widget.state.pair_lr_layer == "synthetic LR stack (x4)"
-    assert widget.state.pair_scale == 4
+    assert widget.settings.pair_hr_layer == "synthetic HR truth"
+    assert widget.settings.pair_lr_layer == "synthetic LR stack (x4)"
+    assert widget.settings.pair_scale == 4
     with qtbot.waitSignal(widget.estimation_finished, timeout=60_000) as blocker:
         widget.estimate()
     assert not isinstance(blocker.args[0], BaseException), blocker.args[0]
@@ -337,3 +348,25 @@ def test_notify_error_reaches_napari_notifications(make_napari_viewer) -> None:
         notification_manager.notification_ready.disconnect(collect)
     assert [n.message for n in received] == ["region too small: draw a larger rectangle"]
     assert received[0].severity == NotificationSeverity.ERROR
+
+
+@pytest.mark.parametrize(
+    ("spec_name", "name", "setting", "value"),
+    [
+        ("OperatorSpec", "kernel_size", "kernel_size", 20),
+        ("OperatorSpec", "padding", "padding", "reflect"),
+        ("EstimateSpec", "kernel_size", "pair_kernel_size", 9),
+    ],
+)
+def test_a_spec_default_changes_the_form(
+    make_napari_viewer, monkeypatch, spec_name, name, setting, value
+) -> None:
+    from napari_wpp import core
+
+    spec = getattr(core.config, spec_name)
+    monkeypatch.setattr(spec.__dataclass_fields__[name], "default", value)
+    widget = ReferenceOperatorWidget(make_napari_viewer())
+    assert getattr(widget.settings, setting) == value
+    form = widget.form if spec_name == "OperatorSpec" else widget.pair_form
+    assert form[name].value == value
+    widget.close()

@@ -72,7 +72,7 @@ def test_reference_to_uncertainty(make_napari_viewer, qtbot, tmp_path, small_sam
 
     # 1. reference (the whole HR reference image) and the parametric ×4 operator
     _, reference = viewer.window.add_plugin_dock_widget("napari-wpp", "Reference & operator")
-    assert reference.state.reference_layer == REFERENCE
+    assert reference.settings.reference_layer == REFERENCE
     selection = reference.use_as_reference()
     assert selection is not None and selection.regions[0].shape == (64, 64)
     assert selection.n_patches == 59 * 59 == reference.patch_count()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.fft
 
+from napari_wpp.core.config import default_sigma as config_default_sigma
 from napari_wpp.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -44,8 +45,11 @@ _PSF_SIGMA = 0.6  # mild optical blur (px)
 
 
 def default_sigma(scale: int) -> float:
-    """Gaussian blur width of the published operators: 2 at ×4, 3 at ×6, 4 at ×8 (scale / 2)."""
-    return float(scale) / 2.0
+    """Gaussian blur width of the published operators: 2 at ×4, 3 at ×6, 4 at ×8 (scale / 2).
+
+    The rule is :func:`napari_wpp.core.config.default_sigma`'s (``OperatorSpec.sigma``).
+    """
+    return config_default_sigma(scale)
 
 
 def _check_shape(shape: Any) -> tuple[int, int, int]:

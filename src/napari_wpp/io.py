@@ -12,7 +12,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,9 @@ __all__ = [
     "MODEL_SUFFIX",
     "open_zarr_array",
     "create_zarr_array",
+    "atomic_write",
+    "explained_write_errors",
+    "one_line",
 ]
 
 PNG_EXTENSIONS = (".png",)
@@ -81,11 +85,30 @@ class ImageData:
     path: Path | None = None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > 160:
-        text = text[:157] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def one_line(what: object, limit: int | None = None) -> str:
+    """``what`` on one line (whitespace collapsed), cut to ``limit`` characters.
+
+    An exception reads ``"<type>: <message>"`` and is cut to 160 characters unless told.
+    """
+    text = " ".join(str(what).split())
+    if isinstance(what, BaseException):
+        limit = 160 if limit is None else limit
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if isinstance(what, BaseException):
+        return f"{type(what).__name__}: {text}" if text else type(what).__name__
+    return text
+
+
+@contextmanager
+def explained_write_errors(path: str | Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into a one-line :class:`InputError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {str(path)!r} ({one_line(str(exc))}): check the path"
+        ) from exc
 
 
 def _normalise_unit(unit: Any) -> str | None:
@@ -262,7 +285,7 @@ def read_image(path: str | Path) -> ImageData:
         ) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
         raise InputError(
-            f"cannot read {path.name} ({_one_line(exc)}): check that it is a valid, "
+            f"cannot read {path.name} ({one_line(exc)}): check that it is a valid, "
             "complete PNG/TIFF file"
         ) from None
     if array.dtype.kind not in "uif":
@@ -277,7 +300,7 @@ def read_image(path: str | Path) -> ImageData:
     return ImageData(array=array, pixel_size=pixel_size, unit=unit, path=path)
 
 
-def _atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
     """Write via ``writer(tmp)`` to a temporary file next to ``path``, then replace ``path``."""
     parent = path.parent
     if not parent.is_dir():
@@ -365,7 +388,7 @@ def write_image(
                 kwargs["resolutionunit"] = "NONE"
             tifffile.imwrite(tmp, array, metadata=metadata, photometric="minisblack", **kwargs)
 
-    return _atomic_write(path, writer)
+    return atomic_write(path, writer)
 
 
 def _json_default(obj: Any) -> Any:
@@ -404,7 +427,7 @@ def read_operator(path: str | Path) -> ForwardOperator:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(
-            f"cannot read operator file {path.name} ({_one_line(exc)}): check the file"
+            f"cannot read operator file {path.name} ({one_line(exc)}): check the file"
         ) from None
     if isinstance(d, dict) and isinstance(d.get("operator"), dict):
         d = d["operator"]
@@ -418,7 +441,7 @@ def read_operator(path: str | Path) -> ForwardOperator:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(
-            f"operator file {path.name} does not describe a valid operator ({_one_line(exc)}): "
+            f"operator file {path.name} does not describe a valid operator ({one_line(exc)}): "
             "write it again with estimate-operator"
         ) from None
 
@@ -450,7 +473,7 @@ def write_operator(
     def writer(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
-    return _atomic_write(path, writer)
+    return atomic_write(path, writer)
 
 
 # --------------------------------------------------------------------------- model files
@@ -495,9 +518,7 @@ def _thin_history(history: list[dict[str, float]], limit: int = MAX_HISTORY) -> 
     return [history[int(i)] for i in keep]
 
 
-def save_model(
-    path: str | Path, state: TrainingState, include_training_state: bool = True
-) -> Path:
+def save_model(path: str | Path, state: TrainingState, include_training_state: bool = True) -> Path:
     """Write a trained model as one self-describing ``.safetensors`` file, atomically.
 
     Tensors are stored as ``model.<name>`` (weights), ``prior.<i>.<name>`` (ψ states),
@@ -589,7 +610,7 @@ def save_model(
     def writer(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={MODEL_METADATA_KEY: text})
 
-    return _atomic_write(path, writer)
+    return atomic_write(path, writer)
 
 
 def _check_model_path(path: str | Path) -> Path:
@@ -613,7 +634,7 @@ def _parse_model_metadata(path: Path, header: dict[str, str] | None) -> dict[str
     try:
         meta = json.loads(header[MODEL_METADATA_KEY])
     except (json.JSONDecodeError, TypeError) as exc:
-        raise InputError(f"{damaged} ({_one_line(exc)}): save or train the model again") from None
+        raise InputError(f"{damaged} ({one_line(exc)}): save or train the model again") from None
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise InputError(foreign)
     version = meta.get("format_version")
@@ -651,7 +672,7 @@ def _open_model_file(path: Path, with_tensors: bool) -> tuple[dict[str, Any], di
         raise InputError(f"{path.name} is too large to load into memory") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
         raise InputError(
-            f"cannot read model file {path.name} ({_one_line(exc)}): it is truncated, damaged "
+            f"cannot read model file {path.name} ({one_line(exc)}): it is truncated, damaged "
             f"or not a {MODEL_SUFFIX} file; save or train the model again"
         ) from None
     return meta, tensors
@@ -744,7 +765,7 @@ def _expected_shapes(path: Path, kind: str, model_config: dict[str, Any]) -> dic
     except (InputError, ValueError, TypeError, RuntimeError) as exc:
         raise InputError(
             f"{path.name} has an invalid {kind} configuration {model_config} "
-            f"({_one_line(exc)}): save or train the model again"
+            f"({one_line(exc)}): save or train the model again"
         ) from None
     return {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
@@ -966,7 +987,7 @@ def open_zarr_array(path: str | Path) -> Any:
         return zarr.open_array(store=str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - any metadata failure is a bad array for the user
         raise InputError(
-            f"cannot open zarr array {path} ({_one_line(exc)}): check that it is a valid array"
+            f"cannot open zarr array {path} ({one_line(exc)}): check that it is a valid array"
         ) from None
 
 
@@ -1034,5 +1055,5 @@ def create_zarr_array(
         return array
     except OSError as exc:
         raise InputError(
-            f"cannot create zarr array {path} ({_one_line(exc)}): check the path"
+            f"cannot create zarr array {path} ({one_line(exc)}): check the path"
         ) from None

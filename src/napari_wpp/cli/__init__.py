@@ -1,7 +1,7 @@
 """Command line interface: ``napari-wpp <subcommand> ...``.
 
 One module per subcommand (``add_parser`` adds its options, its handler runs it); what they
-share (exit codes, argument types, the error contract, progress, reading and writing) is in
+share (exit codes, argument types, the option groups, the error contract, progress, reading) is in
 :mod:`napari_wpp.cli._common`. Every subcommand validates its input before doing any work,
 prints results on stdout (one JSON object with ``--json``), progress on stderr, and exits with
 
@@ -35,10 +35,10 @@ from napari_wpp.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
-    _fail,
-    _one_line,
-    _Parser,
-    _ProgressBar,
+    Parser,
+    ProgressBar,
+    fail,
+    one_line,
 )
 from napari_wpp.cli.evaluate import normalise_for_evaluation
 from napari_wpp.cli.train import (
@@ -61,7 +61,7 @@ __all__ = [
     "build_parser",
     "main",
     "normalise_for_evaluation",
-    "_ProgressBar",
+    "ProgressBar",
 ]
 
 #: The subcommands, in the order of ``napari-wpp --help``.
@@ -70,14 +70,14 @@ SUBCOMMANDS = (degrade, estimate_operator, reconstruct, train, predict, evaluate
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``napari-wpp`` argument parser with all subcommands."""
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,
         help="show the full traceback of unexpected errors",
     )
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="Superresolution of material scans with Wasserstein Patch Priors.",
         epilog=f"Run '{PROG} <command> --help' for the options of a command.",
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback of unexpected errors"
     )
-    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     sub.required = True
     for command in SUBCOMMANDS:
         command.add_parser(sub, common)
@@ -106,28 +106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         if debug:
             raise
-        _fail(str(exc))
+        fail(str(exc))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if debug:
             raise
-        _fail("interrupted")
+        fail("interrupted")
         return EXIT_INTERRUPTED
     except DivergenceError as exc:
         if debug:
             raise
-        _fail(str(exc))
+        fail(str(exc))
         return EXIT_FAILURE
     except MemoryError:
         if debug:
             raise
-        _fail("out of memory: use a smaller image, fewer reference patches or a larger machine")
+        fail("out of memory: use a smaller image, fewer reference patches or a larger machine")
         return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 -- last resort: one line, never a traceback
         if debug:
             raise
-        _fail(
-            f"unexpected {type(exc).__name__}: {_one_line(str(exc)) or 'no message'} "
+        fail(
+            f"unexpected {type(exc).__name__}: {one_line(str(exc)) or 'no message'} "
             f"(rerun with --debug for the traceback and report it)"
         )
         return EXIT_FAILURE

@@ -1,7 +1,9 @@
 """What the subcommands share.
 
-Exit codes, argument types, the error contract, progress bars, reading inputs and writing
-outputs atomically.
+Exit codes, argument types, the shared option groups (operator, device, output, ``--json``),
+built from the specs of :mod:`napari_wpp.core.config`, the error contract, progress bars and
+reading inputs. Outputs are written by the jobs (:mod:`napari_wpp.jobs`) through
+:mod:`napari_wpp.io`'s atomic writers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,55 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from napari_wpp.core.config import (
+    FALLBACK_ITERATIONS,
+    OperatorSpec,
+    choices_of,
+    default_of,
+    help_of,
+    help_text,
+)
 from napari_wpp.core.errors import InputError
+from napari_wpp.io import one_line
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "PROG",
+    "Parser",
+    "ProgressBar",
+    "add_device_flag",
+    "add_json_flag",
+    "add_operator_flags",
+    "add_output_flag",
+    "check_device",
+    "check_output",
+    "crop_type",
+    "describe_reconstruction",
+    "drive",
+    "emit",
+    "end_progress_line",
+    "fail",
+    "iterations_type",
+    "jsonable",
+    "kernel_type",
+    "lambda_type",
+    "minutes_type",
+    "noise_type",
+    "number_type",
+    "one_line",
+    "operator_from_args",
+    "operator_spec_from_args",
+    "positive_types",
+    "read_input",
+    "scale_type",
+    "seed_type",
+    "shape_text",
+    "sigma_type",
+    "write_tiff",
+]
 
 PROG = "napari-wpp"
 EXIT_OK = 0
@@ -28,15 +78,15 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one ``error: ...`` line (exit code 2)."""
 
     def error(self, message: str) -> NoReturn:  # noqa: D102 (argparse API)
-        sys.stderr.write(f"error: {_one_line(message)} (see '{self.prog} --help')\n")
+        sys.stderr.write(f"error: {one_line(message)} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _scale(text: str) -> int:
+def scale_type(text: str) -> int:
     try:
         value = float(text)
     except ValueError:
@@ -50,7 +100,7 @@ def _scale(text: str) -> int:
     return int(value)
 
 
-def _number(kind: type, minimum: float, inclusive: bool, hint: str) -> Callable[[str], Any]:
+def number_type(kind: type, minimum: float, inclusive: bool, hint: str) -> Callable[[str], Any]:
     """An argparse ``type`` that parses ``kind`` and enforces a lower bound."""
     bound = f"≥ {minimum:g}" if inclusive else f"> {minimum:g}"
 
@@ -71,30 +121,32 @@ def _number(kind: type, minimum: float, inclusive: bool, hint: str) -> Callable[
     return parse
 
 
-_sigma = _number(float, 0.0, False, "the blur width σ in HR pixels, e.g. --sigma 2")
+sigma_type = number_type(float, 0.0, False, "the blur width σ in HR pixels, e.g. --sigma 2")
 
 
-_lambda = _number(float, 0.0, True, "e.g. --lambda 0.02")
-_noise = _number(float, 0.0, True, "the noise std on the [0, 1] scale, e.g. --noise 0.01")
+lambda_type = number_type(float, 0.0, True, "e.g. --lambda 0.02")
+noise_type = number_type(float, 0.0, True, "the noise std on the [0, 1] scale, e.g. --noise 0.01")
 
 
-_minutes = _number(float, 0.0, False, "e.g. --minutes 2")
+minutes_type = number_type(float, 0.0, False, "e.g. --minutes 2")
 
 
-_iterations = _number(int, 1, True, "e.g. --iterations 300")
+iterations_type = number_type(int, 1, True, f"e.g. --iterations {FALLBACK_ITERATIONS}")
 
 
-_kernel = _number(int, 1, True, "e.g. --kernel-size 16")
+kernel_type = number_type(
+    int, 1, True, f"e.g. --kernel-size {default_of(OperatorSpec, 'kernel_size')}"
+)
 
 
-_crop = _number(int, 0, True, "the border to ignore in pixels, e.g. --crop 40")
+crop_type = number_type(int, 0, True, "the border to ignore in pixels, e.g. --crop 40")
 
 
-_seed = _number(int, 0, True, "e.g. --seed 0")
+seed_type = number_type(int, 0, True, "e.g. --seed 0")
 
 
-_positive = {
-    name: _number(int, 1, True, f"e.g. {name} {value}")
+positive_types = {
+    name: number_type(int, 1, True, f"e.g. {name} {value}")
     for name, value in (
         ("--batch-size", 8),
         ("--crop-size", 25),
@@ -106,55 +158,61 @@ _positive = {
 }
 
 
-def _add_operator_flags(parser: argparse.ArgumentParser) -> None:
+def add_operator_flags(parser: argparse.ArgumentParser) -> None:
+    """The forward operator group, from :class:`~napari_wpp.core.config.OperatorSpec`."""
     group = parser.add_argument_group(
         "forward operator", "either --operator OP.json or --scale (with --sigma)"
     )
+    group.add_argument("--operator", metavar="OP.json", help=help_of(OperatorSpec, "path"))
+    group.add_argument("--scale", type=scale_type, metavar="Q", help=help_of(OperatorSpec, "scale"))
     group.add_argument(
-        "--operator", metavar="OP.json", help="operator JSON (from estimate-operator)"
+        "--sigma", type=sigma_type, metavar="S", help=help_text(OperatorSpec, "sigma")
     )
     group.add_argument(
-        "--scale", type=_scale, metavar="Q", help="integer downsampling factor q ≥ 2"
+        "--kernel-size",
+        type=kernel_type,
+        default=default_of(OperatorSpec, "kernel_size"),
+        metavar="K",
+        help=help_text(OperatorSpec, "kernel_size"),
     )
-    group.add_argument(
-        "--sigma",
-        type=_sigma,
-        metavar="S",
-        help="Gaussian blur σ in HR pixels (default q/2: 2 for ×4, 3 for ×6, 4 for ×8)",
-    )
-    group.add_argument(
-        "--kernel-size", type=_kernel, default=16, metavar="K", help="kernel side (default 16)"
-    )
-    group.add_argument(
-        "--anchor",
-        choices=("center", "corner"),
-        default="center",
-        help="kernel anchoring; 'corner' reproduces the published data (default center)",
-    )
-    group.add_argument(
-        "--padding",
-        choices=("circular", "reflect", "zeros"),
-        default="circular",
-        help="border handling of the blur (default circular)",
+    for name in ("anchor", "padding"):
+        group.add_argument(
+            f"--{name}",
+            choices=choices_of(OperatorSpec, name),
+            default=default_of(OperatorSpec, name),
+            help=help_text(OperatorSpec, name),
+        )
+
+
+def add_device_flag(parser: Any, spec: type) -> None:
+    """``--device`` with the default and help of ``spec.device``."""
+    parser.add_argument(
+        "--device", default=default_of(spec, "device"), help=help_text(spec, "device")
     )
 
 
-def _fail(message: str) -> None:
-    _end_progress_line()
-    sys.stderr.write(f"error: {_one_line(message)}\n")
+def add_output_flag(parser: Any, metavar: str = "OUT.tif", help: str = "output TIFF") -> None:
+    """The required ``--out``."""
+    parser.add_argument("--out", required=True, metavar=metavar, help=help)
+
+
+def add_json_flag(parser: Any) -> None:
+    """``--json``: the result as one JSON object on stdout."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def fail(message: str) -> None:
+    end_progress_line()
+    sys.stderr.write(f"error: {one_line(message)}\n")
     sys.stderr.flush()
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types; non-finite floats become ``None`` (strict JSON has no inf/nan)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
@@ -166,25 +224,25 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     """Print the result: ``payload`` as one JSON object with ``--json``, else ``text``."""
-    _end_progress_line()
+    end_progress_line()
     if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(_jsonable(payload)) + "\n")
+        sys.stdout.write(json.dumps(jsonable(payload)) + "\n")
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
 
 
-_open_bar: _ProgressBar | None = None
+_open_bar: ProgressBar | None = None
 
 
-def _end_progress_line() -> None:
+def end_progress_line() -> None:
     if _open_bar is not None:
         _open_bar.close()
 
 
-class _ProgressBar:
+class ProgressBar:
     """A text progress bar on stderr.
 
     On a terminal it redraws one line (``\\r``); otherwise it prints a line at every tenth of
@@ -246,7 +304,7 @@ class _ProgressBar:
             _open_bar = None
 
 
-def _check_output(
+def check_output(
     path_text: str, what: str = "output", suffixes: tuple[str, ...] = (".tif", ".tiff")
 ) -> Path:
     """Validate an output file path (folder exists, file type) before any work is done."""
@@ -268,22 +326,7 @@ def _check_output(
     return path
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so no half-written ``path`` remains."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(
-            f"cannot write {str(path)!r} ({_one_line(str(exc))}): check the path"
-        ) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _read(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:
+def read_input(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:
     """Read and check an image: it exists, is readable, has a supported shape, is finite."""
     import numpy as np
 
@@ -303,7 +346,7 @@ def _read(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:
         raise
     except (OSError, ValueError, TypeError, KeyError, IndexError, EOFError) as exc:
         raise InputError(
-            f"cannot read {what} {path_text!r} ({type(exc).__name__}: {_one_line(str(exc))[:120]})"
+            f"cannot read {what} {path_text!r} ({type(exc).__name__}: {one_line(str(exc))[:120]})"
             ": give a TIFF or PNG image"
         ) from exc
     array = np.asarray(data.array)
@@ -327,84 +370,45 @@ def _read(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:
     return data  # NaN/Inf pixels are refused by read_image
 
 
-def _operator_from_args(args: argparse.Namespace) -> Any:
-    """The forward operator from ``--operator`` or ``--scale/--sigma/...``."""
-    from napari_wpp.core.operators import GaussianDownsampling
-    from napari_wpp.io import read_operator
-
+def operator_spec_from_args(args: argparse.Namespace) -> OperatorSpec:
+    """The :class:`OperatorSpec` of ``--operator`` or ``--scale/--sigma/...``."""
     if args.operator is not None:
         if args.scale is not None or args.sigma is not None:
             raise InputError("give either --operator OP.json or --scale/--sigma, not both")
-        path = Path(args.operator).expanduser()
-        if not path.is_file():
-            raise InputError(f"operator file {args.operator!r} does not exist: check the path")
-        try:
-            operator = read_operator(path)
-        except InputError as exc:
-            message = str(exc)
-            if path.name not in message:
-                message = f"operator file {args.operator!r}: {message}"
-            raise InputError(message) from exc
-        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            raise InputError(
-                f"operator file {args.operator!r} is not a valid operator JSON "
-                f"({type(exc).__name__}: {_one_line(str(exc))[:120]}): write one with "
-                f"'{PROG} estimate-operator' or use --scale/--sigma"
-            ) from exc
-        scale = getattr(operator, "scale", None)
-        if not isinstance(scale, int) or scale < 2:
-            raise InputError(
-                f"operator file {args.operator!r} has scale {scale!r}: the scale must be an "
-                "integer ≥ 2"
-            )
-        return operator
+        return OperatorSpec(path=args.operator)
     if args.scale is None:
         raise InputError("no forward operator: give --operator OP.json or --scale Q [--sigma S]")
-    sigma = args.sigma if args.sigma is not None else args.scale / 2.0
-    try:
-        return GaussianDownsampling(
-            args.scale,
-            sigma,
-            kernel_size=args.kernel_size,
-            anchor=args.anchor,
-            padding=args.padding,
-        )
-    except InputError:
-        raise
-    except ValueError as exc:
-        raise InputError(f"invalid operator parameters: {_one_line(str(exc))}") from exc
+    return OperatorSpec(
+        scale=args.scale,
+        sigma=args.sigma,
+        kernel_size=args.kernel_size,
+        anchor=args.anchor,
+        padding=args.padding,
+    )
 
 
-def _scaled_pixel_size(pixel_size: Any, factor: float, ndim: int) -> Any:
-    """Pixel size with its in-plane (last two) axes multiplied by ``factor``."""
-    if pixel_size is None:
-        return None
-    if isinstance(pixel_size, (int, float)):
-        return float(pixel_size) * factor
-    values = [float(v) for v in pixel_size]
-    n = min(2, len(values))
-    return type(pixel_size)(values[:-n] + [v * factor for v in values[-n:]]) if n else pixel_size
+def operator_from_args(args: argparse.Namespace) -> Any:
+    """The forward operator from ``--operator`` or ``--scale/--sigma/...``."""
+    from napari_wpp.jobs.operator import build_operator
+
+    return build_operator(operator_spec_from_args(args))
 
 
-def _write_image(path: Path, array: Any, pixel_size: Any = None, unit: Any = None) -> None:
-    """Write a TIFF (``napari_wpp.io.write_image`` writes atomically)."""
-    from napari_wpp.io import write_image
+def write_tiff(path: Path, array: Any, pixel_size: Any = None, unit: Any = None) -> None:
+    """Write a TIFF atomically; a failure is a one-line ``InputError``."""
+    from napari_wpp.io import explained_write_errors, write_image
 
-    try:
+    with explained_write_errors(path):
         write_image(path, array, pixel_size=pixel_size, unit=unit)
-    except OSError as exc:
-        raise InputError(
-            f"cannot write {str(path)!r} ({_one_line(str(exc))}): check the path"
-        ) from exc
 
 
-def _shape_text(shape: Sequence[int]) -> str:
+def shape_text(shape: Sequence[int]) -> str:
     return "×".join(str(int(s)) for s in shape)
 
 
-def _drive(
+def drive(
     events: Callable[[threading.Event], Iterable[Any]],
-    bar: _ProgressBar,
+    bar: ProgressBar,
     describe: Callable[[Any], tuple[float, str] | None] | None = None,
     finished: type | tuple[type, ...] | None = None,
     stopping: str = "stopping after this iteration",
@@ -431,7 +435,7 @@ def _drive(
     if describe is None or finished is None:
         from napari_wpp.core.reconstruct import ReconstructionFinished
 
-        describe = describe or _describe_reconstruction
+        describe = describe or describe_reconstruction
         finished = finished or ReconstructionFinished
 
     stop = threading.Event()
@@ -502,13 +506,13 @@ def _drive(
     return final
 
 
-def _check_device(name: str) -> str:
+def check_device(name: str) -> str:
     from napari_wpp.core.devices import resolve_device
 
     return str(resolve_device(name))
 
 
-def _describe_reconstruction(event: Any) -> tuple[float, str] | None:
+def describe_reconstruction(event: Any) -> tuple[float, str] | None:
     """Progress fraction and detail of a reconstruction event (``None``: not a progress one)."""
     from napari_wpp.core.reconstruct import ReconstructionProgress
 

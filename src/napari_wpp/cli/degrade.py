@@ -7,19 +7,19 @@ from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
-    _add_operator_flags,
-    _check_output,
-    _emit,
-    _noise,
-    _operator_from_args,
-    _ProgressBar,
-    _read,
-    _scaled_pixel_size,
-    _seed,
-    _shape_text,
-    _write_image,
+    ProgressBar,
+    add_json_flag,
+    add_operator_flags,
+    add_output_flag,
+    check_output,
+    emit,
+    noise_type,
+    operator_from_args,
+    read_input,
+    seed_type,
+    shape_text,
 )
-from napari_wpp.core.errors import InputError
+from napari_wpp.core.config import DegradeSpec, default_of, help_text
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -33,62 +33,52 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "by the scale.",
     )
     p.add_argument("input", metavar="INPUT", help="HR image or stack (TIFF, PNG, ...)")
-    p.add_argument("--out", required=True, metavar="OUT.tif", help="output TIFF")
-    _add_operator_flags(p)
+    add_output_flag(p)
+    add_operator_flags(p)
     p.add_argument(
         "--noise",
-        type=_noise,
-        default=0.0,
+        type=noise_type,
+        default=default_of(DegradeSpec, "noise"),
         metavar="SIGMA",
-        help="Gaussian noise std on the [0, 1] intensity scale (default 0)",
+        help=help_text(DegradeSpec, "noise"),
     )
-    p.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--seed",
+        type=seed_type,
+        default=default_of(DegradeSpec, "seed"),
+        help=help_text(DegradeSpec, "seed"),
+    )
+    add_json_flag(p)
     p.set_defaults(handler=_cmd_degrade)
 
 
+def spec_from_args(args: argparse.Namespace) -> DegradeSpec:
+    """The :class:`DegradeSpec` of the parsed options."""
+    return DegradeSpec(noise=args.noise, seed=args.seed)
+
+
 def _cmd_degrade(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    from napari_wpp.jobs.degrade import DegradeResult, SliceDegraded, degrade_job
 
-    from napari_wpp.core.intensity import Normalisation
-    from napari_wpp.core.operators import add_noise
-
-    out = _check_output(args.out)
-    operator = _operator_from_args(args)
-    data = _read(args.input, "input image")
-    array = np.asarray(data.array)
-    q = int(operator.scale)
-    if min(array.shape[-2:]) < q:
-        raise InputError(
-            f"input image {_shape_text(array.shape[-2:])} is smaller than the scale {q}: "
-            "give a larger image or a smaller --scale"
-        )
-    norm = Normalisation.from_array(array)
-    slices = array[None] if array.ndim == 2 else array
-    results = []
-    bar = _ProgressBar("degrade") if len(slices) > 1 else None
-    for i, hr_slice in enumerate(slices):
-        hr = torch.from_numpy(np.ascontiguousarray(norm.apply(hr_slice), dtype=np.float32))
-        with torch.no_grad():
-            lr = operator(hr)
-            if args.noise > 0:
-                lr = add_noise(lr, args.noise, seed=args.seed + i)
-        results.append(lr.detach().cpu().numpy())
-        if bar is not None:
-            bar.update((i + 1) / len(slices), f"slice {i + 1}/{len(slices)}")
+    out = check_output(args.out)
+    operator = operator_from_args(args)
+    data = read_input(args.input, "input image")
+    spec = spec_from_args(args)
+    bar = ProgressBar("degrade") if data.array.ndim == 3 and len(data.array) > 1 else None
+    result = None
+    for event in degrade_job(spec, operator, data, out=out):
+        if isinstance(event, SliceDegraded) and bar is not None:
+            bar.update(event.done / event.total, f"slice {event.done}/{event.total}")
+        elif isinstance(event, DegradeResult):
+            result = event
     if bar is not None:
         bar.close()
-    low = np.stack(results) if array.ndim == 3 else results[0]
-    if array.dtype.kind in "ui":
-        low = np.clip(low, 0.0, 1.0)
-    low = np.asarray(norm.invert(low)).astype(array.dtype, copy=False)
-    pixel_size = _scaled_pixel_size(data.pixel_size, q, array.ndim)
-    _write_image(out, low, pixel_size=pixel_size, unit=data.unit)
-    _emit(
+    assert result is not None
+    low, q = result.image, result.scale
+    emit(
         args,
-        {"out": str(out), "shape": list(low.shape), "scale": q, "noise": args.noise},
-        f"wrote {out} ({_shape_text(low.shape)}, {low.dtype}, ×{q} down"
-        + (f", noise {args.noise:g})" if args.noise else ")"),
+        {"out": str(out), "shape": list(low.shape), "scale": q, "noise": spec.noise},
+        f"wrote {out} ({shape_text(low.shape)}, {low.dtype}, ×{q} down"
+        + (f", noise {spec.noise:g})" if spec.noise else ")"),
     )
     return EXIT_OK

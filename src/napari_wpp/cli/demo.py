@@ -9,16 +9,15 @@ from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
-    _check_device,
-    _drive,
-    _emit,
-    _minutes,
-    _number,
-    _ProgressBar,
-    _seed,
-    _shape_text,
-    _write_atomically,
-    _write_image,
+    ProgressBar,
+    check_device,
+    drive,
+    emit,
+    minutes_type,
+    number_type,
+    seed_type,
+    shape_text,
+    write_tiff,
 )
 from napari_wpp.cli.train import (
     _save_model,
@@ -60,7 +59,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--minutes",
-        type=_minutes,
+        type=minutes_type,
         default=DEMO_MINUTES,
         metavar="M",
         help=f"total time budget: a third for variational WPP, two thirds for WPPNet "
@@ -68,12 +67,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--size",
-        type=_number(int, 48, True, "e.g. --size 192"),
+        type=number_type(int, 48, True, "e.g. --size 192"),
         default=DEMO_SIZE,
         metavar="N",
         help=f"side of the HR slice in pixels (default {DEMO_SIZE})",
     )
-    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(handler=_cmd_demo)
@@ -102,7 +101,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise InputError(
             f"parent folder {str(folder.parent)!r} of --out does not exist: create it first"
         )
-    device = _check_device(args.device)
+    device = check_device(args.device)
     size = args.size
     if size % 4:
         raise InputError(f"--size {size} is not a multiple of 4 (the demo's scale): use e.g. 192")
@@ -121,6 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     from napari_wpp.core.training import TrainingConfig
     from napari_wpp.data import synthetic_material
+    from napari_wpp.io import atomic_write, explained_write_errors
 
     train_minutes = args.minutes * DEMO_TRAIN_SHARE
     wpp_minutes = args.minutes - train_minutes
@@ -144,9 +144,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         bicubic = upsample_aligned(torch.from_numpy(lr), operator).cpu().numpy().astype(np.float32)
     config = VariationalConfig(minutes=wpp_minutes, seed=args.seed, device=device)
-    finished = _drive(
+    finished = drive(
         lambda stop: reconstruct_variational(lr, reference, operator, config, stop=stop),
-        _ProgressBar("reconstruct"),
+        ProgressBar("reconstruct"),
     )
     wpp = np.asarray(finished.image, dtype=np.float32)
 
@@ -172,7 +172,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     files = {}
     for name, image in (("truth", truth), ("lr", lr), *images.items()):
         files[name] = folder / f"{name}.tif"
-        _write_image(files[name], image)
+        write_tiff(files[name], image)
     files["model"] = folder / "wppnet.safetensors"
     _save_model(files["model"], state)
 
@@ -184,19 +184,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     lr_view = np.kron(np.clip(lr, 0, 1), np.ones((4, 4), dtype=np.float32))
     files["figure"] = folder / "comparison.png"
-    _write_atomically(
-        files["figure"],
-        lambda tmp: _comparison_figure(
-            tmp,
-            [
-                (f"LR ×4 ({_shape_text(lr.shape)})", lr_view),
-                (title("bicubic", "bicubic"), np.clip(bicubic, 0, 1)),
-                (title("wpp", f"variational WPP ({finished.iterations} it)"), np.clip(wpp, 0, 1)),
-                (title("wppnet", f"WPPNet ({state.step} steps)"), np.clip(wppnet, 0, 1)),
-                (title("truth", "truth"), truth),
-            ],
-        ),
-    )
+    panels = [
+        (f"LR ×4 ({shape_text(lr.shape)})", lr_view),
+        (title("bicubic", "bicubic"), np.clip(bicubic, 0, 1)),
+        (title("wpp", f"variational WPP ({finished.iterations} it)"), np.clip(wpp, 0, 1)),
+        (title("wppnet", f"WPPNet ({state.step} steps)"), np.clip(wppnet, 0, 1)),
+        (title("truth", "truth"), truth),
+    ]
+    with explained_write_errors(files["figure"]):
+        atomic_write(files["figure"], lambda tmp: _comparison_figure(tmp, panels))
     rows = [
         f"{'method':<10} {'PSNR':>8} {'SSIM':>7} {'blur':>7}",
         *(
@@ -210,7 +206,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"on {DEMO_SLICES} LR slices, λ = {state.lam:g}; {device}, crop {crop} px; "
         f"files in {folder})",
     ]
-    _emit(
+    emit(
         args,
         {
             "out": str(folder),

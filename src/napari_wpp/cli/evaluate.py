@@ -8,10 +8,10 @@ from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
-    _crop,
-    _emit,
-    _read,
-    _shape_text,
+    crop_type,
+    emit,
+    read_input,
+    shape_text,
 )
 from napari_wpp.core.errors import InputError
 
@@ -30,7 +30,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("pred", metavar="PRED", help="predicted image (2D or 3D)")
     p.add_argument("gt", metavar="GT", help="ground-truth image of the same shape")
     p.add_argument(
-        "--crop", type=_crop, default=40, metavar="N", help="border ignored (default 40)"
+        "--crop", type=crop_type, default=40, metavar="N", help="border ignored (default 40)"
     )
     p.add_argument(
         "--std",
@@ -116,10 +116,10 @@ def _read_std(path_text: str, pred_shape: tuple[int, ...], pred_range: tuple[flo
     """Read ``--std`` and put it on PRED's [0, 1] scale (divided by PRED's range, not shifted)."""
     import numpy as np
 
-    std = np.asarray(_read(path_text, "--std image").array)
+    std = np.asarray(read_input(path_text, "--std image").array)
     if std.shape != pred_shape:
         raise InputError(
-            f"--std image {_shape_text(std.shape)} and PRED {_shape_text(pred_shape)} differ in "
+            f"--std image {shape_text(std.shape)} and PRED {shape_text(pred_shape)} differ in "
             "shape: give the standard deviation map of PRED"
         )
     if float(std.min()) < 0.0:
@@ -137,12 +137,12 @@ def _read_samples(
     """Read ``--samples`` (K, H, W) and map them like PRED (integer files by their dtype)."""
     import numpy as np
 
-    samples = np.asarray(_read(path_text, "--samples stack").array)
+    samples = np.asarray(read_input(path_text, "--samples stack").array)
     if samples.ndim != len(gt_shape) + 1 or samples.shape[1:] != tuple(gt_shape):
         raise InputError(
-            f"--samples stack {_shape_text(samples.shape)} does not hold samples of GT "
-            f"{_shape_text(gt_shape)}: stack the K samples on the first axis, "
-            f"shape K×{_shape_text(gt_shape)}"
+            f"--samples stack {shape_text(samples.shape)} does not hold samples of GT "
+            f"{shape_text(gt_shape)}: stack the K samples on the first axis, "
+            f"shape K×{shape_text(gt_shape)}"
         )
     if samples.dtype.kind in "ui":
         info = np.iinfo(samples.dtype)
@@ -160,22 +160,22 @@ def _metrics(pred01: Any, gt01: Any, crop: int) -> dict[str, float]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    pred_data = _read(args.pred, "PRED image")
-    gt_data = _read(args.gt, "GT image")
+    pred_data = read_input(args.pred, "PRED image")
+    gt_data = read_input(args.gt, "GT image")
     pred, gt = np.asarray(pred_data.array), np.asarray(gt_data.array)
     if pred.shape != gt.shape:
         raise InputError(
-            f"PRED {_shape_text(pred.shape)} and GT {_shape_text(gt.shape)} differ in shape: "
+            f"PRED {shape_text(pred.shape)} and GT {shape_text(gt.shape)} differ in shape: "
             "compare images of the same size"
         )
     if 2 * args.crop + 7 > min(gt.shape[-2:]):
         raise InputError(
-            f"--crop {args.crop} leaves too little of a {_shape_text(gt.shape[-2:])} image: "
+            f"--crop {args.crop} leaves too little of a {shape_text(gt.shape[-2:])} image: "
             f"use --crop {max(0, (min(gt.shape[-2:]) - 7) // 2)} or less"
         )
     if args.samples is not None and gt.ndim != 2:
         raise InputError(
-            f"--samples needs 2D images but GT is {_shape_text(gt.shape)}: evaluate the samples "
+            f"--samples needs 2D images but GT is {shape_text(gt.shape)}: evaluate the samples "
             "of one slice as a (K, H, W) stack"
         )
     pred_range, gt_range, how = _evaluation_ranges(pred, gt)
@@ -207,7 +207,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"(mean of {payload['samples']['count']} single samples)"
         )
     lines.append(f"(crop {args.crop} px, {how})")
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     return EXIT_OK
 
 

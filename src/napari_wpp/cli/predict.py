@@ -13,18 +13,18 @@ from napari_wpp.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
-    _check_device,
-    _check_output,
-    _drive,
-    _emit,
-    _fail,
-    _number,
-    _positive,
-    _ProgressBar,
-    _read,
-    _seed,
-    _shape_text,
 )
+from napari_wpp.cli._common import ProgressBar as _ProgressBar
+from napari_wpp.cli._common import check_device as _check_device
+from napari_wpp.cli._common import check_output as _check_output
+from napari_wpp.cli._common import drive as _drive
+from napari_wpp.cli._common import emit as _emit
+from napari_wpp.cli._common import fail as _fail
+from napari_wpp.cli._common import number_type as _number
+from napari_wpp.cli._common import positive_types as _positive
+from napari_wpp.cli._common import read_input as _read
+from napari_wpp.cli._common import seed_type as _seed
+from napari_wpp.cli._common import shape_text as _shape_text
 from napari_wpp.cli.train import (
     TRAINABLE_MODELS,
 )

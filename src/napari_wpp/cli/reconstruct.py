@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
-    _add_operator_flags,
-    _check_device,
-    _check_output,
-    _drive,
-    _emit,
-    _iterations,
-    _lambda,
-    _minutes,
-    _operator_from_args,
-    _ProgressBar,
-    _read,
-    _scaled_pixel_size,
-    _seed,
-    _shape_text,
-    _write_image,
+    ProgressBar,
+    add_device_flag,
+    add_json_flag,
+    add_operator_flags,
+    add_output_flag,
+    check_device,
+    check_output,
+    drive,
+    emit,
+    iterations_type,
+    lambda_type,
+    minutes_type,
+    operator_from_args,
+    read_input,
+    seed_type,
+    shape_text,
 )
+from napari_wpp.core.config import ReconstructSpec, default_of, help_of, help_text
 from napari_wpp.core.errors import InputError
 
 
@@ -46,48 +49,65 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="index of the slice to reconstruct when LR is a 3D stack",
     )
     p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
-    _add_operator_flags(p)
+    add_operator_flags(p)
     p.add_argument(
         "--lambda",
         dest="lam",
-        type=_lambda,
+        type=lambda_type,
+        default=default_of(ReconstructSpec, "lam"),
         metavar="L",
-        help="weight λ of the patch prior, mean data term (default 0.008)",
+        help=help_text(ReconstructSpec, "lam"),
     )
     p.add_argument(
         "--minutes",
-        type=_minutes,
+        type=minutes_type,
+        default=default_of(ReconstructSpec, "minutes"),
         metavar="M",
-        help="time budget in minutes (with --iterations: whichever ends first)",
+        help=help_of(ReconstructSpec, "minutes"),
     )
     p.add_argument(
         "--iterations",
-        type=_iterations,
+        type=iterations_type,
+        default=default_of(ReconstructSpec, "iterations"),
         metavar="N",
-        help="iteration budget (with neither budget: the library default iterations)",
+        help=help_text(ReconstructSpec, "iterations"),
     )
-    p.add_argument("--seed", type=_seed, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--out", required=True, metavar="OUT.tif", help="output TIFF")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--seed",
+        type=seed_type,
+        default=default_of(ReconstructSpec, "seed"),
+        help=help_text(ReconstructSpec, "seed"),
+    )
+    add_device_flag(p, ReconstructSpec)
+    add_output_flag(p)
+    add_json_flag(p)
     p.set_defaults(handler=_cmd_reconstruct)
 
 
+def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
+    """The :class:`ReconstructSpec` of the parsed options."""
+    return ReconstructSpec(
+        lam=args.lam,
+        minutes=args.minutes,
+        iterations=args.iterations,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
+    from napari_wpp.jobs.reconstruct import ReconstructResult, reconstruct_job
 
-    from napari_wpp.core.intensity import Normalisation
-
-    out = _check_output(args.out)
-    device = _check_device(args.device)
-    operator = _operator_from_args(args)
-    lr_data = _read(args.lr, "LR image", ndims=(2, 3))
-    ref_data = _read(args.reference, "reference", ndims=(2, 3))
-    lr, ref = np.asarray(lr_data.array), np.asarray(ref_data.array)
+    out = check_output(args.out)
+    device = check_device(args.device)
+    operator = operator_from_args(args)
+    lr_data = read_input(args.lr, "LR image", ndims=(2, 3))
+    ref_data = read_input(args.reference, "reference", ndims=(2, 3))
+    lr = lr_data.array
     if lr.ndim == 3:
         if args.slice is None:
             raise InputError(
-                f"LR image {args.lr!r} is a {_shape_text(lr.shape)} stack: choose the slice to "
+                f"LR image {args.lr!r} is a {shape_text(lr.shape)} stack: choose the slice to "
                 "reconstruct with --slice Z"
             )
         if not -lr.shape[0] <= args.slice < lr.shape[0]:
@@ -95,59 +115,30 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                 f"--slice {args.slice} is outside the stack of {lr.shape[0]} slices: "
                 f"use 0 to {lr.shape[0] - 1}"
             )
-        lr = lr[args.slice]
+        lr_data = dataclasses.replace(lr_data, array=lr[args.slice])
     elif args.slice is not None:
         raise InputError(f"--slice is for 3D stacks but {args.lr!r} is 2D: drop --slice")
-
-    from napari_wpp.core.reconstruct import (
-        DEFAULT_LAMBDA,
-        VariationalConfig,
-        reconstruct_variational,
+    spec = spec_from_args(args)
+    result = drive(
+        lambda stop: reconstruct_job(spec, operator, lr_data, ref_data.array, out, stop=stop),
+        ProgressBar("reconstruct"),
+        finished=ReconstructResult,
     )
-
-    config = VariationalConfig(
-        lam=args.lam,
-        iterations=args.iterations,
-        minutes=args.minutes,
-        seed=args.seed,
-        device=args.device,
-    )
-    p = config.patch_size  # a reference smaller than a patch is refused by the core
-    q = int(operator.scale)
-    if min(lr.shape) * q < p:
-        raise InputError(
-            f"LR image {_shape_text(lr.shape)} at ×{q} is smaller than the {p}×{p} patch: "
-            "give a larger LR image"
-        )
-    norm = Normalisation.from_array(lr)
-    lr_n = np.asarray(norm.apply(lr), dtype=np.float32)
-    ref_n = np.asarray(Normalisation.from_array(ref).apply(ref), dtype=np.float32)
-    finished = _drive(
-        lambda stop: reconstruct_variational(lr_n, ref_n, operator, config, stop=stop),
-        _ProgressBar("reconstruct"),
-    )
-    image = np.asarray(finished.image, dtype=np.float32)
-    if lr.dtype.kind in "ui":
-        image = np.clip(image, 0.0, 1.0)
-    result = np.asarray(norm.invert(image)).astype(lr.dtype, copy=False)
-    pixel_size = _scaled_pixel_size(lr_data.pixel_size, 1.0 / q, 2)
-    _write_image(out, result, pixel_size=pixel_size, unit=lr_data.unit)
-    lam = args.lam if args.lam is not None else DEFAULT_LAMBDA
-    stopped = bool(getattr(finished, "stopped_early", False))
-    _emit(
+    image = result.image
+    emit(
         args,
         {
             "out": str(out),
-            "shape": list(result.shape),
-            "scale": q,
-            "iterations": int(finished.iterations),
-            "seconds": float(finished.elapsed_s),
-            "lambda": lam,
+            "shape": list(image.shape),
+            "scale": result.scale,
+            "iterations": result.iterations,
+            "seconds": result.elapsed_s,
+            "lambda": result.lam,
             "device": device,
-            "stopped_early": stopped,
+            "stopped_early": result.stopped_early,
         },
-        f"wrote {out} ({_shape_text(result.shape)}, {result.dtype}) after "
-        f"{finished.iterations} iterations in {finished.elapsed_s:.1f} s (λ = {lam:g}, {device})"
-        + (" [stopped early]" if stopped else ""),
+        f"wrote {out} ({shape_text(image.shape)}, {image.dtype}) after "
+        f"{result.iterations} iterations in {result.elapsed_s:.1f} s (λ = {result.lam:g}, "
+        f"{device})" + (" [stopped early]" if result.stopped_early else ""),
     )
     return EXIT_OK

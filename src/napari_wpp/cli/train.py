@@ -12,22 +12,22 @@ from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
-    _add_operator_flags,
-    _check_device,
-    _check_output,
-    _drive,
-    _emit,
-    _lambda,
-    _minutes,
-    _noise,
-    _number,
-    _one_line,
-    _operator_from_args,
-    _positive,
-    _ProgressBar,
-    _read,
-    _seed,
 )
+from napari_wpp.cli._common import ProgressBar as _ProgressBar
+from napari_wpp.cli._common import add_operator_flags as _add_operator_flags
+from napari_wpp.cli._common import check_device as _check_device
+from napari_wpp.cli._common import check_output as _check_output
+from napari_wpp.cli._common import drive as _drive
+from napari_wpp.cli._common import emit as _emit
+from napari_wpp.cli._common import lambda_type as _lambda
+from napari_wpp.cli._common import minutes_type as _minutes
+from napari_wpp.cli._common import noise_type as _noise
+from napari_wpp.cli._common import number_type as _number
+from napari_wpp.cli._common import one_line as _one_line
+from napari_wpp.cli._common import operator_from_args as _operator_from_args
+from napari_wpp.cli._common import positive_types as _positive
+from napari_wpp.cli._common import read_input as _read
+from napari_wpp.cli._common import seed_type as _seed
 from napari_wpp.core.errors import InputError
 
 #: Defaults of ``napari-wpp train`` shown in its help (those of ``TrainingConfig`` on a CPU,

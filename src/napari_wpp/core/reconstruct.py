@@ -17,22 +17,25 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from napari_wpp.core.budget import Budget
+from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, upsample_aligned
 from napari_wpp.core.patches import gaussian_pyramid, sample_reference_patches, strided_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
 
-#: λ with the mean data term; chosen by the grid search documented in docs/algorithms.md.
-DEFAULT_LAMBDA = 0.008
+#: λ with the mean data term (``ReconstructSpec.lam``); chosen by the grid search documented in
+#: docs/algorithms.md.
+DEFAULT_LAMBDA: float = default_of(ReconstructSpec, "lam")
 #: Iterations used when neither an iteration nor a time budget is given.
-DEFAULT_ITERATIONS = 300
+DEFAULT_ITERATIONS = FALLBACK_ITERATIONS
 #: The image step decays (cosine) from ``learning_rate`` to this fraction of it.
 FINAL_STEP_FRACTION = 0.1
 
@@ -40,6 +43,10 @@ FINAL_STEP_FRACTION = 0.1
 @dataclass
 class VariationalConfig:
     """Parameters of a variational WPP reconstruction.
+
+    The fields a user chooses (λ, budgets, seed, device) take their defaults from
+    :class:`~napari_wpp.core.config.ReconstructSpec` (see :meth:`from_spec`); the others are
+    the algorithm's.
 
     Parameters
     ----------
@@ -73,9 +80,9 @@ class VariationalConfig:
         Yield a :class:`ReconstructionPreview` every this many iterations (``None``: never).
     """
 
-    lam: float | None = None
-    iterations: int | None = None
-    minutes: float | None = None
+    lam: float | None = DEFAULT_LAMBDA
+    iterations: int | None = default_of(ReconstructSpec, "iterations")
+    minutes: float | None = default_of(ReconstructSpec, "minutes")
     patch_size: int = 6
     n_reference_patches: int = 10_000
     levels: int = 2
@@ -83,9 +90,21 @@ class VariationalConfig:
     patches_per_iteration: int | None = 25_000
     learning_rate: float = 0.01
     border: int | None = None
-    seed: int = 0
-    device: str = "auto"
+    seed: int = default_of(ReconstructSpec, "seed")
+    device: str = default_of(ReconstructSpec, "device")
     preview_every: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ReconstructSpec, **algorithm: Any) -> VariationalConfig:
+        """The configuration of ``spec`` (plus algorithm parameters, e.g. ``preview_every``)."""
+        return cls(
+            lam=spec.lam,
+            iterations=spec.iterations,
+            minutes=spec.minutes,
+            seed=spec.seed,
+            device=spec.device,
+            **algorithm,
+        )
 
     def to_dict(self) -> dict:
         """JSON-serialisable copy of the parameters."""

@@ -6,10 +6,47 @@ carries ``metadata`` with
 
 * ``help``: one line, without the default (see :func:`help_text`),
 * ``min`` / ``max``: inclusive bounds (absent: unbounded),
-* ``default_text``: how the default reads in a help text, when ``str(default)`` does not say it.
+* ``default_text``: how the default reads in a help text, when ``str(default)`` does not say it,
+* ``choices``: the values a field may take (see :func:`choices_of`).
 """
 
-from napari_wpp.core.config.fields import MAX_COUNT, MAX_SEED, bounds, default_of, help_text
+from napari_wpp.core.config.fields import (
+    MAX_COUNT,
+    MAX_SEED,
+    bounds,
+    choices_of,
+    default_of,
+    help_of,
+    help_text,
+)
+from napari_wpp.core.config.operator import (
+    ANCHORS,
+    PADDINGS,
+    SCALES,
+    DegradeSpec,
+    EstimateSpec,
+    OperatorSpec,
+    default_sigma,
+)
 from napari_wpp.core.config.predict import PredictSpec
+from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
 
-__all__ = ["MAX_COUNT", "MAX_SEED", "PredictSpec", "bounds", "default_of", "help_text"]
+__all__ = [
+    "ANCHORS",
+    "FALLBACK_ITERATIONS",
+    "MAX_COUNT",
+    "MAX_SEED",
+    "PADDINGS",
+    "SCALES",
+    "DegradeSpec",
+    "EstimateSpec",
+    "OperatorSpec",
+    "PredictSpec",
+    "ReconstructSpec",
+    "bounds",
+    "choices_of",
+    "default_of",
+    "default_sigma",
+    "help_of",
+    "help_text",
+]

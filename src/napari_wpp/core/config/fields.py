@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-__all__ = ["MAX_COUNT", "MAX_SEED", "bounds", "default_of", "field_meta", "help_text"]
+__all__ = [
+    "MAX_COUNT",
+    "MAX_SEED",
+    "bounds",
+    "choices_of",
+    "default_of",
+    "field_meta",
+    "help_of",
+    "help_text",
+]
 
 #: Largest spin box value of counts in the widgets (batch size, samples).
 MAX_COUNT = 4096
@@ -50,3 +59,13 @@ def help_text(spec: type, name: str) -> str:
     default = meta.get("default_text", default_of(spec, name))
     text = f"{default:g}" if isinstance(default, float) else str(default)
     return f"{meta['help']} (default {text})"
+
+
+def help_of(spec: type, name: str) -> str:
+    """The field's one-line help alone (for options whose default a face does not use)."""
+    return str(_field(spec, name).metadata["help"])
+
+
+def choices_of(spec: type, name: str) -> tuple[Any, ...]:
+    """The values a field may take (its ``choices`` metadata)."""
+    return tuple(_field(spec, name).metadata["choices"])

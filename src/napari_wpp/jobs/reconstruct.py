@@ -1,0 +1,120 @@
+"""The variational reconstruction job: one LR image superresolved with the WPP prior.
+
+The LR image and the reference are each normalised by
+:meth:`~napari_wpp.core.intensity.Normalisation.from_array`; the result returns to the LR
+image's dtype and range (clipped to it for integer inputs) with the pixel size divided by the
+scale. A stopped run still returns (and writes) the result so far.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_wpp.core.config import ReconstructSpec
+from napari_wpp.core.errors import InputError
+from napari_wpp.io import ImageData
+from napari_wpp.jobs.operator import scaled_pixel_size
+from napari_wpp.jobs.predict import OutputWritten
+
+__all__ = ["ReconstructResult", "reconstruct_job"]
+
+
+@dataclass(frozen=True)
+class ReconstructResult:
+    """The HR image in the LR image's dtype and range, its pixel size and how the run went."""
+
+    image: np.ndarray
+    scale: int
+    iterations: int
+    elapsed_s: float
+    stopped_early: bool
+    lam: float
+    pixel_size: Any = None
+    unit: str | None = None
+
+
+def reconstruct_job(
+    spec: ReconstructSpec,
+    operator: Any,
+    lr: ImageData,
+    reference: np.ndarray,
+    out: Path | None = None,
+    stop: threading.Event | None = None,
+    **algorithm: Any,
+) -> Iterator[Any]:
+    """Reconstruct the 2D image ``lr`` (a generator of events).
+
+    Parameters
+    ----------
+    spec
+        λ, budgets, seed and device.
+    operator
+        The forward operator that produced ``lr``.
+    lr
+        The 2D LR image with its pixel size and unit.
+    reference
+        HR reference image or stack (any dtype).
+    out
+        TIFF to write (atomically), or ``None``.
+    stop
+        Set it to stop after the current iteration (the result so far is kept).
+    algorithm
+        Further :class:`~napari_wpp.core.reconstruct.VariationalConfig` fields.
+
+    Yields the core's ``ReconstructionProgress`` (and ``ReconstructionPreview``) events, then
+    :class:`ReconstructResult` and, with ``out``, :class:`OutputWritten`.
+    """
+    from napari_wpp.core.intensity import Normalisation
+    from napari_wpp.core.reconstruct import (
+        ReconstructionFinished,
+        VariationalConfig,
+        reconstruct_variational,
+    )
+    from napari_wpp.io import explained_write_errors, write_image
+
+    image = np.asarray(lr.array)
+    config = VariationalConfig.from_spec(spec, **algorithm)
+    p = config.patch_size  # a reference smaller than a patch is refused by the core
+    q = int(operator.scale)
+    if image.ndim == 2 and min(image.shape) * q < p:
+        raise InputError(
+            f"LR image {image.shape[0]}×{image.shape[1]} at ×{q} is smaller than the {p}×{p} "
+            "patch: give a larger LR image"
+        )
+    norm = Normalisation.from_array(image)
+    lr_n = np.asarray(norm.apply(image), dtype=np.float32)
+    reference = np.asarray(reference)
+    ref_n = np.asarray(Normalisation.from_array(reference).apply(reference), dtype=np.float32)
+    finished = None
+    for event in reconstruct_variational(lr_n, ref_n, operator, config, stop=stop):
+        if isinstance(event, ReconstructionFinished):
+            finished = event
+        else:
+            yield event
+    if finished is None:
+        raise RuntimeError("the reconstruction ended without a result")
+    result = np.asarray(finished.image, dtype=np.float32)
+    if image.dtype.kind in "ui":
+        result = np.clip(result, 0.0, 1.0)
+    result = np.asarray(norm.invert(result)).astype(image.dtype, copy=False)
+    pixel_size = scaled_pixel_size(lr.pixel_size, 1.0 / q)
+    yield ReconstructResult(
+        image=result,
+        scale=q,
+        iterations=int(finished.iterations),
+        elapsed_s=float(finished.elapsed_s),
+        stopped_early=bool(finished.stopped_early),
+        lam=float(spec.lam),
+        pixel_size=pixel_size,
+        unit=lr.unit,
+    )
+    if out is not None:
+        with explained_write_errors(out):
+            write_image(out, result, pixel_size=pixel_size, unit=lr.unit)
+        yield OutputWritten({"result": out})
