@@ -25,10 +25,8 @@ from napari_wpp.cli._common import (
     _seed,
     _shape_text,
 )
-from napari_wpp.cli.train import (
-    TRAINABLE_MODELS,
-)
 from napari_wpp.core.config import PredictSpec, help_text
+from napari_wpp.core.config.training import TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
 
 _temperature = _number(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")

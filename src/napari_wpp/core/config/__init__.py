@@ -11,6 +11,15 @@ carries ``metadata`` with
 
 from napari_wpp.core.config.fields import MAX_COUNT, MAX_SEED, bounds, default_of, help_text
 from napari_wpp.core.config.predict import PredictSpec
-from napari_wpp.core.config.training import TrainSpec
+from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
 
-__all__ = ["MAX_COUNT", "MAX_SEED", "PredictSpec", "TrainSpec", "bounds", "default_of", "help_text"]
+__all__ = [
+    "CHECKPOINT_MINUTES",
+    "MAX_COUNT",
+    "MAX_SEED",
+    "PredictSpec",
+    "TrainSpec",
+    "bounds",
+    "default_of",
+    "help_text",
+]
