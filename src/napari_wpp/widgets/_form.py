@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -21,6 +22,7 @@ __all__ = [
     "NOTE_STYLE",
     "choice_combo",
     "form_layout",
+    "group_box",
     "note_label",
     "scrolled_column",
 ]
@@ -75,3 +77,12 @@ def note_label(text: str = "", selectable: bool = False) -> QLabel:
     if selectable:
         label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     return label
+
+
+def group_box(title: str, *parts: Any) -> QGroupBox:
+    """A group box with ``parts`` (magicgui widgets or Qt widgets) top to bottom."""
+    box = QGroupBox(title)
+    column = QVBoxLayout(box)
+    for part in parts:
+        column.addWidget(getattr(part, "native", part))
+    return box

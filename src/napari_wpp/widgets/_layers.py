@@ -10,7 +10,7 @@ updated in place when a widget runs again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,18 +19,32 @@ from napari_wpp.core.errors import InputError
 from napari_wpp.jobs.zarr_layout import grown_axes
 
 __all__ = [
+    "MIN_REGION",
     "PROVENANCE_KEY",
     "add_or_update_image",
+    "checked_image",
+    "chosen_layer",
     "current_index",
     "full_resolution",
+    "greyscale_images",
     "grown_axes",
     "layer_role",
+    "layer_with_role",
     "offset_translate",
+    "region_slices",
     "superresolved_geometry",
+    "superresolved_provenance",
+    "truth_index",
 ]
 
 #: Key of the napari-wpp provenance in a layer's ``metadata``.
 PROVENANCE_KEY = "napari_wpp"
+#: Roles of layers a widget computed (never offered as inputs).
+OUTPUT_ROLES = ("preview", "superresolved", "kernel")
+#: Smallest region side in LR pixels.
+MIN_REGION = 4
+#: Tolerance (in truth pixels) of the check that a ground truth lies on the output grid.
+GRID_TOLERANCE = 1e-3
 
 
 def full_resolution(layer: Any) -> Any:
@@ -180,3 +194,185 @@ def add_or_update_image(
     if index is not None:
         viewer.layers.move(viewer.layers.index(layer), index)
     return layer
+
+
+# --------------------------------------------------------------------------- inputs
+def greyscale_images(viewer: Any) -> list[Any]:
+    """The 2D and 3D greyscale image layers of ``viewer`` that no widget computed."""
+    from napari.layers import Image
+
+    return [
+        layer
+        for layer in viewer.layers
+        if isinstance(layer, Image)
+        and not layer.rgb
+        and len(full_resolution(layer).shape) in (2, 3)
+        and layer_role(layer) not in OUTPUT_ROLES
+    ]
+
+
+def layer_with_role(role: str, first: bool = True) -> Callable[[Sequence[Any]], str]:
+    """A layer choice's default: the layer whose role is ``role``, else the first (or none)."""
+
+    def choose(layers: Sequence[Any]) -> str:
+        by_role = {layer_role(layer): layer.name for layer in layers}
+        return by_role.get(role, layers[0].name if first and layers else "")
+
+    return choose
+
+
+def chosen_layer(viewer: Any, name: str, what: str) -> Any:
+    """The layer ``name`` of ``viewer`` (``InputError`` naming ``what`` when there is none)."""
+    if not name or name not in viewer.layers:
+        raise InputError(f"no {what} chosen: open one and choose it")
+    return viewer.layers[name]
+
+
+def checked_image(viewer: Any, name: str, what: str) -> Any:
+    """The greyscale 2D/3D image layer ``name`` with an integer or float dtype.
+
+    Raises
+    ------
+    InputError
+        No such layer, not a greyscale image, not 2D/3D or not numeric; the message says
+        what to choose instead.
+    """
+    from napari.layers import Image
+
+    layer = chosen_layer(viewer, name, what)
+    if not isinstance(layer, Image) or layer.rgb:
+        raise InputError(f"layer {layer.name!r} is not a greyscale image layer: choose another")
+    data = full_resolution(layer)
+    ndim = len(data.shape)
+    if ndim not in (2, 3):
+        raise InputError(
+            f"{what} {layer.name!r} is {ndim}D: choose a 2D image or a 3D stack (Z, Y, X)"
+        )
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "uif":
+        raise InputError(
+            f"layer {layer.name!r} has dtype {dtype}: use an integer or float greyscale image"
+        )
+    return layer
+
+
+def superresolved_provenance(
+    source: str, state: Any, model_file: str | None, factor: int, **extra: Any
+) -> dict[str, Any]:
+    """``metadata["napari_wpp"]`` of a layer superresolved from ``source`` by a model."""
+    import napari_wpp
+
+    return {
+        "role": "superresolved",
+        "source": source,
+        "model_kind": state.kind,
+        "model_config": dict(state.model_config),
+        "model_file": model_file,
+        "model_step": int(state.step),
+        "scale": int(factor),
+        "operator": state.operator,
+        **extra,
+        "version": napari_wpp.__version__,
+    }
+
+
+def region_slices(layer: Any, shapes: Any | None) -> tuple[slice, slice]:
+    """Rows and columns of ``layer`` under the rectangle of ``shapes`` (all without one).
+
+    Raises
+    ------
+    InputError
+        ``shapes`` is no Shapes layer, its rectangle misses the layer or the region is
+        smaller than :data:`MIN_REGION` pixels a side.
+    """
+    from napari.layers import Shapes
+
+    from napari_wpp.widgets.reference_operator import rectangle_world_box, world_box_to_slices
+
+    height, width = (int(n) for n in full_resolution(layer).shape[-2:])
+    rows, cols = slice(0, height), slice(0, width)
+    if shapes is not None:
+        if not isinstance(shapes, Shapes):
+            raise InputError(f"layer {shapes.name!r} is not a Shapes layer: choose another")
+        rows, cols = world_box_to_slices(layer, rectangle_world_box(shapes))
+        if rows.stop <= rows.start or cols.stop <= cols.start:
+            raise InputError(
+                f"the rectangle of {shapes.name!r} does not overlap layer {layer.name!r}: "
+                "draw it over the image"
+            )
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    if min(h, w) < MIN_REGION:
+        raise InputError(
+            f"the region is {h}×{w} LR pixels, smaller than {MIN_REGION}×{MIN_REGION}: "
+            "draw a larger rectangle"
+        )
+    return rows, cols
+
+
+def truth_index(
+    truth: Any,
+    out_scale: tuple[float, ...],
+    out_translate: tuple[float, ...],
+    plane_shape: tuple[int, int],
+) -> tuple[Any, ...]:
+    """Index of the pixels of a ground-truth layer under a superresolved region.
+
+    Parameters
+    ----------
+    truth
+        Image layer (2D or 3D) on the superresolved pixel grid.
+    out_scale, out_translate
+        Geometry of the superresolved region (2 or 3 axes; a 3D region is one slice thick).
+    plane_shape
+        ``(H, W)`` of the superresolved region.
+
+    Returns
+    -------
+    tuple
+        A numpy index into the truth's data giving the ``(H, W)`` truth of the region.
+
+    Raises
+    ------
+    InputError
+        The truth is not on the output's pixel grid or does not cover the region.
+    """
+    data = full_resolution(truth)
+    tnd = len(data.shape)
+    out_nd = len(out_scale)
+    if getattr(truth, "rgb", False) or tnd not in (2, 3):
+        raise InputError(
+            f"ground truth {truth.name!r} has shape {tuple(data.shape)}: choose a 2D or 3D "
+            "greyscale image"
+        )
+    if tnd == 3 and out_nd == 2:
+        raise InputError(
+            f"ground truth {truth.name!r} is 3D but the LR layer is 2D: choose a 2D ground truth"
+        )
+    height, width = (int(n) for n in plane_shape)
+    s = np.asarray(out_scale, dtype=np.float64)
+    t = np.asarray(out_translate, dtype=np.float64)
+    last_pixel = np.zeros(out_nd)
+    last_pixel[-2:] = (height - 1, width - 1)
+    first = np.asarray(truth.world_to_data(t), dtype=np.float64)
+    last = np.asarray(truth.world_to_data(t + s * last_pixel), dtype=np.float64)
+    span = last - first
+    expected = np.zeros(tnd)
+    expected[-2:] = (height - 1, width - 1)
+    rounded = np.rint(first)
+    if np.abs(span - expected).max() > GRID_TOLERANCE * max(height, width, 1) or (
+        np.abs(first - rounded).max() > 1e-2
+    ):
+        raise InputError(
+            f"ground truth {truth.name!r} is not on the superresolved pixel grid (its pixel "
+            "size or offset differ): choose the HR truth registered with the LR layer"
+        )
+    start = rounded.astype(int)
+    stop = start + np.asarray([1] * (tnd - 2) + [height, width])
+    if (start < 0).any() or (stop > np.asarray(data.shape)).any():
+        raise InputError(
+            f"ground truth {truth.name!r} does not cover the region: choose a truth layer "
+            "that covers it, or a smaller region"
+        )
+    index: list[Any] = [int(v) for v in start[:-2]]
+    index += [slice(int(start[-2]), int(stop[-2])), slice(int(start[-1]), int(stop[-1]))]
+    return tuple(index)
