@@ -89,30 +89,45 @@ def test_prior_weight_is_lambda_for_a_net_and_rho_for_a_flow(setup) -> None:
     s.model = "wppnet"
     config = s.training_config()
     assert config.lam == 40.0 and config.rho is None
-    assert widget.lam_label.text() == "λ"
+    assert widget.lam_label.value == "λ"
     s.model = "wppflow"
     config = s.training_config()
     assert config.rho == 40.0 and config.lam is None
-    assert widget.lam_label.text() == "ρ" and "100" in widget.lam_edit.placeholderText()
+    assert widget.lam_label.value == "ρ" and "100" in widget.lam_edit.native.placeholderText()
 
 
 def test_mean_warmup_is_a_flow_setting(setup) -> None:
     from napari_wpp.core import training
-    from napari_wpp.widgets import train as train_widget
 
-    assert train_widget.DEFAULT_MEAN_WARMUP == training.DEFAULT_MEAN_WARMUP
     viewer, _session = setup
     widget = _open_widget(viewer)
     s = widget.settings
     s.model = "wppnet"
-    assert widget.warmup_spin.isHidden() and widget.warmup_label.isHidden()
+    assert widget.warmup_spin.native.isHidden() and widget.warmup_label.native.isHidden()
     s.model = "wppflow"
-    assert not widget.warmup_spin.isHidden()
+    assert not widget.warmup_spin.native.isHidden()
     assert s.training_config().mean_warmup == training.DEFAULT_MEAN_WARMUP
-    widget.warmup_spin.setValue(0.5)  # the spin box drives the settings
+    widget.warmup_spin.value = 0.5  # the spin box drives the settings
     assert s.mean_warmup == 0.5 and s.training_config().mean_warmup == 0.5
     s.mean_warmup = 0.0  # and the settings the spin box
-    assert widget.warmup_spin.value() == 0.0 and widget.warmup_spin.text() == "none"
+    assert widget.warmup_spin.value == 0.0 and widget.warmup_spin.native.text() == "none"
+
+
+def test_a_spec_default_changes_the_form_and_the_run(setup, monkeypatch) -> None:
+    """Editing a default of the training spec is the only edit the widget needs."""
+    from cli_helpers import train_spec_with
+
+    from napari_wpp.core import config
+
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    assert widget.form.crop_size.value == 25 and widget.settings.training_config().crop_size == 25
+    monkeypatch.setattr(config, "TrainSpec", train_spec_with(crop_size=12, mean_warmup=0.5))
+    widget = TrainWidget(viewer)  # a new widget (napari reuses its open dock)
+    assert widget.form.crop_size.value == 12 and widget.warmup_spin.value == 0.5
+    widget.settings.model = "wppflow"
+    spec = widget.settings.training_config()
+    assert spec.crop_size == 12 and spec.mean_warmup == 0.5
 
 
 def test_train_preview_plot_and_resume(setup, qtbot, tmp_path, errors) -> None:
