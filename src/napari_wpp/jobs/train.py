@@ -35,6 +35,7 @@ __all__ = [
     "ModelFileWritten",
     "TrainSource",
     "TrainingStarted",
+    "check_resumable",
     "check_resume_budget",
     "data_parallel",
     "load_resume",
@@ -141,9 +142,16 @@ def load_resume(path: str | Path, label: str | None = None) -> Any:
             "run instead"
         )
     state = load_model(path, device="cpu")
-    if not state.priors or state.optimizer is None:
-        raise InputError(f"{name} lacks its ψ or optimizer state: start a new run instead")
+    check_resumable(state, name)
     return state
+
+
+def check_resumable(state: Any, name: str) -> None:
+    """Refuse a state without its ψ and optimizer state (saved for prediction only)."""
+    if not state.priors or state.optimizer is None:
+        raise InputError(
+            f"{name} holds no training state (saved for prediction only): start a new run instead"
+        )
 
 
 def check_resume_budget(

@@ -35,23 +35,32 @@ from napari_wpp.core import config as specs
 from napari_wpp.core.config import CHECKPOINT_MINUTES, default_of
 from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
-from napari_wpp.jobs.train import ModelFileFailed, ModelFileWritten, TrainingStarted, TrainSource
+from napari_wpp.jobs.train import (
+    ModelFileFailed,
+    ModelFileWritten,
+    TrainingStarted,
+    TrainSource,
+    check_resumable,
+)
 from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice
 from napari_wpp.widgets._form import group_box, note_label, scrolled_column
 from napari_wpp.widgets._forms import device_choices, form_value, spec_form, spec_value
 from napari_wpp.widgets._layers import (
-    PROVENANCE_KEY,
-    add_or_update_image,
     checked_image,
-    current_index,
     full_resolution,
     greyscale_images,
     layer_with_role,
-    offset_translate,
-    superresolved_geometry,
 )
-from napari_wpp.widgets._loss_plot import LossPlot
 from napari_wpp.widgets._notify import notify_error
+from napari_wpp.widgets._train_view import (
+    MODEL_NAMES,
+    LossPlot,
+    model_text,
+    preview_crop,
+    session_text,
+    show_preview,
+    theme_colors,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -64,10 +73,7 @@ __all__ = ["TrainSettings", "TrainWidget", "default_model_path", "parse_lambda"]
 DEFAULT_MINUTES = 10.0
 #: Preview every this many steps by default (0: never).
 DEFAULT_PREVIEW_EVERY = 25
-#: Largest side (LR pixels) of the preview crop.
-PREVIEW_SIDE = 128
 BUDGET_UNITS = ("steps", "minutes")
-MODEL_NAMES = {"wppnet": "WPPNet", "wppflow": "WPPFlow (uncertainty)"}
 #: The spec fields of the form (the prior weight is a text: λ or ρ, see :func:`parse_lambda`).
 FORM_FIELDS = ("model", "mean_warmup", "batch_size", "crop_size", "n_reference_patches")
 #: Placeholder and tooltip of the prior weight, per model kind.
@@ -271,7 +277,9 @@ class TrainWidget(JobDockWidget):
         self.save_edit.native.setPlaceholderText("new file in the temporary folder")
         browse = PushButton(text="…")
         browse.native.setMaximumWidth(32)
-        browse.changed.connect(self._choose_save_path)
+        browse.changed.connect(
+            lambda: self._with_path("Save the model to", True, self._set_save_path)
+        )
         save = Container(widgets=[self.save_edit, browse], layout="horizontal", label="Save to")
         save.margins = (0, 0, 0, 0)
         for widget in (budget, device, preview, save):
@@ -288,7 +296,7 @@ class TrainWidget(JobDockWidget):
         controls.layout().itemAt(0).layout().addWidget(self.resume_button)  # the button row
         self.resume_button.clicked.connect(self.resume)
         self.progress_bar.setFormat("%p%")
-        self.plot = LossPlot(self._theme_colors())
+        self.plot = LossPlot(theme_colors(self.viewer))
         return group_box("Run", controls, self.plot)
 
     def _model_box(self) -> QGroupBox:
@@ -303,18 +311,13 @@ class TrainWidget(JobDockWidget):
         buttons.addWidget(self.save_model_button)
         buttons.addWidget(self.load_model_button)
         column.addLayout(buttons)
-        self.save_model_button.clicked.connect(self._save_dialog)
-        self.load_model_button.clicked.connect(self._load_dialog)
+        self.save_model_button.clicked.connect(
+            lambda: self._with_path("Save model", True, self.save_model)
+        )
+        self.load_model_button.clicked.connect(
+            lambda: self._with_path("Load model", False, self.load_model)
+        )
         return box
-
-    def _theme_colors(self) -> dict[str, str]:
-        try:
-            from napari.utils.theme import get_theme
-
-            theme = get_theme(self.viewer.theme)
-            return {k: getattr(theme, k).as_hex() for k in ("background", "foreground", "text")}
-        except Exception:  # noqa: BLE001 - cosmetic: fall back to the dark theme's colours
-            return {}
 
     def _on_model(self, kind: str) -> None:
         """The prior weight is λ for a WPPNet, ρ per LR pixel for a WPPFlow (with warm-up)."""
@@ -335,26 +338,8 @@ class TrainWidget(JobDockWidget):
         self.settings.budget = DEFAULT_MINUTES if minutes else float(DEFAULT_STEPS)
 
     def _update_session_label(self, *_args: Any) -> None:
-        reference, operator = self.session.reference, self.session.operator
-        ref_text = "not chosen"
-        if reference is not None:
-            ref_text = f"{reference.source or 'chosen'} ({reference.n_patches:,} patches)"
-        op_text = "not chosen"
-        if operator is not None:
-            data = operator.to_dict()
-            op_text = f"×{data.get('scale')} {data.get('kind', type(operator).__name__)}"
-        self.session_label.setText(
-            f"Reference: {ref_text} · Operator: {op_text} (Reference & operator widget)"
-        )
-        state = self.session.model
-        if state is None:
-            self.model_label.setText("No model yet: train one or load a model file.")
-            return
-        path = self.session.model_path
-        self.model_label.setText(
-            f"{MODEL_NAMES.get(state.kind, state.kind)} ×{state.model_config.get('scale', '?')}, "
-            f"{state.step} steps, λ {state.lam:.3g}" + (f"\n{path}" if path else "\n(not saved)")
-        )
+        self.session_label.setText(session_text(self.session))
+        self.model_label.setText(model_text(self.session.model, self.session.model_path))
 
     def _update_controls(self, *_args: Any) -> None:
         super()._update_controls()
@@ -374,13 +359,10 @@ class TrainWidget(JobDockWidget):
         if state is None:
             notify_error(InputError("no model to resume: train one or load a model file first"))
             return None
-        if not state.priors or state.optimizer is None:
-            notify_error(
-                InputError(
-                    "this model holds no training state (saved for prediction only): start a "
-                    "new run instead"
-                )
-            )
+        try:
+            check_resumable(state, "this model")
+        except InputError as exc:
+            notify_error(exc)
             return None
         return self._launch(state)
 
@@ -424,7 +406,7 @@ class TrainWidget(JobDockWidget):
         lr_normalisation(lr, resume, f"LR layer {layer.name!r}")  # the job's check, early
         preview, placement = None, None
         if spec.preview_every:
-            preview, placement = self._preview_input(layer, lr)
+            preview, placement = preview_crop(layer, lr, self.viewer)
         save_path = self._save_path(layer.name, spec.model)
         source = TrainSource(
             lr, [np.asarray(r, np.float32) for r in reference.regions], True, preview
@@ -460,22 +442,6 @@ class TrainWidget(JobDockWidget):
             raise InputError(f"folder {path.parent} does not exist: create it or choose another")
         return path
 
-    def _preview_input(self, layer: Any, lr: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-        """Central crop (≤ :data:`PREVIEW_SIDE` px) of the LR slice shown, and where it sits."""
-        z = current_index(layer, self.viewer, axis=0) if lr.ndim == 3 else None
-        plane = lr if z is None else lr[z]
-        h, w = plane.shape
-        ch, cw = min(PREVIEW_SIDE, h), min(PREVIEW_SIDE, w)
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        placement = {
-            "start": (y0, x0) if z is None else (z, y0, x0),
-            "scale": tuple(float(v) for v in layer.scale),
-            "translate": tuple(float(v) for v in layer.translate),
-            "contrast_limits": tuple(float(v) for v in layer.contrast_limits),
-            "slice": z,
-        }
-        return np.array(plane[y0 : y0 + ch, x0 : x0 + cw]), placement
-
     # ------------------------------------------------------------------ job events
     def on_job_event(self, item: Any) -> None:
         """Show progress, previews and checkpoints; the final state becomes the session's."""
@@ -492,7 +458,9 @@ class TrainWidget(JobDockWidget):
         elif isinstance(item, TrainingProgress):
             self._show_progress(item)
         elif isinstance(item, TrainingPreview):
-            self._show_preview(item.image)
+            layer = show_preview(self.viewer, item.image, run)
+            if layer is not None:
+                self.preview_updated.emit(layer)
         elif isinstance(item, TrainingCheckpoint):
             self.status_label.setText(f"Checkpoint at step {item.state.step}.")
         elif isinstance(item, ModelFileWritten):
@@ -523,44 +491,6 @@ class TrainWidget(JobDockWidget):
             f"Step {event.step}{total}{phase}{rate}{device} · data {event.data_term:.3e} · "
             f"WPP {event.wpp_term:.3e} · {event.elapsed_s:.0f} s{psnr}{stopping}"
         )
-
-    def _show_preview(self, image: np.ndarray) -> None:
-        from napari_wpp.core.intensity import Normalisation
-
-        run = self.current_run
-        placement = run.get("placement")
-        if placement is None:
-            return
-        data = np.asarray(image, dtype=np.float32)
-        if run.get("normalisation") is not None:
-            data = Normalisation.from_dict(run["normalisation"]).invert(data)
-        start = placement["start"]
-        grown = (True, True) if len(start) == 2 else (False, True, True)
-        if len(start) == 3:
-            data = data[None]
-        crop_translate = offset_translate(placement["scale"], placement["translate"], start)
-        scale, translate = superresolved_geometry(
-            placement["scale"], crop_translate, run["scale"], grown
-        )
-        provenance = {
-            "role": "preview",
-            "source": run["layer_name"],
-            "scale": run["scale"],
-            "slice": placement["slice"],
-            "crop_start": [int(v) for v in start],
-            "model": run["spec"].model,
-        }
-        layer = add_or_update_image(
-            self.viewer,
-            f"{run['layer_name']} preview",
-            data,
-            scale=scale,
-            translate=translate,
-            metadata={PROVENANCE_KEY: provenance},
-            contrast_limits=placement["contrast_limits"],
-            colormap="gray",
-        )
-        self.preview_updated.emit(layer)
 
     def done_text(self, run: dict[str, Any]) -> str:
         """``Finished after N steps → file`` (``Stopped`` when stopped early)."""
@@ -610,27 +540,17 @@ class TrainWidget(JobDockWidget):
         self.status_label.setText(f"Loaded {Path(path).name} ({state.step} steps).")
         return state
 
-    def _ask_path(self, title: str, save: bool) -> str:
+    def _set_save_path(self, path: str) -> None:
+        self.settings.save_path = path
+
+    def _with_path(self, title: str, save: bool, use: Any) -> None:
+        """Ask for a model file (to write when ``save``) and call ``use(path)`` with it."""
         kinds = "Model files (*.safetensors)"
-        if not save:
+        if save:
+            path, _ = QFileDialog.getSaveFileName(self, title, "model.safetensors", kinds)
+            if path and Path(path).suffix.lower() != ".safetensors":
+                path += ".safetensors"
+        else:
             path, _ = QFileDialog.getOpenFileName(self, title, "", f"{kinds};;All files (*)")
-            return path
-        path, _ = QFileDialog.getSaveFileName(self, title, "model.safetensors", kinds)
-        if path and Path(path).suffix.lower() != ".safetensors":
-            path += ".safetensors"
-        return path
-
-    def _choose_save_path(self, *_args: Any) -> None:
-        path = self._ask_path("Save the model to", save=True)
         if path:
-            self.settings.save_path = path
-
-    def _save_dialog(self) -> None:
-        path = self._ask_path("Save model", save=True)
-        if path:
-            self.save_model(path)
-
-    def _load_dialog(self) -> None:
-        path = self._ask_path("Load model", save=False)
-        if path:
-            self.load_model(path)
+            use(path)
