@@ -244,55 +244,71 @@ def test_save_and_load_model(setup, qtbot, tmp_path, errors) -> None:
     assert len(errors) == 3 and "does not exist" in errors[1] and "safetensors" in errors[2]
 
 
-def test_bad_input_gives_notifications(setup, qtbot, tmp_path, errors) -> None:
+def _no_operator(widget, session, tmp_path) -> None:
+    session.operator = None
+
+
+def _no_reference(widget, session, tmp_path) -> None:
+    session.reference = None
+
+
+def _4d_layer(widget, session, tmp_path) -> None:
+    widget.viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
+    widget.settings.lr_layer = "4D"
+
+
+def _points_layer(widget, session, tmp_path) -> None:
+    # napari has no 1D image layers: a layer of another type is refused the same way
+    widget.viewer.add_points(np.zeros((2, 2)), name="points")
+    widget.settings.lr_layer = "points"
+
+
+def _bad_lambda(widget, session, tmp_path) -> None:
+    widget.settings.lam = "lots"
+
+
+def _missing_folder(widget, session, tmp_path) -> None:
+    widget.settings.save_path = str(tmp_path / "missing-folder" / "m.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "fragments"),
+    [
+        (_no_operator, ("operator",)),
+        (_no_reference, ("reference",)),
+        (_4d_layer, ("4D", "2D image or a 3D stack")),
+        (_points_layer, ("not a greyscale image layer",)),
+        (_bad_lambda, ("λ",)),
+        (_missing_folder, ("does not exist",)),
+    ],
+)
+def test_bad_input_gives_notifications(setup, tmp_path, errors, spoil, fragments) -> None:
     viewer, session = setup
     widget = _open_widget(viewer)
     _tiny(widget, tmp_path / "bad.safetensors", steps=2)
-
-    operator = session.operator
-    session.operator = None
+    spoil(widget, session, tmp_path)
     assert widget.start() is None
-    assert "operator" in errors[-1]
-    session.operator = operator
+    assert all(fragment in errors[-1] for fragment in fragments)
+    assert len(errors) == 1 and widget.worker is None
 
-    reference = session.reference
-    session.reference = None
-    assert widget.start() is None
-    assert "reference" in errors[-1]
-    session.reference = reference
 
-    viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
-    widget.settings.lr_layer = "4D"
-    assert widget.start() is None
-    assert "4D" in errors[-1] and "2D image or a 3D stack" in errors[-1]
-    # napari has no 1D image layers: a layer of another type is refused the same way
-    viewer.add_points(np.zeros((2, 2)), name="points")
-    widget.settings.lr_layer = "points"
-    assert widget.start() is None
-    assert "not a greyscale image layer" in errors[-1]
-    widget.settings.lr_layer = LR_NAME
-
-    widget.settings.lam = "lots"
-    assert widget.start() is None
-    assert "λ" in errors[-1]
-    widget.settings.lam = ""
-
-    widget.settings.save_path = str(tmp_path / "missing-folder" / "m.safetensors")
-    assert widget.start() is None
-    assert "does not exist" in errors[-1]
-
+def test_resume_without_a_model_and_a_failing_run_give_notifications(
+    setup, qtbot, tmp_path, errors
+) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    _tiny(widget, tmp_path / "bad.safetensors", steps=2)
     assert widget.resume() is None  # no model yet
     assert "no model to resume" in errors[-1]
 
     # an error inside the worker (crops too small for the blur) is a notification too
-    widget.settings.save_path = str(tmp_path / "bad.safetensors")
     widget.settings.crop_size = 4
     with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
         assert widget.start() is not None
     assert blocker.args[0] is None
     assert "too small" in errors[-1]
     assert "failed" in widget.status_label.text()
-    assert len(errors) == 8 and widget.worker is None
+    assert len(errors) == 2 and widget.worker is None
 
 
 def test_2d_lr_image_preview(setup, qtbot, tmp_path, material) -> None:
