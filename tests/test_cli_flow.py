@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import tifffile
 from cli_helpers import assert_bad_input, run_cli
 
-from napari_wpp import cli, io
+from napari_wpp import io
 from napari_wpp.core import training
 from napari_wpp.core.inference import run_sample
 from napari_wpp.core.intensity import Normalisation
@@ -39,9 +38,11 @@ def files(tmp_path: Path, material) -> dict[str, Path]:
 @pytest.fixture
 def tiny_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """``train`` builds tiny flows (the CLI trains the published sizes)."""
-    monkeypatch.setattr(
-        training, "TrainingConfig", functools.partial(training.TrainingConfig, model_options=TINY)
-    )
+    from cli_helpers import train_spec_with
+
+    from napari_wpp.core import config
+
+    monkeypatch.setattr(config, "TrainSpec", train_spec_with(model_options=TINY))
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,6 @@ def _predict(capsys, model: Path, image: Path, out: Path, *extra: object) -> dic
 
 
 # --------------------------------------------------------------------------- train
-
-
-def test_cli_knows_the_librarys_models_and_defaults() -> None:
-    assert cli.TRAINABLE_MODELS == training.TRAINABLE_MODELS
-    assert cli.PUBLISHED_RHO_PER_CROP == training.PUBLISHED_RHO_PER_CROP
-    assert cli.DEFAULT_NOISE_STD == training.TrainingConfig().noise_std
-    assert cli.DEFAULT_MEAN_WARMUP == training.DEFAULT_MEAN_WARMUP
 
 
 def test_train_a_flow_and_resume_it(

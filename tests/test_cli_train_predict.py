@@ -18,7 +18,7 @@ import torch
 from cli_helpers import assert_bad_input as _assert_bad_input
 from cli_helpers import run_cli as _run
 
-from napari_wpp import cli, io
+from napari_wpp import io
 from napari_wpp.cli import main
 from napari_wpp.core.intensity import Normalisation
 
@@ -292,28 +292,44 @@ def test_train_out_must_be_safetensors(
     assert list(tmp_path.glob("model*")) == []
 
 
-def test_train_defaults_in_help_match_the_library(capsys: pytest.CaptureFixture) -> None:
-    from napari_wpp.core.training import DEFAULT_STEPS, PAPER_LAMBDA_NUMERATOR, TrainingConfig
+def test_train_help_states_the_spec_defaults(capsys: pytest.CaptureFixture) -> None:
+    from napari_wpp.core.config import TrainSpec
+    from napari_wpp.core.training import DEFAULT_STEPS, PAPER_LAMBDA_NUMERATOR
 
-    config = TrainingConfig().for_device("cpu")
-    assert cli.TRAIN_DEFAULTS == {
-        "steps": DEFAULT_STEPS,
-        "batch_size": config.batch_size,
-        "crop_size": config.crop_size,
-        "n_reference_patches": config.n_reference_patches,
-        "psi_passes": config.psi_passes,
-        "seed": config.seed,
-    }
-    cuda = TrainingConfig().for_device("cuda")
-    assert cli.TRAIN_CUDA_DEFAULTS == {
-        key: getattr(cuda, key) for key in ("batch_size", "n_reference_patches", "psi_passes")
-    }
+    cpu, cuda = TrainSpec().for_device("cpu"), TrainSpec().for_device("cuda")
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert f"{DEFAULT_STEPS} steps" in text
-    assert f"(default {config.batch_size}; {cuda.batch_size} on CUDA)" in text
-    assert f"(default {config.n_reference_patches}; {cuda.n_reference_patches} on CUDA)" in text
+    assert f"(default {cpu.batch_size}; {cuda.batch_size} on CUDA)" in text
+    assert f"(default {cpu.n_reference_patches}; {cuda.n_reference_patches} on CUDA)" in text
+    assert f"(default {cpu.psi_passes}; {cuda.psi_passes} on CUDA)" in text
     assert f"default {PAPER_LAMBDA_NUMERATOR:g} / crop-size²" in text
+
+
+def test_a_spec_default_changes_the_help_and_the_run(
+    capsys: pytest.CaptureFixture,
+    files: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Editing a default of the training spec is the only edit the CLI needs."""
+    from cli_helpers import train_spec_with
+
+    from napari_wpp.core import config
+
+    def crop_help() -> str:
+        assert main(["train", "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        return text.split("--crop-size C side", 1)[1].split("--reference-patches", 1)[0]
+
+    assert "(default 25)" in crop_help()
+    monkeypatch.setattr(config, "TrainSpec", train_spec_with(crop_size=12, seed=7))
+    assert "(default 12)" in crop_help()
+    out = tmp_path / "changed.safetensors"
+    code, _stdout, err = _train(capsys, files, out, "--scale", 2, "--steps", 1)
+    assert code == 0, err
+    saved = io.read_model_metadata(out)["config"]
+    assert saved["crop_size"] == 12 and saved["seed"] == 7
 
 
 def test_train_checkpoints_by_time(

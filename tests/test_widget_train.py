@@ -89,30 +89,45 @@ def test_prior_weight_is_lambda_for_a_net_and_rho_for_a_flow(setup) -> None:
     s.model = "wppnet"
     config = s.training_config()
     assert config.lam == 40.0 and config.rho is None
-    assert widget.lam_label.text() == "λ"
+    assert widget.lam_label.value == "λ"
     s.model = "wppflow"
     config = s.training_config()
     assert config.rho == 40.0 and config.lam is None
-    assert widget.lam_label.text() == "ρ" and "100" in widget.lam_edit.placeholderText()
+    assert widget.lam_label.value == "ρ" and "100" in widget.lam_edit.native.placeholderText()
 
 
 def test_mean_warmup_is_a_flow_setting(setup) -> None:
     from napari_wpp.core import training
-    from napari_wpp.widgets import train as train_widget
 
-    assert train_widget.DEFAULT_MEAN_WARMUP == training.DEFAULT_MEAN_WARMUP
     viewer, _session = setup
     widget = _open_widget(viewer)
     s = widget.settings
     s.model = "wppnet"
-    assert widget.warmup_spin.isHidden() and widget.warmup_label.isHidden()
+    assert widget.warmup_spin.native.isHidden() and widget.warmup_label.native.isHidden()
     s.model = "wppflow"
-    assert not widget.warmup_spin.isHidden()
+    assert not widget.warmup_spin.native.isHidden()
     assert s.training_config().mean_warmup == training.DEFAULT_MEAN_WARMUP
-    widget.warmup_spin.setValue(0.5)  # the spin box drives the settings
+    widget.warmup_spin.value = 0.5  # the spin box drives the settings
     assert s.mean_warmup == 0.5 and s.training_config().mean_warmup == 0.5
     s.mean_warmup = 0.0  # and the settings the spin box
-    assert widget.warmup_spin.value() == 0.0 and widget.warmup_spin.text() == "none"
+    assert widget.warmup_spin.value == 0.0 and widget.warmup_spin.native.text() == "none"
+
+
+def test_a_spec_default_changes_the_form_and_the_run(setup, monkeypatch) -> None:
+    """Editing a default of the training spec is the only edit the widget needs."""
+    from cli_helpers import train_spec_with
+
+    from napari_wpp.core import config
+
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    assert widget.form.crop_size.value == 25 and widget.settings.training_config().crop_size == 25
+    monkeypatch.setattr(config, "TrainSpec", train_spec_with(crop_size=12, mean_warmup=0.5))
+    widget = TrainWidget(viewer)  # a new widget (napari reuses its open dock)
+    assert widget.form.crop_size.value == 12 and widget.warmup_spin.value == 0.5
+    widget.settings.model = "wppflow"
+    spec = widget.settings.training_config()
+    assert spec.crop_size == 12 and spec.mean_warmup == 0.5
 
 
 def test_train_preview_plot_and_resume(setup, qtbot, tmp_path, errors) -> None:
@@ -229,55 +244,71 @@ def test_save_and_load_model(setup, qtbot, tmp_path, errors) -> None:
     assert len(errors) == 3 and "does not exist" in errors[1] and "safetensors" in errors[2]
 
 
-def test_bad_input_gives_notifications(setup, qtbot, tmp_path, errors) -> None:
+def _no_operator(widget, session, tmp_path) -> None:
+    session.operator = None
+
+
+def _no_reference(widget, session, tmp_path) -> None:
+    session.reference = None
+
+
+def _4d_layer(widget, session, tmp_path) -> None:
+    widget.viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
+    widget.settings.lr_layer = "4D"
+
+
+def _points_layer(widget, session, tmp_path) -> None:
+    # napari has no 1D image layers: a layer of another type is refused the same way
+    widget.viewer.add_points(np.zeros((2, 2)), name="points")
+    widget.settings.lr_layer = "points"
+
+
+def _bad_lambda(widget, session, tmp_path) -> None:
+    widget.settings.lam = "lots"
+
+
+def _missing_folder(widget, session, tmp_path) -> None:
+    widget.settings.save_path = str(tmp_path / "missing-folder" / "m.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "fragments"),
+    [
+        (_no_operator, ("operator",)),
+        (_no_reference, ("reference",)),
+        (_4d_layer, ("4D", "2D image or a 3D stack")),
+        (_points_layer, ("not a greyscale image layer",)),
+        (_bad_lambda, ("λ",)),
+        (_missing_folder, ("does not exist",)),
+    ],
+)
+def test_bad_input_gives_notifications(setup, tmp_path, errors, spoil, fragments) -> None:
     viewer, session = setup
     widget = _open_widget(viewer)
     _tiny(widget, tmp_path / "bad.safetensors", steps=2)
-
-    operator = session.operator
-    session.operator = None
+    spoil(widget, session, tmp_path)
     assert widget.start() is None
-    assert "operator" in errors[-1]
-    session.operator = operator
+    assert all(fragment in errors[-1] for fragment in fragments)
+    assert len(errors) == 1 and widget.worker is None
 
-    reference = session.reference
-    session.reference = None
-    assert widget.start() is None
-    assert "reference" in errors[-1]
-    session.reference = reference
 
-    viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
-    widget.settings.lr_layer = "4D"
-    assert widget.start() is None
-    assert "4D" in errors[-1] and "2D image or a 3D stack" in errors[-1]
-    # napari has no 1D image layers: a layer of another type is refused the same way
-    viewer.add_points(np.zeros((2, 2)), name="points")
-    widget.settings.lr_layer = "points"
-    assert widget.start() is None
-    assert "not a greyscale image layer" in errors[-1]
-    widget.settings.lr_layer = LR_NAME
-
-    widget.settings.lam = "lots"
-    assert widget.start() is None
-    assert "λ" in errors[-1]
-    widget.settings.lam = ""
-
-    widget.settings.save_path = str(tmp_path / "missing-folder" / "m.safetensors")
-    assert widget.start() is None
-    assert "does not exist" in errors[-1]
-
+def test_resume_without_a_model_and_a_failing_run_give_notifications(
+    setup, qtbot, tmp_path, errors
+) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    _tiny(widget, tmp_path / "bad.safetensors", steps=2)
     assert widget.resume() is None  # no model yet
     assert "no model to resume" in errors[-1]
 
     # an error inside the worker (crops too small for the blur) is a notification too
-    widget.settings.save_path = str(tmp_path / "bad.safetensors")
     widget.settings.crop_size = 4
     with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS) as blocker:
         assert widget.start() is not None
     assert blocker.args[0] is None
     assert "too small" in errors[-1]
     assert "failed" in widget.status_label.text()
-    assert len(errors) == 8 and widget.worker is None
+    assert len(errors) == 2 and widget.worker is None
 
 
 def test_2d_lr_image_preview(setup, qtbot, tmp_path, material) -> None:

@@ -164,7 +164,7 @@ def test_slice_layers_geometry_statistics_and_calibration(
     assert "Gaussian 68.3 %" in widget.coverage_labels[0].text()
 
     # the overlay checkbox switches the std layer's blending
-    widget.overlay_check.setChecked(False)
+    widget.overlay_check.value = False
     assert std.blending == "translucent"
 
     # a rectangle, no samples: the same mean/std layers are updated in place

@@ -41,23 +41,9 @@ from napari_wpp.cli._common import (
     one_line,
 )
 from napari_wpp.cli.evaluate import normalise_for_evaluation
-from napari_wpp.cli.train import (
-    DEFAULT_MEAN_WARMUP,
-    DEFAULT_NOISE_STD,
-    PUBLISHED_RHO_PER_CROP,
-    TRAIN_CUDA_DEFAULTS,
-    TRAIN_DEFAULTS,
-    TRAINABLE_MODELS,
-)
 from napari_wpp.core.errors import DivergenceError, InputError
 
 __all__ = [
-    "DEFAULT_MEAN_WARMUP",
-    "DEFAULT_NOISE_STD",
-    "PUBLISHED_RHO_PER_CROP",
-    "TRAINABLE_MODELS",
-    "TRAIN_CUDA_DEFAULTS",
-    "TRAIN_DEFAULTS",
     "build_parser",
     "main",
     "normalise_for_evaluation",

@@ -19,10 +19,7 @@ from napari_wpp.cli._common import (
     shape_text,
     write_tiff,
 )
-from napari_wpp.cli.train import (
-    _save_model,
-    _train_model,
-)
+from napari_wpp.cli.train import _run_job
 from napari_wpp.core.errors import InputError
 
 #: Default time budget of ``napari-wpp demo`` in minutes (variational WPP and WPPNet training).
@@ -120,7 +117,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     from napari_wpp.core.training import TrainingConfig
     from napari_wpp.data import synthetic_material
-    from napari_wpp.io import atomic_write, explained_write_errors
+    from napari_wpp.io import atomic_write, explained_write_errors, save_model
+    from napari_wpp.jobs.train import TrainSource
 
     train_minutes = args.minutes * DEMO_TRAIN_SHARE
     wpp_minutes = args.minutes - train_minutes
@@ -158,7 +156,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         model_options=dict(DEMO_CPU_MODEL) if small else {},
         **DEMO_TRAINING,
     )
-    trained, _ = _train_model(lr_stack, reference, operator, train_config, None, label="train")
+    source = TrainSource(lr_stack, reference, reference_normalised=True, lr_normalised=True)
+    trained, _ = _run_job(train_config, source, operator, None, label="train")
     state = trained.state
     wppnet = run_superresolve(state.model, lr, device=device).astype(np.float32)
 
@@ -174,7 +173,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         files[name] = folder / f"{name}.tif"
         write_tiff(files[name], image)
     files["model"] = folder / "wppnet.safetensors"
-    _save_model(files["model"], state)
+    save_model(files["model"], state)  # atomic
 
     def title(name: str, label: str) -> str:
         m = scores[name]

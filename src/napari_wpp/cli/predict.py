@@ -13,25 +13,23 @@ from napari_wpp.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
-)
-from napari_wpp.cli._common import ProgressBar as _ProgressBar
-from napari_wpp.cli._common import check_device as _check_device
-from napari_wpp.cli._common import check_output as _check_output
-from napari_wpp.cli._common import drive as _drive
-from napari_wpp.cli._common import emit as _emit
-from napari_wpp.cli._common import fail as _fail
-from napari_wpp.cli._common import number_type as _number
-from napari_wpp.cli._common import positive_types as _positive
-from napari_wpp.cli._common import read_input as _read
-from napari_wpp.cli._common import seed_type as _seed
-from napari_wpp.cli._common import shape_text as _shape_text
-from napari_wpp.cli.train import (
-    TRAINABLE_MODELS,
+    ProgressBar,
+    check_device,
+    check_output,
+    drive,
+    emit,
+    fail,
+    number_type,
+    positive_types,
+    read_input,
+    seed_type,
+    shape_text,
 )
 from napari_wpp.core.config import PredictSpec, help_text
+from napari_wpp.core.config.training import TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
 
-_temperature = _number(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
+_temperature = number_type(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -56,11 +54,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--axis", type=int, metavar="A", help=help_text(PredictSpec, "axis"))
     p.add_argument(
-        "--tile", type=_positive["--tile"], metavar="T", help=help_text(PredictSpec, "tile")
+        "--tile", type=positive_types["--tile"], metavar="T", help=help_text(PredictSpec, "tile")
     )
     p.add_argument(
         "--batch-size",
-        type=_positive["--batch-size"],
+        type=positive_types["--batch-size"],
         default=PredictSpec.batch_size,
         metavar="B",
         help=help_text(PredictSpec, "batch_size"),
@@ -68,7 +66,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     flow = p.add_argument_group("wppflow models (posterior samples)")
     flow.add_argument(
         "--samples",
-        type=_positive["--samples"],
+        type=positive_types["--samples"],
         metavar="K",
         help=help_text(PredictSpec, "samples"),
     )
@@ -78,7 +76,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="T",
         help=help_text(PredictSpec, "temperature"),
     )
-    flow.add_argument("--seed", type=_seed, metavar="N", help=help_text(PredictSpec, "seed"))
+    flow.add_argument("--seed", type=seed_type, metavar="N", help=help_text(PredictSpec, "seed"))
     flow.add_argument(
         "--save-samples",
         action="store_true",
@@ -93,7 +91,7 @@ def _check_predict_output(path_text: str) -> tuple[Path, bool]:
     """The output path of ``predict`` and whether it is a zarr array (checked before work)."""
     path = Path(path_text).expanduser()
     if path.suffix.lower() != ".zarr":
-        return _check_output(path_text, suffixes=(".tif", ".tiff", ".zarr")), False
+        return check_output(path_text, suffixes=(".tif", ".tiff", ".zarr")), False
     parent = path.parent
     if not parent.is_dir():
         raise InputError(
@@ -179,7 +177,7 @@ def _predict_source(args: argparse.Namespace, out: Path, out_zarr: bool) -> Any:
                 unit = attrs.get("unit") if isinstance(attrs.get("unit"), str) else None
         what = f"zarr array {args.input!r}"
     else:
-        image = _read(args.input, "input image", ndims=(2, 3))
+        image = read_input(args.input, "input image", ndims=(2, 3))
         data = np.asarray(image.array)
         if image.pixel_size is not None:
             pixel_size = tuple(float(v) for v in image.pixel_size)  # (y, x)
@@ -223,7 +221,7 @@ def _predict_spec(args: argparse.Namespace, ndim: int, what: str) -> Any:
         axis=axis,
         tile=args.tile,
         batch_size=args.batch_size,
-        device=_check_device(args.device),
+        device=check_device(args.device),
         keep_samples=bool(args.save_samples),
         **{name: value for name, value in given.items() if value is not None},
     )
@@ -241,7 +239,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
 
     out, out_zarr = _check_predict_output(args.out)
-    device = _check_device(args.device)
+    device = check_device(args.device)
     meta, state = _model_for_prediction(args.model)
     _check_flow_flags(args, str(state.kind), Path(args.model).name)
     flow = state.kind == "wppflow"
@@ -279,15 +277,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return describe_run(event)
 
     job = sample_job if flow else superresolve_job
-    finished = _drive(
+    finished = drive(
         lambda stop: job(spec, state.model, recorded, source, target, stop),
-        _ProgressBar("predict"),
+        ProgressBar("predict"),
         describe=describe,
         finished=SamplingFinished if flow else InferenceFinished,
         stopping=f"stopping after this batch; {out} will not be written",
     )
     if finished.stopped_early:
-        _fail(f"interrupted: {out} was not written (no partial output is kept)")
+        fail(f"interrupted: {out} was not written (no partial output is kept)")
         return EXIT_INTERRUPTED
     run = _PredictRun(
         spec, state, outputs, tuple(result_shape), slices, chosen["how"], device, dtype
@@ -296,7 +294,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return _report_flow(args, run, finished)
     axes = "both axes" if ndim == 2 else f"the axes other than {axis}"
     out_dtype = dtype if out_zarr else finished.result.dtype
-    _emit(
+    emit(
         args,
         {
             "out": str(out),
@@ -310,7 +308,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "normalisation": run.how,
             "model": str(args.model),
         },
-        f"wrote {out} ({_shape_text(result_shape)}, {out_dtype}, ×{q} on {axes}) in "
+        f"wrote {out} ({shape_text(result_shape)}, {out_dtype}, ×{q} on {axes}) in "
         f"{finished.elapsed_s:.1f} s on {device} (intensities: {run.how})",
     )
     return EXIT_OK
@@ -358,7 +356,7 @@ def _report_flow(args: argparse.Namespace, run: _PredictRun, finished: Any) -> i
     )
     written = ", ".join(f"{name} {path}" for name, path in outputs.items())
     axes = "both axes" if ndim == 2 else f"the axes other than {axis}"
-    _emit(
+    emit(
         args,
         {
             "out": str(outputs["mean"]),
@@ -381,7 +379,7 @@ def _report_flow(args: argparse.Namespace, run: _PredictRun, finished: Any) -> i
             "kind": run.state.kind,
         },
         f"wrote the mean and std of {spec.samples} posterior samples (temperature "
-        f"{spec.temperature:g}, seed {spec.seed}): {written} ({_shape_text(run.result_shape)}, "
+        f"{spec.temperature:g}, seed {spec.seed}): {written} ({shape_text(run.result_shape)}, "
         f"×{q} on {axes}; std float32 in {std_units}) in {finished.elapsed_s:.1f} s on "
         f"{run.device} (intensities: {run.how})",
     )

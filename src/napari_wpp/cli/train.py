@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -12,69 +11,63 @@ from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
+    ProgressBar,
+    add_operator_flags,
+    check_output,
+    drive,
+    emit,
+    lambda_type,
+    minutes_type,
+    noise_type,
+    number_type,
+    one_line,
+    operator_from_args,
+    positive_types,
+    read_input,
+    seed_type,
 )
-from napari_wpp.cli._common import ProgressBar as _ProgressBar
-from napari_wpp.cli._common import add_operator_flags as _add_operator_flags
-from napari_wpp.cli._common import check_device as _check_device
-from napari_wpp.cli._common import check_output as _check_output
-from napari_wpp.cli._common import drive as _drive
-from napari_wpp.cli._common import emit as _emit
-from napari_wpp.cli._common import lambda_type as _lambda
-from napari_wpp.cli._common import minutes_type as _minutes
-from napari_wpp.cli._common import noise_type as _noise
-from napari_wpp.cli._common import number_type as _number
-from napari_wpp.cli._common import one_line as _one_line
-from napari_wpp.cli._common import operator_from_args as _operator_from_args
-from napari_wpp.cli._common import positive_types as _positive
-from napari_wpp.cli._common import read_input as _read
-from napari_wpp.cli._common import seed_type as _seed
+from napari_wpp.core.config import CHECKPOINT_MINUTES, default_of, help_text
 from napari_wpp.core.errors import InputError
 
-#: Defaults of ``napari-wpp train`` shown in its help (those of ``TrainingConfig`` on a CPU,
-#: checked by a test; kept here so that ``--help`` does not import torch).
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 500,
-    "batch_size": 8,
-    "crop_size": 25,
-    "n_reference_patches": 5_000,
-    "psi_passes": 2,
-    "seed": 0,
-}
+#: Training flags whose default and help come from the spec: (flag, argparse dest, field).
+SPEC_FLAGS = (
+    ("--model", "model", "model"),
+    ("--minutes", "minutes", "minutes"),
+    ("--steps", "steps", "steps"),
+    ("--lambda", "lam", "lam"),
+    ("--rho", "rho", "rho"),
+    ("--mean-warmup", "mean_warmup", "mean_warmup"),
+    ("--noise", "noise", "noise_std"),
+    ("--batch-size", "batch_size", "batch_size"),
+    ("--crop-size", "crop_size", "crop_size"),
+    ("--reference-patches", "reference_patches", "n_reference_patches"),
+    ("--psi-passes", "psi_passes", "psi_passes"),
+    ("--device", "device", "device"),
+    ("--seed", "seed", "seed"),
+)
 
 
-#: Defaults that differ on CUDA (``core.training.DEVICE_DEFAULTS["cuda"]``, checked by a test).
-TRAIN_CUDA_DEFAULTS: dict[str, Any] = {
-    "batch_size": 25,
-    "n_reference_patches": 10_000,
-    "psi_passes": 5,
-}
-#: Minutes between two writes of the model file during ``napari-wpp train``.
-CHECKPOINT_MINUTES = 5.0
-#: Model kinds ``napari-wpp train`` knows (``core.training.TRAINABLE_MODELS``, checked by a
-#: test; kept here so that ``--help`` does not import torch).
-TRAINABLE_MODELS = ("wppnet", "wppflow")
-#: The published flow's ρ per LR crop (``core.training.PUBLISHED_RHO_PER_CROP``, checked by a
-#: test); ``train --rho`` defaults to it, converted per LR pixel.
-PUBLISHED_RHO_PER_CROP = 100.0
-#: WPPFlow's default mean warm-up share (``core.training.DEFAULT_MEAN_WARMUP``, checked by a
-#: test).
-DEFAULT_MEAN_WARMUP = 0.3
-#: Default noise level σ of ``train --noise`` (``TrainingConfig.noise_std``, checked by a test).
-DEFAULT_NOISE_STD = 0.01
+def _spec() -> type:
+    """The spec class of a training run (looked up at call time)."""
+    from napari_wpp.core import config
+
+    return config.TrainSpec
 
 
-_rho = _number(float, 0.0, True, "e.g. --rho 100")
+def _help(name: str, extra: str = "") -> str:
+    """The help of the spec field ``name`` (with its default), then ``extra``."""
+    return help_text(_spec(), name) + extra
 
 
-_steps = _number(int, 1, True, "e.g. --steps 500")
-
-
-_checkpoint_minutes = _number(float, 0.0, True, "e.g. --checkpoint-minutes 5 (0: only at the end)")
+_rho = number_type(float, 0.0, True, "e.g. --rho 100")
+_steps = number_type(int, 1, True, "e.g. --steps 500")
+_checkpoint_minutes = number_type(
+    float, 0.0, True, "e.g. --checkpoint-minutes 5 (0: only at the end)"
+)
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``train`` subcommand to ``sub``."""
-    d = TRAIN_DEFAULTS
+    """Add the ``train`` subcommand to ``sub`` (defaults and help from the training spec)."""
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -89,97 +82,41 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--lr-data", required=True, metavar="LR", help="LR image (2D) or stack (3D), TIFF or PNG"
     )
     p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
-    _add_operator_flags(p)
+    add_operator_flags(p)
     p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="model file to write")
     p.add_argument(
-        "--model",
-        metavar="KIND",
-        help="wppnet (a CNN, default) or wppflow (a conditional normalizing flow: posterior "
-        "samples, mean and standard deviation with 'predict'); --resume keeps the file's kind",
+        "--model", metavar="KIND", help=_help("model", "; --resume keeps the file's kind")
     )
-    p.add_argument(
-        "--minutes",
-        type=_minutes,
-        metavar="M",
-        help="time budget in minutes (with --steps: whichever ends first)",
-    )
-    p.add_argument(
-        "--steps",
-        type=_steps,
-        metavar="N",
-        help=f"step budget (with neither budget: {d['steps']} steps); budgets count the whole "
-        "run, including the steps of a --resume file",
-    )
-    p.add_argument(
-        "--lambda",
-        dest="lam",
-        type=_train_lambda,
-        metavar="L",
-        help="wppnet: weight λ of the patch prior, mean data term, or 'auto' (chosen on the "
-        "reference; default 12.5 / crop-size², 0.02 for 25-pixel crops)",
-    )
-    p.add_argument(
-        "--rho",
-        type=_train_rho,
-        metavar="R",
-        help=f"wppflow: weight ρ of the patch prior in the flow's loss per LR pixel, "
-        f"data/(2σ²) + ρ·W₂² − log-det/n_LR, or 'auto' (the λ chosen on the reference divided "
-        f"by 2σ²; default: the published weighting, ρ = {PUBLISHED_RHO_PER_CROP:g} per LR crop, "
-        f"which is {PUBLISHED_RHO_PER_CROP:g}/(σ²·crop²) per LR pixel: 1600 for σ = 0.01 and "
-        "25-pixel crops)",
-    )
-    p.add_argument(
-        "--mean-warmup",
-        type=_mean_warmup,
-        metavar="F",
-        help=f"wppflow: share of the budget that trains the flow's mean network alone, as a "
-        f"WPPNet, before it is frozen and the flow learns the spread around it (default "
-        f"{DEFAULT_MEAN_WARMUP:g}; 0: train everything together)",
-    )
+    p.add_argument("--minutes", type=minutes_type, metavar="M", help=_help("minutes"))
+    p.add_argument("--steps", type=_steps, metavar="N", help=_help("steps"))
+    p.add_argument("--lambda", dest="lam", type=_train_lambda, metavar="L", help=_help("lam"))
+    p.add_argument("--rho", type=_train_rho, metavar="R", help=_help("rho"))
+    p.add_argument("--mean-warmup", type=_mean_warmup, metavar="F", help=_help("mean_warmup"))
     p.add_argument(
         "--noise",
         "--noise-std",
         dest="noise",
-        type=_noise,
+        type=noise_type,
         metavar="SIGMA",
-        help=f"noise std σ of the LR data on the [0, 1] intensity scale, as in 'degrade "
-        f"--noise' (default {DEFAULT_NOISE_STD:g}): the σ of wppflow's data term, and used by "
-        "--lambda/--rho auto",
+        help=_help("noise_std"),
     )
     p.add_argument(
-        "--batch-size",
-        type=_positive["--batch-size"],
-        metavar="B",
-        help=f"LR crops per step, per process under torchrun (default {d['batch_size']}; "
-        f"{TRAIN_CUDA_DEFAULTS['batch_size']} on CUDA)",
+        "--batch-size", type=positive_types["--batch-size"], metavar="B", help=_help("batch_size")
     )
     p.add_argument(
-        "--crop-size",
-        type=_positive["--crop-size"],
-        metavar="C",
-        help=f"side of the LR crops in LR pixels (default {d['crop_size']}; clipped to the data)",
+        "--crop-size", type=positive_types["--crop-size"], metavar="C", help=_help("crop_size")
     )
     p.add_argument(
         "--reference-patches",
-        type=_positive["--reference-patches"],
+        type=positive_types["--reference-patches"],
         metavar="M",
-        help=f"random reference patches used by the prior (default {d['n_reference_patches']}; "
-        f"{TRAIN_CUDA_DEFAULTS['n_reference_patches']} on CUDA)",
+        help=_help("n_reference_patches"),
     )
     p.add_argument(
-        "--psi-passes",
-        type=_positive["--psi-passes"],
-        metavar="P",
-        help=f"dual (ψ) ascent passes per step (default {d['psi_passes']}; "
-        f"{TRAIN_CUDA_DEFAULTS['psi_passes']} on CUDA)",
+        "--psi-passes", type=positive_types["--psi-passes"], metavar="P", help=_help("psi_passes")
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument(
-        "--seed",
-        type=_seed,
-        metavar="N",
-        help=f"seed of every random choice (default {d['seed']})",
-    )
+    p.add_argument("--device", metavar="DEVICE", help=_help("device"))
+    p.add_argument("--seed", type=seed_type, metavar="N", help=_help("seed"))
     p.add_argument(
         "--resume",
         metavar="MODEL",
@@ -214,7 +151,7 @@ def _train_lambda(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return _lambda(text)
+        return lambda_type(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --lambda 0.02 or --lambda auto"
@@ -233,8 +170,19 @@ def _train_rho(text: str) -> float | str:
         ) from None
 
 
+def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec fields set by flags (the others take the spec's defaults)."""
+    return {
+        field: getattr(args, dest)
+        for _flag, dest, field in SPEC_FLAGS
+        if getattr(args, dest, None) is not None
+    }
+
+
 def _check_model_kind(kind: str) -> str:
-    """The ``--model`` of ``train``: one of :data:`TRAINABLE_MODELS`."""
+    """The ``--model`` of ``train``: one of the trainable kinds."""
+    from napari_wpp.core.config.training import TRAINABLE_MODELS
+
     if kind in TRAINABLE_MODELS:
         return kind
     raise InputError(f"unknown --model {kind!r}: use --model {' or '.join(TRAINABLE_MODELS)}")
@@ -269,30 +217,6 @@ def _operator_text(data: dict[str, Any]) -> str:
     return f"×{scale} {data.get('kind')}"
 
 
-def _load_resume(path_text: str) -> Any:
-    """The training state of a ``--resume`` file; refuses files that cannot be resumed."""
-    from napari_wpp.io import load_model, read_model_metadata
-
-    meta = read_model_metadata(path_text)
-    name = Path(path_text).name
-    if meta.get("kind") not in TRAINABLE_MODELS:
-        raise InputError(
-            f"--resume {name} is a {meta.get('kind')} model: only "
-            f"{' and '.join(TRAINABLE_MODELS)} runs can be resumed"
-        )
-    if not meta.get("training_state"):
-        raise InputError(
-            f"--resume {name} holds no training state (it was saved for prediction only): "
-            "start a new run without --resume"
-        )
-    state = load_model(path_text, device="cpu")
-    if not state.priors or state.optimizer is None:
-        raise InputError(
-            f"--resume {name} lacks its ψ or optimizer state: start a new run without --resume"
-        )
-    return state
-
-
 def _resume_operator(args: argparse.Namespace, state: Any, name: str) -> Any:
     """The model file's operator, or the asked one when it is the same."""
     from napari_wpp.core.operators import operator_from_dict
@@ -300,7 +224,7 @@ def _resume_operator(args: argparse.Namespace, state: Any, name: str) -> Any:
     saved = operator_from_dict(state.operator)
     if args.operator is None and args.scale is None and args.sigma is None:
         return saved
-    asked = _operator_from_args(args)
+    asked = operator_from_args(args)
     if int(asked.scale) != int(saved.scale):
         raise InputError(
             f"{name} was trained for ×{saved.scale} ({_operator_text(saved.to_dict())}), you "
@@ -357,30 +281,6 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
             f"--noise {args.noise:g} differs from the resumed run's σ = {saved['noise_std']:g}: "
             "drop --noise or train a new model without --resume"
         )
-    steps = args.steps
-    if steps is None and args.minutes is None:
-        steps = TRAIN_DEFAULTS["steps"]
-    if steps is not None and state.step >= steps:
-        raise InputError(
-            f"{name} has already trained {state.step} steps and the budget is {steps} "
-            "(budgets count the whole run): give a larger --steps"
-        )
-    if args.minutes is not None and state.elapsed_s >= 60.0 * args.minutes:
-        raise InputError(
-            f"{name} has already trained {state.elapsed_s / 60:.1f} minutes and the budget is "
-            f"{args.minutes:g} (budgets count the whole run): give a larger --minutes"
-        )
-
-
-def _save_model(path: Path, state: Any) -> None:
-    from napari_wpp.io import save_model
-
-    try:
-        save_model(path, state)
-    except OSError as exc:
-        raise InputError(
-            f"cannot write {str(path)!r} ({_one_line(str(exc))}): check the path"
-        ) from exc
 
 
 def _describe_training(event: Any) -> tuple[float, str] | None:
@@ -400,53 +300,43 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
     return None
 
 
-def _train_model(
-    lr: Any,
-    reference: Any,
+def _run_job(
+    spec: Any,
+    source: Any,
     operator: Any,
-    config: Any,
     out: Path | None,
     resume: Any = None,
-    normalisation: dict[str, Any] | None = None,
+    group: Any = None,
     label: str = "train",
-    data_parallel: Any = None,
 ) -> tuple[Any, int]:
-    """Drive :func:`napari_wpp.core.training.train`, writing ``out`` at checkpoints and at the end.
+    """Run :func:`napari_wpp.jobs.train.train_job`, showing progress on rank 0.
 
     The model file is written in the worker thread, so Ctrl-C (which stops training after the
-    current step) still ends with the file written. Returns the final event and the number of
-    checkpoints written. Under ``torchrun`` (``data_parallel`` with several ranks) only rank 0
-    shows progress and writes ``out``.
+    current step) still ends with the file written; a file that cannot be written stops the
+    run. Returns the final event and the number of checkpoints written.
     """
-    from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished, train
+    from napari_wpp.core.training import TrainingFinished
+    from napari_wpp.jobs.train import ModelFileFailed, ModelFileWritten, train_job
 
     written = [0]
-
-    main_rank = data_parallel is None or data_parallel.is_main
-    if not main_rank:
-        out = None
+    main_rank = group is None or group.is_main
 
     def events(stop: threading.Event) -> Iterable[Any]:
-        for event in train(
-            lr,
-            reference,
-            operator,
-            config,
-            stop=stop,
-            resume=resume,
-            normalisation=normalisation,
-            data_parallel=data_parallel,
-        ):
-            if out is not None and isinstance(event, TrainingCheckpoint):
-                _save_model(out, event.state)
+        for event in train_job(spec, source, operator, out, stop, resume, group):
+            if isinstance(event, ModelFileWritten) and not event.final:
                 written[0] += 1
-            elif out is not None and isinstance(event, TrainingFinished):
-                _save_model(out, event.state)
+            elif isinstance(event, ModelFileFailed):
+                if isinstance(event.error, OSError):
+                    raise InputError(
+                        f"cannot write {str(event.path)!r} ({one_line(str(event.error))}): "
+                        "check the path"
+                    ) from event.error
+                raise event.error
             yield event
 
-    final = _drive(
+    final = drive(
         events,
-        _ProgressBar(label, silent=not main_rank),
+        ProgressBar(label, silent=not main_rank),
         describe=_describe_training,
         finished=TrainingFinished,
         stopping="stopping after this step; the model file will still be written",
@@ -456,103 +346,67 @@ def _train_model(
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """``napari-wpp train``; under ``torchrun`` one data-parallel rank of the run."""
-    from napari_wpp.core import distributed
+    from napari_wpp.jobs.train import data_parallel
 
-    if not distributed.launched():
-        return _train_command(args, _check_device(args.device), None)
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = _check_device(distributed.rank_device(args.device, local_rank, world_size))
-    data_parallel = distributed.init_from_environment(device)
-    try:
-        return _train_command(args, device, data_parallel)
-    finally:
-        distributed.shutdown()
+    asked_device = _given_fields(args).get("device", default_of(_spec(), "device"))
+    with data_parallel(asked_device) as (device, group):
+        return _train_command(args, device, group)
 
 
-def _train_command(args: argparse.Namespace, device: str, data_parallel: Any) -> int:
+def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     import numpy as np
 
-    from napari_wpp.core.intensity import Normalisation
-    from napari_wpp.core.training import TrainingConfig
+    from napari_wpp.jobs.train import TrainSource, check_resume_budget, load_resume
 
-    out = _check_output(args.out, "model file", suffixes=(".safetensors",))
+    out = check_output(args.out, "model file", suffixes=(".safetensors",))
     if args.model is not None:
         _check_model_kind(args.model)
     resume = None
     if args.resume is not None:
         name = Path(args.resume).name
-        resume = _load_resume(args.resume)
+        resume = load_resume(args.resume, label=f"--resume {name}")
         kind = str(resume.kind)
         _check_prior_weight_flags(args, kind)
         operator = _resume_operator(args, resume, name)
         _check_resume_settings(args, resume, name)
     else:
-        kind = args.model or "wppnet"
+        kind = args.model or default_of(_spec(), "model")
         _check_prior_weight_flags(args, kind)
-        operator = _operator_from_args(args)
-    lr_data = _read(args.lr_data, "LR data", ndims=(2, 3))
-    ref_data = _read(args.reference, "reference", ndims=(2, 3))
-    lr, ref = np.asarray(lr_data.array), np.asarray(ref_data.array)
-    if resume is not None and resume.normalisation is not None:
-        norm = Normalisation.from_dict(resume.normalisation)
-        if np.dtype(norm.dtype) != lr.dtype:
-            raise InputError(
-                f"LR data {args.lr_data!r} are {lr.dtype} but {Path(args.resume).name} was "
-                f"trained on {norm.dtype} data: resume with the same LR data"
-            )
-    else:
-        norm = Normalisation.from_array(lr)
-    lr_n = np.asarray(norm.apply(lr), dtype=np.float32)
-    ref_n = np.asarray(Normalisation.from_array(ref).apply(ref), dtype=np.float32)
-
-    d = TRAIN_DEFAULTS
-    config = TrainingConfig(
-        model=kind,
-        lam=args.lam,
-        rho=args.rho,
-        mean_warmup=DEFAULT_MEAN_WARMUP if args.mean_warmup is None else args.mean_warmup,
-        noise_std=DEFAULT_NOISE_STD if args.noise is None else args.noise,
-        steps=args.steps,
-        minutes=args.minutes,
-        batch_size=args.batch_size,  # None: the device's default
-        crop_size=args.crop_size or d["crop_size"],
-        n_reference_patches=args.reference_patches,
-        psi_passes=args.psi_passes,
-        seed=args.seed if args.seed is not None else d["seed"],
-        device=device,
-        checkpoint_minutes=args.checkpoint_minutes or None,
+        operator = operator_from_args(args)
+    spec = _spec()(
+        **{
+            **_given_fields(args),
+            "model": kind,
+            "device": device,
+            "checkpoint_minutes": args.checkpoint_minutes or None,
+        }
     )
-    main_rank = data_parallel is None or data_parallel.is_main
+    if resume is not None:
+        check_resume_budget(spec, resume, name, "--steps", "--minutes")
+    lr_data = read_input(args.lr_data, "LR data", ndims=(2, 3))
+    ref_data = read_input(args.reference, "reference", ndims=(2, 3))
+    source = TrainSource(np.asarray(lr_data.array), np.asarray(ref_data.array))
+    main_rank = group is None or group.is_main
     if "auto" in (args.lam, args.rho) and resume is None and main_rank:
         flag = "--lambda" if args.lam == "auto" else "--rho"
         sys.stderr.write(f"choosing λ on the reference ({flag} auto)...\n")
         sys.stderr.flush()
     first_step = resume.step if resume is not None else 0
-    final, checkpoints = _train_model(
-        lr_n,
-        ref_n,
-        operator,
-        config,
-        out,
-        resume=resume,
-        normalisation=norm.to_dict(),
-        data_parallel=data_parallel,
-    )
+    final, checkpoints = _run_job(spec, source, operator, out, resume, group)
     if not main_rank:  # rank 0 reports for all
         return EXIT_OK
-    if data_parallel is not None and data_parallel.active:
-        device = f"{device} ×{data_parallel.world_size}"
+    if group is not None and group.active:
+        device = f"{device} ×{group.world_size}"
     state = final.state
     last = state.history[-1] if state.history else {}
     stopped = bool(final.stopped_early)
     q = int(operator.scale)
     losses = {k: last.get(k) for k in ("data_term", "wpp_term", "loss")}
     flow = state.kind == "wppflow"
-    noise_std = (state.config or {}).get("noise_std", config.noise_std)
+    noise_std = (state.config or {}).get("noise_std", spec.noise_std)
     weight_text = f"ρ = {state.lam:g}, σ = {noise_std:g}" if flow else f"λ = {state.lam:g}"
     loss_text = f"; data {losses['data_term']:.3e}, wpp {losses['wpp_term']:.3e}" if last else ""
-    _emit(
+    emit(
         args,
         {
             "out": str(out),

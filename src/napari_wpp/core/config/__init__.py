@@ -30,9 +30,11 @@ from napari_wpp.core.config.operator import (
 )
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
+from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
 
 __all__ = [
     "ANCHORS",
+    "CHECKPOINT_MINUTES",
     "FALLBACK_ITERATIONS",
     "MAX_COUNT",
     "MAX_SEED",
@@ -43,6 +45,7 @@ __all__ = [
     "OperatorSpec",
     "PredictSpec",
     "ReconstructSpec",
+    "TrainSpec",
     "bounds",
     "choices_of",
     "default_of",

@@ -1,0 +1,90 @@
+"""The prior weight: the paper's λ rule, the published flow weighting, λ chosen on the reference."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from napari_wpp.core.config.training import PAPER_LAMBDA_NUMERATOR, PUBLISHED_RHO_PER_CROP
+from napari_wpp.core.errors import InputError
+from napari_wpp.core.metrics import psnr
+from napari_wpp.core.operators import ForwardOperator, add_noise
+
+__all__ = ["AUTO_LAMBDA_GRID", "choose_lambda", "paper_lambda", "published_rho"]
+
+#: λ grid of ``lam="auto"`` (mean data term, single-scale prior, as in training).
+AUTO_LAMBDA_GRID = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08)
+
+
+def paper_lambda(crop_size: int) -> float:
+    """λ = 12.5 / n_LR² (the papers' rule for a mean data term; 0.02 for 25×25 crops)."""
+    return PAPER_LAMBDA_NUMERATOR / float(crop_size) ** 2
+
+
+def published_rho(noise_std: float, crop_size: int) -> float:
+    """The published flow's weighting as our ρ per LR pixel: ``100 / (σ² · n_LR²)``.
+
+    Dividing the published loss per crop by σ² and by the crop's ``n_LR²`` pixels gives our
+    loss per LR pixel with this ρ: 1600 for σ = 0.01 and 25×25 crops.
+    """
+    return PUBLISHED_RHO_PER_CROP / (float(noise_std) ** 2 * float(crop_size) ** 2)
+
+
+def choose_lambda(
+    reference: np.ndarray,
+    operator: ForwardOperator,
+    noise_std: float = 0.01,
+    grid: tuple[float, ...] = AUTO_LAMBDA_GRID,
+    crop: int = 128,
+    iterations: int = 60,
+    seed: int = 0,
+    device: str = "auto",
+    stop: threading.Event | None = None,
+) -> tuple[float, dict[float, float]]:
+    """Choose λ on the reference itself (the papers' protocol).
+
+    A central crop of the reference is degraded with ``operator`` and noise, reconstructed by
+    variational WPP (single-scale prior, mean data term: the network's loss for one image)
+    for every λ of ``grid`` against patches of the rest of the reference, and the λ with the
+    best PSNR is returned with all scores. Because both losses use a mean data term and the
+    W₂² of a pooled patch distribution, the variational λ carries over to the network
+    unchanged.
+    """
+    from napari_wpp.core.reconstruct import VariationalConfig, run_reconstruction
+
+    ref = np.asarray(reference, dtype=np.float32)
+    if ref.ndim == 3:
+        ref = ref[ref.shape[0] // 2]
+    q = operator.scale
+    side = min(crop, *ref.shape) // q * q
+    if side < 4 * q:
+        raise InputError(f"reference {ref.shape} is too small to choose lambda: give λ explicitly")
+    y0 = (ref.shape[0] - side) // 2
+    x0 = (ref.shape[1] - side) // 2
+    truth = ref[y0 : y0 + side, x0 : x0 + side]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lr = add_noise(operator(torch.from_numpy(truth)), noise_std, generator=generator)
+    lr_np = lr.numpy().astype(np.float32)
+    scores: dict[float, float] = {}
+    for lam in grid:
+        if stop is not None and stop.is_set():
+            break
+        config = VariationalConfig(
+            lam=lam,
+            iterations=iterations,
+            levels=1,
+            seed=seed,
+            device=device,
+            n_reference_patches=5_000,
+        )
+        result = run_reconstruction(lr_np, ref, operator, config)
+        border = min(8, side // 8)
+        inner = (slice(border, -border),) * 2
+        scores[lam] = psnr(np.clip(result.image, 0, 1)[inner], truth[inner], crop=0)
+    if not scores:
+        raise InputError("lambda search was stopped before it scored any λ")
+    best = max(scores, key=scores.__getitem__)
+    return best, scores

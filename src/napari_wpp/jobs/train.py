@@ -1,0 +1,283 @@
+"""The training job: what ``napari-wpp train`` and the Train widget both run.
+
+Reading the inputs is the faces' business; the job owns the rest alike for both:
+
+* **Normalisation**: the LR data use the resumed model's recorded normalisation (same dtype
+  required) or their own (:meth:`~napari_wpp.core.intensity.Normalisation.from_array`); a
+  reference read from a file is normalised by its own range, a reference already in
+  normalised units (the Reference widget's regions) is used as it is.
+* **Resume checks** (:func:`load_resume`, :func:`check_resume_budget`): only files with a
+  training state of a trainable kind, a budget beyond the steps/minutes already trained.
+* **Model files**: every checkpoint and the final state are written (atomically, by
+  :func:`napari_wpp.io.save_model`) on rank 0; a failed write is an event
+  (:class:`ModelFileFailed`), so each face decides whether training goes on.
+* **Data parallelism** (:func:`data_parallel`): under ``torchrun`` the job joins the
+  process group on the rank's device and leaves it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS, TrainSpec
+from napari_wpp.core.errors import InputError
+
+__all__ = [
+    "ModelFileFailed",
+    "ModelFileWritten",
+    "TrainSource",
+    "TrainingStarted",
+    "check_resumable",
+    "check_resume_budget",
+    "data_parallel",
+    "load_resume",
+    "lr_normalisation",
+    "train_job",
+]
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """What a training run learns from.
+
+    Attributes
+    ----------
+    lr
+        LR image (2D) or stack (3D) in its own dtype (integer or float).
+    reference
+        HR reference: an image, a volume or a list of regions.
+    reference_normalised
+        ``True``: ``reference`` is already in normalised units; ``False``: normalise it by
+        its own range.
+    preview
+        LR image for previews, in the LR data's units (``None``: the core's default).
+    lr_normalised
+        ``True``: ``lr`` (and ``preview``) are already in normalised units (no normalisation
+        is applied or recorded; a demo's synthetic data); ``False``: see :func:`lr_normalisation`.
+    """
+
+    lr: np.ndarray
+    reference: Any
+    reference_normalised: bool = False
+    preview: np.ndarray | None = None
+    lr_normalised: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingStarted:
+    """First event of a training job: the LR data's normalisation (a dict, ``None`` for data
+    given in normalised units)."""
+
+    normalisation: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ModelFileWritten:
+    """A checkpoint (``final`` ``False``) or the final state was written to ``path``."""
+
+    path: Path
+    step: int
+    final: bool
+
+
+@dataclass(frozen=True)
+class ModelFileFailed:
+    """Writing the model file failed (training goes on unless the face stops it)."""
+
+    path: Path
+    error: Exception
+    final: bool
+
+
+def lr_normalisation(lr: np.ndarray, resume: Any = None, name: str = "LR data") -> Any:
+    """The normalisation of the LR data: the resumed model's, or the data's own range.
+
+    Raises
+    ------
+    InputError
+        The data's dtype differs from the resumed model's, or is not a number.
+    """
+    from napari_wpp.core.intensity import Normalisation
+
+    dtype = np.dtype(lr.dtype)
+    if dtype.kind not in "uif":
+        raise InputError(f"{name} has dtype {dtype}: use an integer or float image")
+    recorded = getattr(resume, "normalisation", None)
+    if recorded is None:
+        return Normalisation.from_array(lr)
+    norm = Normalisation.from_dict(dict(recorded))
+    if np.dtype(norm.dtype) != dtype:
+        raise InputError(
+            f"{name} is {dtype} but the model was trained on {norm.dtype} data: resume with the "
+            "same LR data"
+        )
+    return norm
+
+
+def load_resume(path: str | Path, label: str | None = None) -> Any:
+    """The training state of a model file to resume; refuses files that cannot be resumed.
+
+    ``label`` names the file in messages (default: its name).
+    """
+    from napari_wpp.io import load_model, read_model_metadata
+
+    meta = read_model_metadata(path)
+    name = label or Path(path).name
+    if meta.get("kind") not in TRAINABLE_MODELS:
+        raise InputError(
+            f"{name} is a {meta.get('kind')} model: only {' and '.join(TRAINABLE_MODELS)} runs "
+            "can be resumed"
+        )
+    if not meta.get("training_state"):
+        raise InputError(
+            f"{name} holds no training state (it was saved for prediction only): start a new "
+            "run instead"
+        )
+    state = load_model(path, device="cpu")
+    check_resumable(state, name)
+    return state
+
+
+def check_resumable(state: Any, name: str) -> None:
+    """Refuse a state without its ψ and optimizer state (saved for prediction only)."""
+    if not state.priors or state.optimizer is None:
+        raise InputError(
+            f"{name} holds no training state (saved for prediction only): start a new run instead"
+        )
+
+
+def check_resume_budget(
+    spec: TrainSpec,
+    state: Any,
+    name: str,
+    steps_label: str = "step budget",
+    minutes_label: str = "time budget",
+) -> None:
+    """Refuse a budget the resumed run has already spent (budgets count the whole run).
+
+    ``name`` names the model file, the labels the budgets in messages (e.g. ``--steps``).
+    """
+    steps = spec.steps
+    if steps is None and spec.minutes is None:
+        steps = DEFAULT_STEPS
+    if steps is not None and state.step >= steps:
+        raise InputError(
+            f"{name} has already trained {state.step} steps and the budget is {steps} "
+            f"(budgets count the whole run): give a larger {steps_label}"
+        )
+    if spec.minutes is not None and state.elapsed_s >= 60.0 * spec.minutes:
+        raise InputError(
+            f"{name} has already trained {state.elapsed_s / 60:.1f} minutes and the budget is "
+            f"{spec.minutes:g} (budgets count the whole run): give a larger {minutes_label}"
+        )
+
+
+@contextlib.contextmanager
+def data_parallel(device: str) -> Iterator[tuple[str, Any]]:
+    """``(device, DataParallel or None)`` of this process, inside a ``torchrun`` process group.
+
+    Without ``torchrun`` (one process): the resolved ``device`` and ``None``. Under
+    ``torchrun``: the rank's device (``cuda:LOCAL_RANK`` for ``auto``/``cuda``) and its place
+    in the run; the process group is left on exit.
+    """
+    from napari_wpp.core import distributed
+    from napari_wpp.core.devices import resolve_device
+
+    if not distributed.launched():
+        yield str(resolve_device(device)), None
+        return
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    rank_device = str(resolve_device(distributed.rank_device(device, local_rank, world_size)))
+    group = distributed.init_from_environment(rank_device)
+    try:
+        yield rank_device, group
+    finally:
+        distributed.shutdown()
+
+
+def train_job(
+    spec: TrainSpec,
+    source: TrainSource,
+    operator: Any,
+    model_path: Path | None = None,
+    stop: threading.Event | None = None,
+    resume: Any = None,
+    group: Any = None,
+) -> Iterator[Any]:
+    """Train on ``source`` with ``spec`` (a generator of events).
+
+    Yields :class:`TrainingStarted`, then the events of
+    :func:`napari_wpp.core.training.train`, each checkpoint and final event followed (on rank
+    0, when ``model_path`` is given) by :class:`ModelFileWritten` or :class:`ModelFileFailed`.
+    Bad input raises ``InputError``.
+
+    Parameters
+    ----------
+    spec
+        The run's parameters (ignored but for the budget, device and event intervals when
+        resuming: the saved ones are used).
+    operator
+        The forward operator (the resumed run's when resuming).
+    model_path
+        ``.safetensors`` file written at checkpoints and at the end (``None``: none).
+    resume
+        A training state (:func:`load_resume`) to continue.
+    group
+        This process's place in a data-parallel run (:func:`data_parallel`).
+    """
+    from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished, train
+    from napari_wpp.io import save_model
+
+    lr, preview, recorded = source.lr, source.preview, None
+    if not source.lr_normalised:
+        norm = lr_normalisation(np.asarray(lr), resume)
+        lr = np.asarray(norm.apply(lr), dtype=np.float32)
+        if preview is not None:
+            preview = np.asarray(norm.apply(preview), dtype=np.float32)
+        recorded = norm.to_dict()
+    reference = source.reference
+    if not source.reference_normalised:
+        reference = _self_normalised(reference)
+    if group is not None and not group.is_main:
+        model_path = None  # rank 0 writes the model file
+    yield TrainingStarted(recorded)
+    for event in train(
+        lr,
+        reference,
+        operator,
+        spec,
+        stop=stop,
+        resume=resume,
+        normalisation=recorded,
+        preview_input=preview,
+        data_parallel=group,
+    ):
+        yield event
+        if model_path is None or not isinstance(event, (TrainingCheckpoint, TrainingFinished)):
+            continue
+        final = isinstance(event, TrainingFinished)
+        try:
+            written = save_model(model_path, event.state)
+        except Exception as exc:  # noqa: BLE001 - an event: each face decides what follows
+            yield ModelFileFailed(model_path, exc, final)
+        else:
+            yield ModelFileWritten(Path(written), int(event.state.step), final)
+
+
+def _self_normalised(reference: Any) -> Any:
+    """A reference (or each region) normalised by its own range, as float32."""
+    from napari_wpp.core.intensity import Normalisation
+
+    if isinstance(reference, list):
+        return [_self_normalised(region) for region in reference]
+    data = np.asarray(reference)
+    return np.asarray(Normalisation.from_array(data).apply(data), dtype=np.float32)
