@@ -57,6 +57,7 @@ __all__ = [
     "JobLaunch",
     "LayerChoice",
     "bind_setting",
+    "job_finished_alias",
     "or_notify",
 ]
 
@@ -159,6 +160,11 @@ class JobLaunch:
     context: dict[str, Any] = field(default_factory=dict)
 
 
+def job_finished_alias(doc: str) -> property:
+    """A read-only attribute naming :attr:`JobDockWidget.job_finished` after the widget's job."""
+    return property(lambda self: self.job_finished, doc=doc)
+
+
 class JobDockWidget(JobOwner, QWidget):
     """Base of a dock widget that runs one stoppable job at a time on a napari viewer.
 
@@ -231,6 +237,11 @@ class JobDockWidget(JobOwner, QWidget):
     def listen(self, emitter: Any, callback: Callable[..., Any]) -> None:
         """Connect ``callback`` to ``emitter`` until the widget is destroyed."""
         self.connections.connect(emitter, callback)
+
+    def listen_settings(self, callback: Callable[..., Any], *names: str) -> None:
+        """Call ``callback`` when any of the settings ``names`` changes."""
+        for name in names:
+            self.listen(getattr(self.settings.events, name), callback)
 
     def bind(self, name: str, widget: ValueWidget) -> ValueWidget:
         """Bind ``widget`` to ``settings.<name>`` (see :func:`bind_setting`); returns it."""
