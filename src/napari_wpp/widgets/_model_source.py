@@ -16,7 +16,7 @@ from qtpy.QtWidgets import QFileDialog, QGroupBox, QVBoxLayout
 
 from napari_wpp.core.errors import InputError
 from napari_wpp.widgets._base import JobDockWidget, or_notify
-from napari_wpp.widgets._form import note_label
+from napari_wpp.widgets._form import note_label, shrinkable
 from napari_wpp.widgets._layers import checked_image
 
 if TYPE_CHECKING:
@@ -59,7 +59,9 @@ class ModelSourcePanel(QGroupBox):
         self._what = f"a {MODEL_NAMES[kind]}" if kind else "one"
         self._file_state: TrainingState | None = None
         self._file_key: tuple[str, float] | None = None
-        self.source = owner.bind("model_source", ComboBox(label="Use", choices=MODEL_SOURCES))
+        self.source = owner.bind(
+            "model_source", shrinkable(ComboBox(label="Use", choices=MODEL_SOURCES))
+        )
         self.file_edit = owner.bind("model_file", LineEdit(label="File"))
         self.file_edit.native.setPlaceholderText(placeholder)
         self.browse = PushButton(text="…")

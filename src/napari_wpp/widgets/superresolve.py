@@ -35,7 +35,7 @@ from napari_wpp.jobs.predict import (
     superresolve_job,
 )
 from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
-from napari_wpp.widgets._form import group_box, scrolled_column
+from napari_wpp.widgets._form import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
@@ -132,12 +132,14 @@ class SuperresolveWidget(ModelDockWidget):
                 PredictSpec,
                 FORM_FIELDS,
                 axis={"label": "Slice axis", "min": 0},
-                tile={"label": "Tiles (px)", "special_text": "whole slices"},
+                tile={"label": "Tiles (px, 0: off)"},
                 device={"choices": device_choices()},
             )
         )
         self.form.insert(0, self.layer_choice.combo)
-        self.extent = self.bind("extent", ComboBox(label="Superresolve", choices=EXTENTS))
+        self.extent = self.bind(
+            "extent", shrinkable(ComboBox(label="Superresolve", choices=EXTENTS))
+        )
         self.form.insert(2, self.extent)
         return group_box("Input", self.form)
 

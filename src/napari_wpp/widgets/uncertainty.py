@@ -229,7 +229,7 @@ class UncertaintyWidget(ModelDockWidget):
             PredictSpec,
             list(SPEC_SETTINGS),
             samples={"label": "Samples K"},
-            tile={"label": "Tiles (px)", "special_text": "whole region"},
+            tile={"label": "Tiles (px, 0: off)"},
             device={"choices": device_choices()},
             keep_samples={"text": "Show every sample (layer, sample axis first)"},
         )
@@ -257,7 +257,9 @@ class UncertaintyWidget(ModelDockWidget):
         calibration.addRow("Edge/flat std", self.edge_flat_label)
         self.calibration_note = note_label(selectable=True)
         calibration.addRow(self.calibration_note)
-        box = group_box("Statistics", threshold)
+        threshold_row = Container(widgets=[self.threshold])
+        threshold_row.margins = (0, 0, 0, 0)
+        box = group_box("Statistics", threshold_row)
         figures = QGroupBox()
         figures.setFlat(True)
         rows = form_layout(figures)
