@@ -24,14 +24,14 @@ from napari_wpp.widgets._forms import (  # noqa: E402
 
 
 def test_form_from_spec_round_trip_and_bounds(qtbot) -> None:
-    form = spec_form(PredictSpec, tile={"special_text": "whole slices"})
+    form = spec_form(PredictSpec, tile={"label": "Tiles (0: off)"})
     assert [widget.name for widget in form] == [f.name for f in dataclasses.fields(PredictSpec)]
     assert read_spec(form, PredictSpec()) == PredictSpec()  # None tile shown as 0 and back
     for name in ("batch_size", "samples", "seed", "temperature"):
         assert (form[name].min, form[name].max) == bounds(PredictSpec, name)
         assert form[name].value == getattr(PredictSpec(), name)
         assert form[name].tooltip == help_text(PredictSpec, name)
-    assert form.tile.min == 0 and form.tile.native.specialValueText() == "whole slices"
+    assert form.tile.min == 0 and form.tile.label == "Tiles (0: off)"
     changed = PredictSpec(tile=32, batch_size=2, temperature=0.5, keep_samples=True, seed=9)
     for field in dataclasses.fields(changed):
         form[field.name].value = getattr(changed, field.name) or 0

@@ -193,36 +193,53 @@ def test_cancel_leaves_layers_unchanged(setup, qtbot) -> None:
     assert "Cancelled" in widget.status_label.text()
 
 
-def test_bad_input_gives_notifications(setup, qtbot, tmp_path, errors) -> None:
-    viewer, session, widget = setup
-    model = session.model
+def _no_session_model(viewer, session, widget, tmp_path) -> None:
     session.model = None
-    assert widget.run() is None
-    assert "no model in this session" in errors[-1]
-    session.model = model
 
+
+def _4d_layer(viewer, session, widget, tmp_path) -> None:
     viewer.add_image(np.zeros((2, 2, 8, 8), np.uint8), name="4D")
     widget.settings.input_layer = "4D"
-    assert widget.run() is None
-    assert "4D" in errors[-1]
-    widget.settings.input_layer = "LR"
 
+
+def _zarr_path_without_zarr_suffix(viewer, session, widget, tmp_path) -> None:
     widget.settings.to_zarr = True
     widget.settings.zarr_path = str(tmp_path / "out.tif")
-    assert widget.run() is None
-    assert ".zarr" in errors[-1]
-    widget.settings.to_zarr = False
 
-    assert widget.load_model(tmp_path / "missing.safetensors") is None
-    assert "does not exist" in errors[-1]
-    widget.settings.model_source = "session"
 
-    # a float layer with NaNs fails inside the worker: a notification as well
+def _nan_layer(viewer, session, widget, tmp_path) -> None:
+    """A float layer with NaNs fails inside the worker: a notification as well."""
     viewer.add_image(np.full((4, 4), np.nan, np.float32), name="nan")
     widget.settings.input_layer = "nan"
-    assert _run(qtbot, widget) is None
-    assert "NaN" in errors[-1]
-    assert len(errors) == 5 and widget.worker is None
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "in_worker", "message"),
+    [
+        (_no_session_model, False, "no model in this session"),
+        (_4d_layer, False, "4D"),
+        (_zarr_path_without_zarr_suffix, False, ".zarr"),
+        (_nan_layer, True, "NaN"),
+    ],
+)
+def test_bad_input_gives_a_notification(
+    setup, qtbot, tmp_path, errors, make_bad, in_worker, message
+) -> None:
+    viewer, session, widget = setup
+    make_bad(viewer, session, widget, tmp_path)
+    if in_worker:
+        assert _run(qtbot, widget) is None
+    else:
+        assert widget.run() is None
+    assert message in errors[-1]
+    assert len(errors) == 1 and widget.worker is None
+    assert "LR superresolved" not in viewer.layers
+
+
+def test_missing_model_file_gives_a_notification(setup, tmp_path, errors) -> None:
+    _viewer, _session, widget = setup
+    assert widget.load_model(tmp_path / "missing.safetensors") is None
+    assert "does not exist" in errors[-1] and len(errors) == 1
 
 
 def test_the_jobs_normalisation_rule() -> None:
@@ -318,3 +335,63 @@ def test_2d_image(make_napari_viewer, qtbot) -> None:
     assert tuple(out.scale) == pytest.approx((0.125, 0.125))
     assert tuple(out.translate) == pytest.approx((2.0 - shift, -shift))
     assert out.metadata["napari_wpp"]["normalisation_from"].startswith("model's range")
+
+
+def _change_spec_default(monkeypatch, name: str, value) -> None:
+    """What editing the default of ``PredictSpec.<name>`` in its source does, undone after."""
+    import dataclasses
+
+    from napari_wpp.core.config import PredictSpec
+
+    names = [item.name for item in dataclasses.fields(PredictSpec)]
+    defaults = list(PredictSpec.__init__.__defaults__)
+    defaults[names.index(name)] = value
+    monkeypatch.setattr(PredictSpec.__dataclass_fields__[name], "default", value)
+    monkeypatch.setattr(PredictSpec, name, value)
+    monkeypatch.setattr(PredictSpec.__init__, "__defaults__", tuple(defaults))
+
+
+def test_a_spec_default_changes_the_cli_help_the_form_and_the_runs(
+    make_napari_viewer, qtbot, tmp_path, capsys, monkeypatch
+) -> None:
+    """Only the spec's default of batch_size changes: --help, the form and both runs follow."""
+    import re
+
+    import tifffile
+
+    import napari_wpp.jobs.predict as jobs
+    import napari_wpp.widgets.superresolve as superresolve_module
+    from napari_wpp.cli import main
+
+    _change_spec_default(monkeypatch, "batch_size", 3)
+    specs = []
+    real_job = jobs.superresolve_job
+
+    def spy(spec, *args, **kwargs):
+        specs.append(spec)
+        yield from real_job(spec, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "superresolve_job", spy)
+    monkeypatch.setattr(superresolve_module, "superresolve_job", spy)
+
+    assert main(["predict", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--batch-size B slices per forward pass;[^-]*\(default 3\)", help_text)
+
+    model_file = save_model(tmp_path / "m.safetensors", _state())
+    image = np.random.default_rng(0).integers(0, 256, (5, 6, 7), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    out = tmp_path / "out.tif"
+    assert main(["predict", str(model_file), str(tmp_path / "in.tif"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert specs[-1].batch_size == 3
+
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="LR")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Superresolve")
+    assert widget.form.batch_size.value == 3 and widget.settings.batch_size == 3
+    assert "(default 3)" in widget.form.batch_size.tooltip
+    widget.load_model(model_file)
+    widget.settings.device = "cpu"
+    assert _run(qtbot, widget) is not None
+    assert len(specs) == 2 and specs[-1].batch_size == 3

@@ -225,14 +225,13 @@ def test_cancel_leaves_layers_unchanged(setup, qtbot) -> None:
     assert widget.worker is None and widget.run_button.isEnabled()
 
 
-def test_bad_input_gives_notifications(setup, qtbot, tmp_path, flow_state, errors) -> None:
+def _no_session_model(viewer, session, widget) -> None:
+    session.model = None
+
+
+def _a_wppnet(viewer, session, widget) -> None:
     from napari_wpp.core.models import build_model
     from napari_wpp.core.training import TrainingState
-
-    viewer, session, widget = setup
-    session.model = None
-    assert widget.run() is None
-    assert "no model in this session" in errors[-1]
 
     net = build_model("wppnet", scale=Q, features=8, blocks=2)
     session.model = TrainingState(
@@ -240,35 +239,52 @@ def test_bad_input_gives_notifications(setup, qtbot, tmp_path, flow_state, error
         config={}, step=1, elapsed_s=0.0,
     )
     assert "not a WPPFlow" in widget.model_label.text()
-    assert widget.run() is None
-    assert "not a WPPFlow" in errors[-1]
-    session.model = flow_state
 
+
+def _tiny_rectangle(viewer, session, widget) -> None:
     viewer.add_shapes(
         [np.array([[0.0, 0.0], [0.0, 6.0], [6.0, 6.0], [6.0, 0.0]])],
         shape_type="rectangle", name="tiny",
     )
     widget.settings.region_shapes = "tiny"
     assert "smaller than 4×4" in widget.region_label.text()
-    assert widget.run() is None
-    assert "draw a larger rectangle" in errors[-1]
-    widget.settings.region_shapes = ""
 
+
+def _truth_off_the_grid(viewer, session, widget) -> None:
     viewer.add_image(np.zeros((3, 32, 32), np.uint8), name="coarse", scale=(1.0, 2.0, 2.0))
     widget.settings.truth_layer = "coarse"
-    assert widget.run() is None
-    assert "not on the superresolved pixel grid" in errors[-1]
-    widget.settings.truth_layer = "truth"
 
+
+def _negative_temperature(viewer, session, widget) -> None:
     widget.settings.temperature = -1.0  # the spin box refuses it; a script may not
-    assert _run(qtbot, widget) is None
-    assert "temperature" in errors[-1]
-    widget.settings.temperature = 1.0
 
-    assert widget.load_model(tmp_path / "missing.safetensors") is None
-    assert "does not exist" in errors[-1]
-    assert len(errors) == 6 and widget.worker is None
+
+@pytest.mark.parametrize(
+    ("make_bad", "in_worker", "message"),
+    [
+        (_no_session_model, False, "no model in this session"),
+        (_a_wppnet, False, "not a WPPFlow"),
+        (_tiny_rectangle, False, "draw a larger rectangle"),
+        (_truth_off_the_grid, False, "not on the superresolved pixel grid"),
+        (_negative_temperature, True, "temperature"),
+    ],
+)
+def test_bad_input_gives_a_notification(setup, qtbot, errors, make_bad, in_worker, message):
+    viewer, session, widget = setup
+    make_bad(viewer, session, widget)
+    if in_worker:
+        assert _run(qtbot, widget) is None
+    else:
+        assert widget.run() is None
+    assert message in errors[-1]
+    assert len(errors) == 1 and widget.worker is None
     assert "LR mean" not in viewer.layers
+
+
+def test_missing_model_file_gives_a_notification(setup, tmp_path, errors) -> None:
+    _viewer, _session, widget = setup
+    assert widget.load_model(tmp_path / "missing.safetensors") is None
+    assert "does not exist" in errors[-1] and len(errors) == 1
 
 
 def test_truth_index_and_share_above() -> None:

@@ -40,6 +40,7 @@ from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.widgets._form import shrinkable
 from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
@@ -57,6 +58,7 @@ __all__ = [
     "JobLaunch",
     "LayerChoice",
     "bind_setting",
+    "job_finished_alias",
     "or_notify",
 ]
 
@@ -159,6 +161,11 @@ class JobLaunch:
     context: dict[str, Any] = field(default_factory=dict)
 
 
+def job_finished_alias(doc: str) -> property:
+    """A read-only attribute naming :attr:`JobDockWidget.job_finished` after the widget's job."""
+    return property(lambda self: self.job_finished, doc=doc)
+
+
 class JobDockWidget(JobOwner, QWidget):
     """Base of a dock widget that runs one stoppable job at a time on a napari viewer.
 
@@ -231,6 +238,11 @@ class JobDockWidget(JobOwner, QWidget):
     def listen(self, emitter: Any, callback: Callable[..., Any]) -> None:
         """Connect ``callback`` to ``emitter`` until the widget is destroyed."""
         self.connections.connect(emitter, callback)
+
+    def listen_settings(self, callback: Callable[..., Any], *names: str) -> None:
+        """Call ``callback`` when any of the settings ``names`` changes."""
+        for name in names:
+            self.listen(getattr(self.settings.events, name), callback)
 
     def bind(self, name: str, widget: ValueWidget) -> ValueWidget:
         """Bind ``widget`` to ``settings.<name>`` (see :func:`bind_setting`); returns it."""
@@ -428,9 +440,19 @@ class LayerChoice:
         self.empty_text = empty_text
         self.optional = optional
         self._offered: set[str] = set()
-        self.combo = ComboBox(name=setting, label=label, tooltip=tooltip or None)
+        self.combo = shrinkable(
+            ComboBox(name=setting, label=label, tooltip=tooltip or None, choices=self.entries)
+        )
         self.refresh()
         owner.bind(setting, self.combo)
+
+    def entries(self, _combo: Any = None) -> list[tuple[str, str]]:
+        """The combo box's ``(text, layer name)`` entries, in the layer list's order."""
+        names = [layer.name for layer in self.candidates(self.owner.viewer)]
+        entries = [(name, name) for name in names]
+        if self.optional or not names:
+            entries.insert(0, (self.empty_text, NO_LAYER))
+        return entries
 
     def refresh(self) -> None:
         """Offer the current candidates; keep the choice, else choose the default."""
@@ -443,12 +465,10 @@ class LayerChoice:
         if self.optional and current == NO_LAYER:
             value = default if default not in self._offered else NO_LAYER
         self._offered.add(value)
-        entries = [(name, name) for name in names]
-        if self.optional or not names:
-            entries.insert(0, (self.empty_text, NO_LAYER))
         with self.combo.changed.blocked():
-            self.combo.choices = ()  # in the layer list's order, not appended
-            self.combo.choices = entries
-            self.combo.value = value if value in names or value == NO_LAYER else entries[0][1]
+            self.combo.choices = ()  # refilled in the layer list's order, not appended
+            self.combo.choices = self.entries  # also what magicgui's reset_choices uses
+            if value in names or value == NO_LAYER:
+                self.combo.value = value
         if value != current:
             setattr(settings, self.setting, value)

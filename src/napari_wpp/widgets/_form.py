@@ -25,6 +25,7 @@ __all__ = [
     "group_box",
     "note_label",
     "scrolled_column",
+    "shrinkable",
 ]
 
 #: Narrowest width of a dock widget (its forms stay readable; wider docks stretch the fields).
@@ -66,6 +67,15 @@ def choice_combo(min_characters: int = 10) -> QComboBox:
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     combo.setMinimumContentsLength(min_characters)
     combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    return combo
+
+
+def shrinkable(combo: Any) -> Any:
+    """Let a magicgui combo box shrink like :func:`choice_combo` (long layer names); returns it."""
+    native = combo.native
+    native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    native.setMinimumContentsLength(10)
+    native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
     return combo
 
 

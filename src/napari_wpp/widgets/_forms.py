@@ -4,11 +4,11 @@ One field, one magicgui widget: ``bool`` a ``CheckBox``, ``int`` a ``SpinBox``, 
 ``FloatSpinBox``, ``str`` a ``LineEdit`` (a ``ComboBox`` when choices are given). The initial
 value is the field's default, the range its ``bounds`` and the tooltip its help line, so a
 default changed in the spec changes the form with no other edit. An optional count
-(``int | None``, e.g. ``tile``) shows ``None`` as 0 with a special text ("whole slices").
+(``int | None``, e.g. ``tile``) shows ``None`` as 0.
 
 Example
 -------
->>> form = spec_form(PredictSpec, ["batch_size", "tile"], tile={"special_text": "whole"})
+>>> form = spec_form(PredictSpec, ["batch_size", "tile"], tile={"label": "Tiles (0: off)"})
 >>> read_spec(form, PredictSpec()).batch_size == form.batch_size.value
 True
 """
@@ -24,6 +24,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEd
 from magicgui.widgets.bases import ValueWidget
 
 from napari_wpp.core.config import bounds, default_of, help_text
+from napari_wpp.widgets._form import shrinkable
 
 __all__ = [
     "device_choices",
@@ -95,7 +96,7 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
     **options
         ``label``, ``tooltip``, ``min``, ``max``, ``step``, ``choices`` (makes a
         ``ComboBox``), ``text`` (of a ``CheckBox``) and ``special_text`` (what a spin box
-        shows at its minimum, e.g. "whole slices" for a ``None`` tile shown as 0).
+        shows at its minimum, e.g. ``"device default"`` for 0).
 
     Returns
     -------
@@ -104,8 +105,8 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
     """
     kind, optional = _field_type(spec, name)
     low, high = bounds(spec, name)
-    value = form_value(spec, name, default_of(spec, name))
     special_text = options.pop("special_text", None)
+    value = form_value(spec, name, default_of(spec, name))
     common: dict[str, Any] = {
         "name": name,
         "label": options.pop("label", _label(name)),
@@ -113,7 +114,9 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
     }
     widget: ValueWidget
     if "choices" in options:
-        widget = ComboBox(value=value, choices=options.pop("choices"), **common, **options)
+        widget = shrinkable(
+            ComboBox(value=value, choices=options.pop("choices"), **common, **options)
+        )
     elif kind is bool:
         text = options.pop("text", common.pop("label"))
         widget = CheckBox(value=bool(value), text=text, **common)
@@ -137,7 +140,7 @@ def field_widget(spec: type, name: str, **options: Any) -> ValueWidget:
         )
     else:
         widget = LineEdit(value=str(value), **common, **options)
-    if special_text is not None:
+    if special_text is not None and kind in (int, float):
         widget.native.setSpecialValueText(special_text)
     return widget
 

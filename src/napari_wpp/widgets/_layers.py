@@ -31,6 +31,7 @@ __all__ = [
     "layer_role",
     "layer_with_role",
     "offset_translate",
+    "crop_geometry",
     "region_slices",
     "superresolved_geometry",
     "superresolved_provenance",
@@ -112,6 +113,19 @@ def offset_translate(
     s = np.asarray(scale, dtype=np.float64)
     t = np.asarray(translate, dtype=np.float64)
     return tuple(float(v) for v in t + s * np.asarray(start, dtype=np.float64))
+
+
+def crop_geometry(
+    layer: Any, start: Sequence[int], factor: int, axis: int | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Scale and translate of a crop of ``layer`` from data index ``start``, superresolved.
+
+    ``axis`` is the slice axis of a 3D layer (it keeps its scale), ``None`` for a 2D one.
+    """
+    scale = tuple(float(v) for v in layer.scale)
+    translate = offset_translate(scale, tuple(float(v) for v in layer.translate), start)
+    grown = grown_axes(len(scale), axis if len(scale) == 3 else None)
+    return superresolved_geometry(scale, translate, factor, grown)
 
 
 def current_index(layer: Any, viewer: Any, axis: int = 0) -> int:

@@ -16,12 +16,13 @@ from qtpy.QtWidgets import QFileDialog, QGroupBox, QVBoxLayout
 
 from napari_wpp.core.errors import InputError
 from napari_wpp.widgets._base import JobDockWidget, or_notify
-from napari_wpp.widgets._form import note_label
+from napari_wpp.widgets._form import note_label, shrinkable
+from napari_wpp.widgets._layers import checked_image
 
 if TYPE_CHECKING:
     from napari_wpp.core.training import TrainingState
 
-__all__ = ["MODEL_NAMES", "MODEL_SOURCES", "ModelSourcePanel"]
+__all__ = ["MODEL_NAMES", "MODEL_SOURCES", "ModelDockWidget", "ModelSourcePanel"]
 
 MODEL_SOURCES = (("This session's model", "session"), ("Model file", "file"))
 MODEL_NAMES = {"wppnet": "WPPNet", "wppflow": "WPPFlow"}
@@ -58,7 +59,9 @@ class ModelSourcePanel(QGroupBox):
         self._what = f"a {MODEL_NAMES[kind]}" if kind else "one"
         self._file_state: TrainingState | None = None
         self._file_key: tuple[str, float] | None = None
-        self.source = owner.bind("model_source", ComboBox(label="Use", choices=MODEL_SOURCES))
+        self.source = owner.bind(
+            "model_source", shrinkable(ComboBox(label="Use", choices=MODEL_SOURCES))
+        )
         self.file_edit = owner.bind("model_file", LineEdit(label="File"))
         self.file_edit.native.setPlaceholderText(placeholder)
         self.browse = PushButton(text="…")
@@ -184,3 +187,44 @@ class ModelSourcePanel(QGroupBox):
         )
         if path:
             self.load(path)
+
+
+class ModelDockWidget(JobDockWidget):
+    """A dock widget that runs the model of its :class:`ModelSourcePanel` on an image layer.
+
+    Subclasses create ``self.model_panel`` (a :class:`ModelSourcePanel`) while building
+    their UI; their settings have ``input_layer`` and ``device``.
+    """
+
+    model_panel: ModelSourcePanel
+
+    def load_model(self, path: str | Path) -> TrainingState | None:
+        """Read a model file and use it (``model_source`` becomes ``"file"``).
+
+        Returns
+        -------
+        TrainingState or None
+            The loaded state, or ``None`` after a notification.
+        """
+        return self.model_panel.load(path)
+
+    def model_and_input(self, what: str) -> tuple[Any, TrainingState, str | None, int]:
+        """The checked input layer, the model, its file and its factor (device checked too).
+
+        Raises
+        ------
+        InputError
+            A missing or unusable layer (``what``: how the widget calls it), model or device.
+        """
+        from napari_wpp.core.devices import resolve_device
+        from napari_wpp.core.inference import model_scale
+
+        layer = checked_image(self.viewer, self.settings.input_layer, what)
+        state, model_file = self.model_panel.state()
+        factor = model_scale(state.model)
+        resolve_device(self.settings.device)
+        return layer, state, model_file, factor
+
+    def _update_controls(self, *_args: Any) -> None:
+        super()._update_controls()
+        self.model_panel.set_running(self.worker is not None)

@@ -34,28 +34,24 @@ from napari_wpp.jobs.predict import (
     PredictTarget,
     superresolve_job,
 )
-from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice
-from napari_wpp.widgets._form import group_box, scrolled_column
+from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
+from napari_wpp.widgets._form import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
     add_or_update_image,
-    checked_image,
+    crop_geometry,
     current_index,
     full_resolution,
     greyscale_images,
-    grown_axes,
     layer_with_role,
-    offset_translate,
-    superresolved_geometry,
     superresolved_provenance,
 )
-from napari_wpp.widgets._model_source import ModelSourcePanel
+from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
 
 if TYPE_CHECKING:
     import napari
 
-    from napari_wpp.core.training import TrainingState
 
 __all__ = ["SuperresolveSettings", "SuperresolveWidget", "output_name"]
 
@@ -102,7 +98,7 @@ class SuperresolveSettings:
     zarr_path: str = ""
 
 
-class SuperresolveWidget(JobDockWidget):
+class SuperresolveWidget(ModelDockWidget):
     """Dock widget: superresolve an image layer with the session's model or a model file.
 
     Public methods (used by the buttons and by scripts/tests): :meth:`run`, :meth:`cancel`,
@@ -112,6 +108,7 @@ class SuperresolveWidget(JobDockWidget):
     """
 
     job_title = "superresolution"
+    superresolve_finished = job_finished_alias("Qt signal: a run ended (output layer or None).")
     progress_unit = "slices"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -120,14 +117,10 @@ class SuperresolveWidget(JobDockWidget):
         self.model_label = self.model_panel.label
         scrolled_column(self, [self.model_panel, self._input_box(), self._output_box()])
         self.watch_layers(self._refresh_layers)
-        for name in ("model_source", "model_file", "input_layer", "extent", "to_zarr"):
-            self.listen(getattr(self.settings.events, name), self._update_controls)
+        self.listen_settings(
+            self._update_controls, "model_source", "model_file", "input_layer", "extent", "to_zarr"
+        )
         self._update_controls()
-
-    @property
-    def superresolve_finished(self) -> Any:
-        """Qt signal: a run ended (its argument: the output layer or ``None``)."""
-        return self.job_finished
 
     # ------------------------------------------------------------------ UI
     def _input_box(self) -> QGroupBox:
@@ -139,12 +132,14 @@ class SuperresolveWidget(JobDockWidget):
                 PredictSpec,
                 FORM_FIELDS,
                 axis={"label": "Slice axis", "min": 0},
-                tile={"label": "Tiles (px)", "special_text": "whole slices"},
+                tile={"label": "Tiles (px, 0: off)"},
                 device={"choices": device_choices()},
             )
         )
         self.form.insert(0, self.layer_choice.combo)
-        self.extent = self.bind("extent", ComboBox(label="Superresolve", choices=EXTENTS))
+        self.extent = self.bind(
+            "extent", shrinkable(ComboBox(label="Superresolve", choices=EXTENTS))
+        )
         self.form.insert(2, self.extent)
         return group_box("Input", self.form)
 
@@ -181,30 +176,12 @@ class SuperresolveWidget(JobDockWidget):
         self.zarr_check.enabled = whole and not running
         zarr = whole and self.settings.to_zarr and not running
         self.zarr_edit.enabled = self.zarr_browse.enabled = zarr
-        self.model_panel.set_running(running)
-
-    # ------------------------------------------------------------------ model
-    def load_model(self, path: str | Path) -> TrainingState | None:
-        """Read a model file and use it (``model_source`` becomes ``"file"``).
-
-        Returns
-        -------
-        TrainingState or None
-            The loaded state, or ``None`` after a notification.
-        """
-        return self.model_panel.load(path)
 
     # ------------------------------------------------------------------ running
     def prepare_run(self) -> JobLaunch:
         """Check the choices and describe the superresolution job (``InputError``: the fix)."""
-        from napari_wpp.core.devices import resolve_device
-        from napari_wpp.core.inference import model_scale
-
         s = self.settings
-        layer = checked_image(self.viewer, s.input_layer, "input layer")
-        state, model_file = self.model_panel.state()
-        q = model_scale(state.model)
-        resolve_device(s.device)
+        layer, state, model_file, q = self.model_and_input("input layer")
         data = full_resolution(layer)
         ndim = len(data.shape)
         axis = int(s.axis) if ndim == 3 else 0
@@ -212,8 +189,7 @@ class SuperresolveWidget(JobDockWidget):
             raise InputError(f"slice axis {axis} is out of range: use 0, 1 or 2")
         whole = ndim == 2 or s.extent == "stack"
         index = None
-        scale = tuple(float(v) for v in layer.scale)
-        translate = tuple(float(v) for v in layer.translate)
+        start = [0] * ndim
         if whole:
             run_data = data
             slices = 1 if ndim == 2 else int(data.shape[axis])
@@ -224,9 +200,7 @@ class SuperresolveWidget(JobDockWidget):
             selector[axis] = index
             run_data = data[tuple(selector)]  # lazy for dask; read in the worker
             slices = 1
-            start = [0, 0, 0]
             start[axis] = index
-            translate = offset_translate(scale, translate, start)
             what = f"slice {index} (axis {axis}) of {layer.name}"
         spec = spec_from_values(
             PredictSpec,
@@ -249,14 +223,13 @@ class SuperresolveWidget(JobDockWidget):
             data=run_data,
             name=str(zarr_in.resolve()) if zarr_in is not None else layer.name,
             zarr_path=zarr_in,
-            pixel_size=scale,
+            pixel_size=tuple(float(v) for v in layer.scale),
             volume=data,
         )
         target = PredictTarget(
             path=zarr_out,
             provenance={"model_file": model_file, "model_step": int(state.step)},
         )
-        geometry = superresolved_geometry(scale, translate, q, grown_axes(ndim, axis))
         return JobLaunch(
             superresolve_job,
             (spec, state.model, state.normalisation, source, target),
@@ -270,7 +243,7 @@ class SuperresolveWidget(JobDockWidget):
                 "index": index,
                 "zarr_out": zarr_out,
                 "slices": slices,
-                "geometry": geometry,
+                "geometry": crop_geometry(layer, start, q, axis),
                 "contrast_limits": tuple(float(v) for v in layer.contrast_limits),
                 "provenance": provenance,
             },

@@ -31,7 +31,6 @@ actual error and the edge/flat std ratio.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,7 +49,7 @@ from napari_wpp.jobs.uncertainty import (
     statistics_texts,
     uncertainty_job,
 )
-from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice
+from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
 from napari_wpp.widgets._form import (
     NOTE_STYLE,
     form_layout,
@@ -65,23 +64,20 @@ from napari_wpp.widgets._layers import (
     add_or_update_image,
     checked_image,
     chosen_layer,
+    crop_geometry,
     current_index,
     full_resolution,
     greyscale_images,
-    grown_axes,
     layer_with_role,
-    offset_translate,
     region_slices,
-    superresolved_geometry,
     superresolved_provenance,
     truth_index,
 )
-from napari_wpp.widgets._model_source import ModelSourcePanel
+from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
 
 if TYPE_CHECKING:
     import napari
 
-    from napari_wpp.core.training import TrainingState
 
 __all__ = [
     "MIN_REGION",
@@ -154,7 +150,7 @@ class UncertaintySettings:
     threshold_percent: float = 5.0
 
 
-class UncertaintyWidget(JobDockWidget):
+class UncertaintyWidget(ModelDockWidget):
     """Dock widget: posterior mean, standard deviation and samples of a WPPFlow.
 
     Public methods (used by the buttons and by scripts/tests): :meth:`run`, :meth:`cancel`,
@@ -166,6 +162,7 @@ class UncertaintyWidget(JobDockWidget):
     """
 
     job_title = "sampling"
+    uncertainty_finished = job_finished_alias("Qt signal: a run ended (mean layer or None).")
     progress_unit = "samples"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -181,20 +178,12 @@ class UncertaintyWidget(JobDockWidget):
         )
         self.watch_layers(self._refresh_layers, "data")
         self.listen(self.viewer.dims.events.current_step, self._update_region_label)
-        events = self.settings.events
-        for emitter in (events.input_layer, events.region_shapes):
-            self.listen(emitter, self._update_region_label)
-        for emitter in (events.model_source, events.model_file, events.input_layer):
-            self.listen(emitter, self._update_controls)
-        self.listen(events.overlay_std, self._apply_overlay)
-        self.listen(events.threshold_percent, self._show_statistics)
+        self.listen_settings(self._update_region_label, "input_layer", "region_shapes")
+        self.listen_settings(self._update_controls, "model_source", "model_file", "input_layer")
+        self.listen_settings(self._apply_overlay, "overlay_std")
+        self.listen_settings(self._show_statistics, "threshold_percent")
         self._refresh_layers()
         self._show_statistics()
-
-    @property
-    def uncertainty_finished(self) -> Any:
-        """Qt signal: a run ended (its argument: the mean layer or ``None``)."""
-        return self.job_finished
 
     # ------------------------------------------------------------------ UI
     def _region_box(self) -> QGroupBox:
@@ -240,7 +229,7 @@ class UncertaintyWidget(JobDockWidget):
             PredictSpec,
             list(SPEC_SETTINGS),
             samples={"label": "Samples K"},
-            tile={"label": "Tiles (px)", "special_text": "whole region"},
+            tile={"label": "Tiles (px, 0: off)"},
             device={"choices": device_choices()},
             keep_samples={"text": "Show every sample (layer, sample axis first)"},
         )
@@ -268,7 +257,9 @@ class UncertaintyWidget(JobDockWidget):
         calibration.addRow("Edge/flat std", self.edge_flat_label)
         self.calibration_note = note_label(selectable=True)
         calibration.addRow(self.calibration_note)
-        box = group_box("Statistics", threshold)
+        threshold_row = Container(widgets=[self.threshold])
+        threshold_row.margins = (0, 0, 0, 0)
+        box = group_box("Statistics", threshold_row)
         figures = QGroupBox()
         figures.setFlat(True)
         rows = form_layout(figures)
@@ -285,10 +276,6 @@ class UncertaintyWidget(JobDockWidget):
             choice.refresh()
         self._update_controls()
         self._update_region_label()
-
-    def _update_controls(self, *_args: Any) -> None:
-        super()._update_controls()
-        self.model_panel.set_running(self.worker is not None)
 
     def _region(self, layer: Any) -> tuple[int | None, slice, slice]:
         """Slice index (``None`` for 2D) and the rows and columns of the region."""
@@ -351,28 +338,11 @@ class UncertaintyWidget(JobDockWidget):
     def _std_blending(self) -> str:
         return "additive" if self.settings.overlay_std else "translucent"
 
-    # ------------------------------------------------------------------ model
-    def load_model(self, path: str | Path) -> TrainingState | None:
-        """Read a WPPFlow model file and use it (``model_source`` becomes ``"file"``).
-
-        Returns
-        -------
-        TrainingState or None
-            The loaded state, or ``None`` after a notification.
-        """
-        return self.model_panel.load(path)
-
     # ------------------------------------------------------------------ running
     def prepare_run(self) -> JobLaunch:
         """Check the choices and describe the sampling job (``InputError``: the fix)."""
-        from napari_wpp.core.devices import resolve_device
-        from napari_wpp.core.inference import model_scale
-
         s = self.settings
-        layer = checked_image(self.viewer, s.input_layer, "LR layer")
-        state, model_file = self.model_panel.state()
-        q = model_scale(state.model)
-        resolve_device(s.device)
+        layer, state, model_file, q = self.model_and_input("LR layer")
         data = full_resolution(layer)
         index, rows, cols = self._region(layer)
         ndim = len(data.shape)
@@ -382,11 +352,7 @@ class UncertaintyWidget(JobDockWidget):
         else:
             region = data[index, rows, cols]
             start = [index, rows.start, cols.start]
-        scale = tuple(float(v) for v in layer.scale)
-        crop_translate = offset_translate(scale, tuple(float(v) for v in layer.translate), start)
-        out_scale, out_translate = superresolved_geometry(
-            scale, crop_translate, q, grown_axes(ndim, 0)
-        )
+        out_scale, out_translate = crop_geometry(layer, start, q, 0)
         plane_shape = (q * (rows.stop - rows.start), q * (cols.stop - cols.start))
         truth = None
         if s.truth_layer:
