@@ -40,7 +40,7 @@ from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_wpp.core.errors import InputError
-from napari_wpp.widgets._form import shrinkable
+from napari_wpp.widgets._layout import shrinkable
 from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (

@@ -24,7 +24,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEd
 from magicgui.widgets.bases import ValueWidget
 
 from napari_wpp.core.config import bounds, default_of, help_text
-from napari_wpp.widgets._form import shrinkable
+from napari_wpp.widgets._layout import shrinkable
 
 __all__ = [
     "device_choices",

@@ -16,8 +16,8 @@ from qtpy.QtWidgets import QFileDialog, QGroupBox, QVBoxLayout
 
 from napari_wpp.core.errors import InputError
 from napari_wpp.widgets._base import JobDockWidget, or_notify
-from napari_wpp.widgets._form import note_label, shrinkable
 from napari_wpp.widgets._layers import checked_image
+from napari_wpp.widgets._layout import note_label, shrinkable
 
 if TYPE_CHECKING:
     from napari_wpp.core.training import TrainingState

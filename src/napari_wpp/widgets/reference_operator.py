@@ -42,7 +42,6 @@ from napari_wpp.core.errors import InputError
 from napari_wpp.jobs.estimate import OperatorEstimated, estimate_job, fit_record
 from napari_wpp.jobs.operator import build_operator, describe_operator
 from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice, or_notify
-from napari_wpp.widgets._form import group_box, note_label, scrolled_column
 from napari_wpp.widgets._forms import field_widget, spec_default, spec_form
 from napari_wpp.widgets._layers import (
     add_or_update_image,
@@ -53,6 +52,7 @@ from napari_wpp.widgets._layers import (
     layer_role,
     layer_with_role,
 )
+from napari_wpp.widgets._layout import group_box, note_label, scrolled_column
 from napari_wpp.widgets._regions import (
     pair_regions,
     rectangle_world_box,

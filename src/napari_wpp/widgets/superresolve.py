@@ -35,7 +35,6 @@ from napari_wpp.jobs.predict import (
     superresolve_job,
 )
 from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
-from napari_wpp.widgets._form import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     PROVENANCE_KEY,
@@ -47,6 +46,7 @@ from napari_wpp.widgets._layers import (
     layer_with_role,
     superresolved_provenance,
 )
+from napari_wpp.widgets._layout import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
 
 if TYPE_CHECKING:

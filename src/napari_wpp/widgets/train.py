@@ -43,7 +43,6 @@ from napari_wpp.jobs.train import (
     check_resumable,
 )
 from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice
-from napari_wpp.widgets._form import group_box, note_label, scrolled_column
 from napari_wpp.widgets._forms import device_choices, form_value, spec_form, spec_value
 from napari_wpp.widgets._layers import (
     checked_image,
@@ -51,6 +50,7 @@ from napari_wpp.widgets._layers import (
     greyscale_images,
     layer_with_role,
 )
+from napari_wpp.widgets._layout import group_box, note_label, scrolled_column
 from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._train_view import (
     MODEL_NAMES,

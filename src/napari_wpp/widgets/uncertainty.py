@@ -50,13 +50,6 @@ from napari_wpp.jobs.uncertainty import (
     uncertainty_job,
 )
 from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
-from napari_wpp.widgets._form import (
-    NOTE_STYLE,
-    form_layout,
-    group_box,
-    note_label,
-    scrolled_column,
-)
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     MIN_REGION,
@@ -72,6 +65,13 @@ from napari_wpp.widgets._layers import (
     region_slices,
     superresolved_provenance,
     truth_index,
+)
+from napari_wpp.widgets._layout import (
+    NOTE_STYLE,
+    form_layout,
+    group_box,
+    note_label,
+    scrolled_column,
 )
 from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
 
