@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from napari_wpp.core import inference
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.inference import (
     InferenceFinished,
@@ -21,10 +20,12 @@ from napari_wpp.core.inference import (
     model_halo,
     output_shape,
     run_superresolve,
+    superresolution,
     superresolve,
     superresolve_dask,
     superresolve_slice,
 )
+from napari_wpp.core.inference import common as inference_common
 from napari_wpp.core.intensity import Normalisation
 from napari_wpp.core.models.wppnet import WPPNet, receptive_radius
 
@@ -108,9 +109,10 @@ def test_too_small_halo_is_refused_and_would_be_wrong(model2: WPPNet) -> None:
     assert model_halo(model2) == radius
     image = rand((37, 29), seed=3)
     whole = superresolve_slice(model2, image, device="cpu")
-    net = inference._inference_copy(model2, torch.device("cpu"))
+    net = inference_common._inference_copy(model2, torch.device("cpu"))
     with torch.no_grad():
-        short = inference._tiled_forward(net, torch.from_numpy(image)[None, None], 2, 8, radius - 2)
+        lr_t = torch.from_numpy(image)[None, None]
+        short = superresolution._tiled_forward(net, lr_t, 2, 8, radius - 2)
     assert np.abs(short[0, 0].numpy() - whole).max() > 1e-4  # the equality test can fail
 
 
@@ -296,13 +298,13 @@ def test_zarr_out_of_core_matches_in_memory_one_chunk_per_task(
     volume = rand((16, 96, 96), seed=11)
     write_zarr(tmp_path / "in.zarr", volume, (1, 96, 96), pixel_size=[3.0, 2.0, 2.0], unit="µm")
     seen: list[tuple[int, ...]] = []
-    block_function = inference._superresolve_block
+    block_function = superresolution._superresolve_block
 
     def spy(block: np.ndarray, *args, **kwargs) -> np.ndarray:
         seen.append(block.shape)
         return block_function(block, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "_superresolve_block", spy)
+    monkeypatch.setattr(superresolution, "_superresolve_block", spy)
     run = superresolve_zarr(model2, tmp_path / "in.zarr", tmp_path / "out.zarr", scheduler="sync")
     events = list(run)  # warm up (imports, caches) before measuring memory
     tracemalloc.start()

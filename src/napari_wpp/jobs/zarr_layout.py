@@ -236,6 +236,9 @@ def sample_zarr(
     """
     from napari_wpp import __version__
     from napari_wpp.core import inference
+    from napari_wpp.core.inference import common as inference_common
+    from napari_wpp.core.inference import sampling as inference_sampling
+    from napari_wpp.core.inference import superresolution as inference_superresolution
 
     source = io.open_zarr_array(in_path)
     in_path = Path(in_path).expanduser()
@@ -248,16 +251,16 @@ def sample_zarr(
             "the mean, std and samples outputs must be distinct and differ from the input: "
             "choose other output paths"
         )
-    inference._check_flow(model)
+    inference_common._check_flow(model)
     scale = inference.model_scale(model)
     ndim = len(source.shape)
     out_shape = inference.output_shape(source.shape, scale, axis)
     out_dtype = inference.output_dtype(source.dtype, normalisation)
-    k = inference._check_count(k)
-    temperature = inference._check_temperature(temperature)
-    seed = inference._check_seed(seed)
-    inference._check_batch_size(batch_size)
-    if inference._check_tile(tile) is not None or halo is not None:
+    k = inference_sampling._check_count(k)
+    temperature = inference_sampling._check_temperature(temperature)
+    seed = inference_sampling._check_seed(seed)
+    inference_superresolution._check_batch_size(batch_size)
+    if inference_common._check_tile(tile) is not None or halo is not None:
         inference.model_halo(model, halo)
     ax = int(axis) % 3 if ndim == 3 else None
     grow = list(grown_axes(ndim, ax))

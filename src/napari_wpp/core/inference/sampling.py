@@ -1,0 +1,674 @@
+"""Posterior sampling with a WPPFlow: streaming mean and std of slices and volumes."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from napari_wpp.core.devices import resolve_device
+from napari_wpp.core.errors import InputError
+from napari_wpp.core.inference.common import (
+    _check_axis,
+    _check_flow,
+    _check_shape,
+    _check_tile,
+    _inference_copy,
+    model_halo,
+    model_scale,
+    output_dtype,
+    output_shape,
+)
+from napari_wpp.core.inference.superresolution import (
+    _check_batch_size,
+)
+from napari_wpp.core.intensity import Normalisation, check_finite
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass(frozen=True)
+class SamplingProgress:
+    """Posterior samples drawn so far (after every batch of samples).
+
+    Attributes
+    ----------
+    done, total
+        Samples drawn and samples in all (``k`` per slice times the number of slices).
+    slices_done, slices_total
+        Slices whose mean and standard deviation are complete, and slices in all.
+    elapsed_s
+        Seconds since the run started.
+    """
+
+    done: int
+    total: int
+    slices_done: int
+    slices_total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, eq=False)
+class SampleResult:
+    """Pixelwise statistics of ``k`` posterior samples of a WPPFlow.
+
+    Attributes
+    ----------
+    mean
+        Pixelwise mean of the samples: float32 in normalised units, or the input's dtype and
+        range when a normalisation was given (volumes).
+    std
+        Pixelwise sample standard deviation (``ddof=1``; zeros for ``k = 1``), float32, in
+        normalised units or, with a normalisation, in the input's intensity units (normalised
+        std times ``high − low``).
+    samples
+        ``(k, *mean.shape)`` samples (same units and dtype as ``mean``) when ``keep_samples``
+        was asked, else ``None``.
+    k, temperature, seed
+        How the samples were drawn.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    samples: np.ndarray | None
+    k: int
+    temperature: float
+    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingFinished:
+    """End of a sampling run (always the last event).
+
+    Attributes
+    ----------
+    result
+        The statistics, or ``None`` when the run was stopped early or wrote its output into
+        target arrays (:func:`sample_into`).
+    elapsed_s
+        Seconds the run took.
+    stopped_early
+        ``True`` when the ``stop`` event ended the run before the last sample.
+    """
+
+    result: SampleResult | None
+    elapsed_s: float
+    stopped_early: bool
+
+
+#: Events yielded by the sampling generators.
+SamplingEvent = SamplingProgress | SamplingFinished
+
+
+def _check_count(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"number of samples k must be a positive integer, got {k!r}: e.g. 8")
+    return int(k)
+
+
+def _check_temperature(temperature: float) -> float:
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(temperature, bool) or not math.isfinite(value) or value < 0:
+        raise InputError(
+            f"temperature must be a finite number ≥ 0, got {temperature!r}: e.g. 1.0 (0 gives "
+            "the mode)"
+        )
+    return value
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}: e.g. 0")
+    return int(seed)
+
+
+def slice_generator(seed: int, slice_index: int = 0) -> torch.Generator:
+    """The CPU generator of the latents of one slice: a function of ``(seed, slice_index)``.
+
+    Sample ``j`` of a slice is the ``j``-th ``randn`` draw of the slice's HR shape from it, so
+    samples do not depend on batch size, tiling or device.
+    """
+    state = np.random.SeedSequence([_check_seed(seed), _check_seed(slice_index)])
+    value = int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return torch.Generator().manual_seed(value)
+
+
+def _tiled_flow_forward(
+    net: nn.Module, z: Tensor, lr: Tensor, scale: int, tile: int | None, halo: int
+) -> Tensor:
+    """``net(z, lr)[0]`` for ``lr`` ``(B, 1, H, W)``, tile by tile when ``tile`` is set.
+
+    Tile origins are whole LR pixels, so each tile's latent ``z[…, q·a0:q·a1, q·b0:q·b1]`` keeps
+    the squeeze grid of the whole slice; the latent comes from the whole slice, so tiled and
+    whole-slice samples agree to float32 rounding.
+    """
+    _, _, height, width = lr.shape
+    if tile is None or (tile >= height and tile >= width):
+        return net(z, lr)[0]
+    q = scale
+    out: Tensor | None = None
+    for y0 in range(0, height, tile):
+        y1 = min(y0 + tile, height)
+        a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
+        for x0 in range(0, width, tile):
+            x1 = min(x0 + tile, width)
+            b0, b1 = max(0, x0 - halo), min(width, x1 + halo)
+            pred = net(z[:, :, q * a0 : q * a1, q * b0 : q * b1], lr[:, :, a0:a1, b0:b1])[0]
+            if out is None:
+                out = pred.new_empty((z.shape[0], 1, q * height, q * width))
+            out[:, :, q * y0 : q * y1, q * x0 : q * x1] = pred[
+                :, :, q * (y0 - a0) : q * (y1 - a0), q * (x0 - b0) : q * (x1 - b0)
+            ]
+    assert out is not None
+    return out
+
+
+@dataclass
+class _FlowRun:
+    """A checked WPPFlow run: the inference copy and the settings of every slice."""
+
+    net: nn.Module
+    scale: int
+    k: int
+    temperature: float
+    seed: int
+    batch_size: int
+    tile: int | None
+    halo: int
+    device: torch.device
+
+    @classmethod
+    def prepare(
+        cls,
+        model: nn.Module,
+        k: int,
+        temperature: float,
+        seed: int,
+        batch_size: int,
+        tile: int | None,
+        halo: int | None,
+        device: str | torch.device,
+    ) -> _FlowRun:
+        _check_flow(model)
+        k = _check_count(k)
+        temperature = _check_temperature(temperature)
+        seed = _check_seed(seed)
+        batch_size = _check_batch_size(batch_size)
+        tile = _check_tile(tile)
+        halo_px = model_halo(model, halo) if (tile is not None or halo is not None) else 0
+        dev = resolve_device(device)
+        net = _inference_copy(model, dev)
+        return cls(net, model_scale(model), k, temperature, seed, batch_size, tile, halo_px, dev)
+
+    def batches(self, image: np.ndarray, slice_index: int) -> Iterator[tuple[int, int, Tensor]]:
+        """``(j0, j1, samples j0..j1 of the slice)`` as ``(j1 − j0, q·h, q·w)`` float32 tensors."""
+        generator = slice_generator(self.seed, slice_index)
+        lr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        lr = lr.to(self.device)
+        q = self.scale
+        hr_shape = (1, 1, q * image.shape[0], q * image.shape[1])
+        for j0 in range(0, self.k, self.batch_size):
+            j1 = min(j0 + self.batch_size, self.k)
+            z = torch.cat([torch.randn(hr_shape, generator=generator) for _ in range(j1 - j0)])
+            if self.temperature != 1.0:
+                z = z * self.temperature
+            with torch.inference_mode():
+                x = _tiled_flow_forward(
+                    self.net,
+                    z.to(self.device),
+                    lr.expand(j1 - j0, -1, -1, -1),
+                    q,
+                    self.tile,
+                    self.halo,
+                )
+            yield j0, j1, x[:, 0]
+
+
+def _moments_out(moments: Any) -> tuple[np.ndarray, np.ndarray]:
+    mean = moments.mean.to("cpu", torch.float32).numpy()
+    std = moments.std.to("cpu", torch.float32).numpy()
+    return mean, std
+
+
+def _check_image2d(lr: np.ndarray) -> np.ndarray:
+    image = np.asarray(lr)
+    if image.ndim != 2 or image.size == 0:
+        raise InputError(
+            f"sample needs a 2D image (h, w), got shape {image.shape}: use sample_volume for stacks"
+        )
+    if image.dtype.kind != "f":
+        raise InputError(
+            f"sample needs a normalised float image, got {image.dtype}: normalise it first "
+            "(Normalisation.from_array(image).apply(image)) or use sample_volume(..., "
+            "normalisation=...)"
+        )
+    check_finite(image)
+    return image
+
+
+def sample(
+    model: nn.Module,
+    lr: np.ndarray,
+    k: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    tile: int | None = None,
+    keep_samples: bool = False,
+    device: str | torch.device = "auto",
+    stop: threading.Event | None = None,
+    halo: int | None = None,
+    slice_index: int = 0,
+) -> Iterator[SamplingProgress | SamplingFinished]:
+    """Draw ``k`` posterior samples of a WPPFlow for one 2D image (a generator of events).
+
+    Samples are drawn in batches and folded into streaming moments
+    (:class:`~napari_wpp.core.uncertainty.RunningMoments`), so the ``k`` samples are held
+    in memory only with ``keep_samples``.
+
+    Parameters
+    ----------
+    model
+        A WPPFlow; it is copied to ``device``, the caller's model is not modified.
+    lr
+        ``(h, w)`` float image normalised to ``[0, 1]``; never modified.
+    k
+        Number of samples (≥ 1; the std is 0 for one sample).
+    temperature
+        Latent ``temperature · N(0, I)`` (1: the trained posterior; 0: every sample is the
+        mode).
+    seed
+        Seed of the latents; the same seed on the same device gives the same samples,
+        whatever ``batch_size`` and ``tile``.
+    batch_size
+        Samples per forward pass.
+    tile, halo
+        ``None``: the whole slice at once. Otherwise square tiles of ``tile`` LR pixels, cut
+        with a halo (default :func:`flow_receptive_radius`) from the slice and its latent,
+        which is drawn for the whole slice first; results agree with untiled runs to float32
+        rounding.
+    keep_samples
+        Also return the ``(k, q·h, q·w)`` samples.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+    stop
+        Checked before every batch; when set the run ends with
+        ``SamplingFinished(result=None, stopped_early=True)``.
+    slice_index
+        Which random stream of ``seed`` to use: slice ``i`` of :func:`sample_volume` uses
+        stream ``i``, so ``sample(volume[i], …, slice_index=i)`` reproduces it.
+
+    Yields
+    ------
+    SamplingProgress
+        After every batch (``done``/``total`` count samples).
+    SamplingFinished
+        Last event; ``result`` is a :class:`SampleResult` with float32 ``mean`` and ``std``
+        of shape ``(q·h, q·w)`` in normalised units. Bad input raises :class:`InputError` at
+        the first ``next()``.
+    """
+    from napari_wpp.core.uncertainty import RunningMoments
+
+    start = time.perf_counter()
+    image = _check_image2d(lr)
+    slice_index = _check_seed(slice_index)
+    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
+    q = run.scale
+    kept = None
+    if keep_samples:
+        kept = np.empty((run.k, q * image.shape[0], q * image.shape[1]), np.float32)
+    moments = RunningMoments()
+    batches = run.batches(image, slice_index)
+    while True:
+        if stop is not None and stop.is_set():
+            yield SamplingFinished(None, time.perf_counter() - start, True)
+            return
+        item = next(batches, None)
+        if item is None:
+            break
+        j0, j1, x = item
+        moments.update(x)
+        if kept is not None:
+            kept[j0:j1] = x.to("cpu").numpy()
+        yield SamplingProgress(j1, run.k, int(j1 == run.k), 1, time.perf_counter() - start)
+    mean, std = _moments_out(moments)
+    result = SampleResult(mean, std, kept, run.k, run.temperature, run.seed)
+    yield SamplingFinished(result, time.perf_counter() - start, False)
+
+
+def run_sample(
+    model: nn.Module,
+    lr: np.ndarray,
+    k: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    tile: int | None = None,
+    keep_samples: bool = False,
+    device: str | torch.device = "auto",
+    halo: int | None = None,
+    slice_index: int = 0,
+) -> SampleResult:
+    """Run :func:`sample` to the end and return its :class:`SampleResult` (same parameters)."""
+    result = None
+    for event in sample(
+        model,
+        lr,
+        k,
+        temperature,
+        seed,
+        batch_size,
+        tile,
+        keep_samples,
+        device,
+        None,
+        halo,
+        slice_index,
+    ):
+        if isinstance(event, SamplingFinished):
+            result = event.result
+    assert result is not None
+    return result
+
+
+def _std_units(std: np.ndarray, normalisation: Normalisation | None) -> np.ndarray:
+    """A normalised std in the input's intensity units (float32)."""
+    if normalisation is None:
+        return std.astype(np.float32, copy=False)
+    return (std.astype(np.float64) * (normalisation.high - normalisation.low)).astype(np.float32)
+
+
+def _to_input_units(
+    normalised: np.ndarray, normalisation: Normalisation | None, out_dtype: np.dtype
+) -> np.ndarray:
+    if normalisation is None:
+        return normalised.astype(np.float32, copy=False)
+    return normalisation.invert(normalised).astype(out_dtype, copy=False)
+
+
+def _sample_slices(
+    run: _FlowRun,
+    n_slices: int,
+    read: Any,
+    write_stats: Any,
+    write_samples: Any,
+    normalisation: Normalisation | None,
+    stop: threading.Event | None,
+    start: float,
+) -> Iterator[SamplingProgress | bool]:
+    """Sample every slice: ``read(i)`` gives slice ``i`` (raw dtype), ``write_stats(i, mean,
+    std)`` and ``write_samples(i, j0, j1, batch)`` store results (normalised floats). Yields
+    progress, and ``True`` last when stopped early.
+    """
+    from napari_wpp.core.uncertainty import RunningMoments
+
+    total = run.k * n_slices
+    for i in range(n_slices):
+        raw = np.asarray(read(i))
+        if normalisation is not None:
+            image = normalisation.apply(raw)
+        else:
+            check_finite(raw)
+            image = np.asarray(raw, dtype=np.float32)
+        moments = RunningMoments()
+        batches = run.batches(image, i)
+        while True:
+            if stop is not None and stop.is_set():
+                yield True
+                return
+            item = next(batches, None)
+            if item is None:
+                break
+            j0, j1, x = item
+            moments.update(x)
+            if write_samples is not None:
+                write_samples(i, j0, j1, x.to("cpu").numpy())
+            done = i * run.k + j1
+            yield SamplingProgress(
+                done, total, i + int(j1 == run.k), n_slices, time.perf_counter() - start
+            )
+        mean, std = _moments_out(moments)
+        write_stats(i, mean, std)
+
+
+def _check_sampling_volume(shape: tuple[int, ...], dtype: Any, normalisation: Any) -> np.dtype:
+    _check_shape(shape)
+    return output_dtype(dtype, normalisation)
+
+
+def sample_volume(
+    model: nn.Module,
+    volume: np.ndarray,
+    k: int,
+    axis: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    tile: int | None = None,
+    keep_samples: bool = False,
+    device: str | torch.device = "auto",
+    normalisation: Normalisation | None = None,
+    stop: threading.Event | None = None,
+    halo: int | None = None,
+) -> Iterator[SamplingProgress | SamplingFinished]:
+    """Posterior mean and std of a 2D image or, slice by slice, a 3D volume (a generator).
+
+    Parameters
+    ----------
+    model
+        A WPPFlow (not modified).
+    volume
+        ``(H, W)`` image or 3D volume; raw dtype with ``normalisation``, else normalised
+        floats. Never modified.
+    k, temperature, seed, batch_size, tile, halo, device
+        As in :func:`sample`; slice ``i`` along ``axis`` uses the random stream ``i`` of
+        ``seed`` (a 2D image is slice 0).
+    axis
+        Axis of a volume cut into slices (it keeps its size, the two others grow ``q`` times).
+    keep_samples
+        Also return all samples, ``(k, *output shape)`` (sample axis first).
+    normalisation
+        Applied to the input; ``mean`` and ``samples`` go back to the input's dtype and range
+        (rounded and clipped for integers), ``std`` becomes float32 in the input's intensity
+        units. ``None``: everything float32 in normalised units.
+    stop
+        Checked before every batch; when set the run ends with
+        ``SamplingFinished(result=None, stopped_early=True)``.
+
+    Yields
+    ------
+    SamplingProgress
+        After every batch of samples.
+    SamplingFinished
+        Last event with a :class:`SampleResult` of the input's layout (superresolved axes
+        ``q`` times larger). Bad input raises :class:`InputError` at the first ``next()``.
+    """
+    start = time.perf_counter()
+    vol = np.asarray(volume)
+    out_dt = _check_sampling_volume(vol.shape, vol.dtype, normalisation)
+    ax = _check_axis(axis, vol.ndim)
+    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
+    shape = output_shape(vol.shape, run.scale, ax)
+    mean_out = np.empty(shape, out_dt)
+    std_out = np.empty(shape, np.float32)
+    samples_out = np.empty((run.k, *shape), out_dt) if keep_samples else None
+    if vol.ndim == 2:
+        src, mean_dst, std_dst = vol[None], mean_out[None], std_out[None]
+        samples_dst = samples_out[:, None] if samples_out is not None else None
+    else:
+        src = np.moveaxis(vol, ax, 0)
+        mean_dst, std_dst = np.moveaxis(mean_out, ax, 0), np.moveaxis(std_out, ax, 0)
+        samples_dst = np.moveaxis(samples_out, ax + 1, 1) if samples_out is not None else None
+
+    def write_stats(i: int, mean: np.ndarray, std: np.ndarray) -> None:
+        mean_dst[i] = _to_input_units(mean, normalisation, out_dt)
+        std_dst[i] = _std_units(std, normalisation)
+
+    def write_samples(i: int, j0: int, j1: int, batch: np.ndarray) -> None:
+        assert samples_dst is not None
+        samples_dst[j0:j1, i] = _to_input_units(batch, normalisation, out_dt)
+
+    for event in _sample_slices(
+        run,
+        src.shape[0],
+        lambda i: src[i],
+        write_stats,
+        write_samples if samples_dst is not None else None,
+        normalisation,
+        stop,
+        start,
+    ):
+        if event is True:
+            yield SamplingFinished(None, time.perf_counter() - start, True)
+            return
+        yield event
+    result = SampleResult(mean_out, std_out, samples_out, run.k, run.temperature, run.seed)
+    yield SamplingFinished(result, time.perf_counter() - start, False)
+
+
+def run_sample_volume(
+    model: nn.Module,
+    volume: np.ndarray,
+    k: int,
+    axis: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    tile: int | None = None,
+    keep_samples: bool = False,
+    device: str | torch.device = "auto",
+    normalisation: Normalisation | None = None,
+    halo: int | None = None,
+) -> SampleResult:
+    """Run :func:`sample_volume` to the end and return its result (same parameters)."""
+    result = None
+    for event in sample_volume(
+        model,
+        volume,
+        k,
+        axis,
+        temperature,
+        seed,
+        batch_size,
+        tile,
+        keep_samples,
+        device,
+        normalisation,
+        None,
+        halo,
+    ):
+        if isinstance(event, SamplingFinished):
+            result = event.result
+    assert result is not None
+    return result
+
+
+def sample_into(
+    model: nn.Module,
+    source: Any,
+    mean_target: Any,
+    std_target: Any,
+    k: int,
+    samples_target: Any = None,
+    axis: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 4,
+    tile: int | None = None,
+    normalisation: Normalisation | None = None,
+    device: str | torch.device = "auto",
+    stop: threading.Event | None = None,
+    halo: int | None = None,
+) -> Iterator[SamplingProgress | SamplingFinished]:
+    """Posterior mean and std of an out-of-core volume, slice by slice into targets.
+
+    Parameters
+    ----------
+    model
+        A WPPFlow (not modified).
+    source
+        2D/3D array-like that slices lazily (a zarr array, a memory map, a dask array); one
+        slice is read at a time.
+    mean_target, std_target
+        Array-likes of the output shape (:func:`output_shape`) supporting
+        ``target[region] = values``: the mean in :func:`output_dtype`, the std in float32
+        (intensity units with ``normalisation``).
+    k, axis, temperature, seed, batch_size, tile, halo, normalisation, device
+        As in :func:`sample_volume` (the results are identical).
+    samples_target
+        Optional array-like of shape ``(k, *output shape)`` and the mean's dtype: samples are
+        written batch by batch, so memory stays bounded by one batch of samples of a slice.
+    stop
+        Checked before every batch; when set the run ends with
+        ``SamplingFinished(None, elapsed, stopped_early=True)``; the slices completed so far
+        stay in the targets.
+
+    Yields
+    ------
+    SamplingProgress
+        After every batch.
+    SamplingFinished
+        Last event with ``result=None`` (the results are in the targets).
+    """
+    start = time.perf_counter()
+    shape = tuple(int(n) for n in source.shape)
+    out_dt = _check_sampling_volume(shape, source.dtype, normalisation)
+    ax = _check_axis(axis, len(shape))
+    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
+    out_shape = output_shape(shape, run.scale, ax)
+    expected = (
+        ("mean target", mean_target, out_shape, out_dt),
+        ("std target", std_target, out_shape, np.dtype(np.float32)),
+    )
+    if samples_target is not None:
+        expected += (("samples target", samples_target, (run.k, *out_shape), out_dt),)
+    for name, target, target_shape, dtype in expected:
+        if tuple(int(n) for n in target.shape) != target_shape:
+            raise InputError(
+                f"{name} has shape {tuple(target.shape)}, the result needs {target_shape}: "
+                "create it with output_shape()"
+            )
+        if np.dtype(target.dtype) != dtype:
+            raise InputError(f"{name} has dtype {target.dtype}, the result is {dtype}: use {dtype}")
+    ndim = len(shape)
+    along = 0 if ndim == 2 else ax
+
+    def region(i: int) -> tuple[Any, ...]:
+        if ndim == 2:
+            return (slice(None), slice(None))
+        return tuple(i if d == along else slice(None) for d in range(ndim))
+
+    def write_stats(i: int, mean: np.ndarray, std: np.ndarray) -> None:
+        mean_target[region(i)] = _to_input_units(mean, normalisation, out_dt)
+        std_target[region(i)] = _std_units(std, normalisation)
+
+    def write_samples(i: int, j0: int, j1: int, batch: np.ndarray) -> None:
+        samples_target[(slice(j0, j1), *region(i))] = _to_input_units(batch, normalisation, out_dt)
+
+    n_slices = 1 if ndim == 2 else shape[ax]
+    for event in _sample_slices(
+        run,
+        n_slices,
+        lambda i: source[region(i)],
+        write_stats,
+        write_samples if samples_target is not None else None,
+        normalisation,
+        stop,
+        start,
+    ):
+        if event is True:
+            yield SamplingFinished(None, time.perf_counter() - start, True)
+            return
+        yield event
+    yield SamplingFinished(None, time.perf_counter() - start, False)
