@@ -1,6 +1,6 @@
 """Benchmark the estimators of ``FourierDownsampling`` (15x15 kernel + bias, scale 2).
 
-For each method of :func:`napari_wpp.core.operators.estimate_operator` it prints
+For each method of :func:`napari_wpp.core.operator_estimation.estimate_operator` it prints
 
 * the fit on the registered Fontainebleau sandstone pair (``../shared/data``): kernel sum,
   bias, peak, residual rms (published: 1.7735, -0.22338, 0.0499 at (6, 6), 0.0232);
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from shared_data import DATA_ROOT
 
-from napari_wpp.core.operators import FourierDownsampling, estimate_operator
+from napari_wpp.core.operator_estimation import estimate_operator
+from napari_wpp.core.operators import FourierDownsampling
 
 DATA = DATA_ROOT / "fs_registered_pair"
 SCALE = 2

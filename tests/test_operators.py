@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.operator_estimation import OperatorEstimate, estimate_operator
 from napari_wpp.core.operators import (
     FourierDownsampling,
     GaussianDownsampling,
-    OperatorEstimate,
     add_noise,
-    estimate_operator,
     operator_from_dict,
     upsample_aligned,
 )
@@ -444,7 +443,7 @@ def test_estimate_bad_options():
 def test_antialias_reduction_matches_skimage_rescale(q):
     # the published code reduced the LR with skimage's anti-aliased rescale by 1/q
     rescale = pytest.importorskip("skimage.transform").rescale
-    from napari_wpp.core.operators import _reduce_to_lr
+    from napari_wpp.core.operator_estimation import _reduce_to_lr
 
     g = np.random.default_rng(q)
     y = g.random((12 * q, 10 * q))

@@ -26,7 +26,7 @@ Region = tuple[slice, ...] | None
 
 @dataclass(frozen=True)
 class OperatorEstimated:
-    """The :class:`~napari_wpp.core.operators.OperatorEstimate` and its summary numbers.
+    """The :class:`~napari_wpp.core.operator_estimation.OperatorEstimate` and its summary numbers.
 
     ``summary``: ``kernel_sum``, ``bias``, ``residual_rms``, ``kernel_peak`` and
     ``kernel_peak_index`` as plain Python numbers.
@@ -84,7 +84,7 @@ def estimate_job(
     Yields :class:`OperatorEstimated` and, with ``out``, :class:`OutputWritten`.
     """
     from napari_wpp.core.intensity import Normalisation
-    from napari_wpp.core.operators import estimate_operator
+    from napari_wpp.core.operator_estimation import estimate_operator
     from napari_wpp.io import explained_write_errors, write_operator
 
     hr, lr = np.asarray(hr), np.asarray(lr)

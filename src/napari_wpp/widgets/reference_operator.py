@@ -65,7 +65,8 @@ from napari_wpp.widgets._regions import (
 if TYPE_CHECKING:
     import napari
 
-    from napari_wpp.core.operators import ForwardOperator, OperatorEstimate
+    from napari_wpp.core.operator_estimation import OperatorEstimate
+    from napari_wpp.core.operators import ForwardOperator
     from napari_wpp.widgets._session import ReferenceSelection
 
 __all__ = [
@@ -165,7 +166,7 @@ class ReferenceOperatorWidget(JobDockWidget):
     Attributes
     ----------
     last_estimate
-        The last :class:`~napari_wpp.core.operators.OperatorEstimate`, or ``None``.
+        The last :class:`~napari_wpp.core.operator_estimation.OperatorEstimate`, or ``None``.
     estimation_finished
         Qt signal emitted when an estimation ends, with the estimate or the exception.
     """
