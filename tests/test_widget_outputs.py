@@ -97,3 +97,29 @@ def test_superresolve_zarr_output_refuses_the_input(
     assert widget.run() is None
     assert len(errors) == 1 and "choose another output path" in errors[0], errors
     assert np.array_equal(np.asarray(zarr.open_array(str(volume), mode="r")), data)
+
+
+def test_a_questionable_kernel_is_a_warning_notification(
+    make_napari_viewer, tmp_path: Path, errors
+) -> None:
+    import json
+
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Reference & operator")
+    operator = tmp_path / "zero.json"
+    operator.write_text(json.dumps({"kind": "fourier", "scale": 2, "kernel": [[0.0, 0.0]] * 2}))
+    warnings_shown: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.WARNING:
+            warnings_shown.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    try:
+        assert widget.load_operator(operator) is not None  # accepted: a warning, not an error
+    finally:
+        notification_manager.notification_ready.disconnect(collect)
+    assert errors == []
+    assert len(warnings_shown) == 1 and "all zero" in warnings_shown[0], warnings_shown

@@ -219,7 +219,8 @@ def train_job(
     Yields :class:`TrainingStarted`, then the events of
     :func:`napari_wpp.core.training.train`, each checkpoint and final event followed (on rank
     0, when ``model_path`` is given) by :class:`ModelFileWritten` or :class:`ModelFileFailed`.
-    Bad input raises ``InputError``.
+    Bad input raises ``InputError``. The model file's lock (:func:`napari_wpp.io.output_lock`)
+    is held for the whole run, so a second run writing the same file is refused.
 
     Parameters
     ----------
@@ -237,8 +238,6 @@ def train_job(
     inputs
         ``(what, path)`` of the files read: ``model_path`` may not be one of them (the resumed
         model file may: continuing into it is the way to resume).
-    The model file's lock (:func:`napari_wpp.io.output_lock`) is held for the whole run, so
-    a second run writing the same file is refused.
     """
     from napari_wpp.io import check_not_an_input, output_lock
 
