@@ -357,7 +357,7 @@ def test_train_checkpoints_by_time(
 
     saved.clear()
     code, _, err = _train(
-        capsys, files, out, "--scale", 2, "--steps", 2, "--checkpoint-minutes", 0
+        capsys, files, out, "--scale", 2, "--steps", 2, "--checkpoint-minutes", 0, "--overwrite"
     )
     assert code == 0, err
     assert saved == [2]

@@ -110,7 +110,7 @@ def test_a_changed_default_reaches_the_run(
     _set_default(monkeypatch, OperatorSpec, "kernel_size", 10)
     seen = {}
 
-    def fake_job(spec, operator, lr, reference, out, stop=None):
+    def fake_job(spec, operator, lr, reference, out, stop=None, **kwargs):
         seen.update(spec=spec, operator=operator)
         yield ReconstructResult(np.zeros((8, 8), np.uint8), 4, 1, 0.0, False, spec.lam)
 

@@ -39,6 +39,7 @@ from napari_wpp.cli._common import (
     ProgressBar,
     fail,
     one_line,
+    questionable_input_warnings,
 )
 from napari_wpp.cli.evaluate import normalise_for_evaluation
 from napari_wpp.core.errors import DivergenceError, InputError
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_BAD_INPUT
     debug = bool(getattr(args, "debug", False))
     try:
-        return int(args.handler(args) or EXIT_OK)
+        with questionable_input_warnings():
+            return int(args.handler(args) or EXIT_OK)
     except InputError as exc:
         if debug:
             raise

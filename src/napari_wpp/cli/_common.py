@@ -17,7 +17,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,7 +31,7 @@ from napari_wpp.core.config import (
     help_of,
     help_text,
 )
-from napari_wpp.core.errors import InputError
+from napari_wpp.core.errors import InputError, QuestionableInputWarning
 from napari_wpp.io import one_line
 
 __all__ = [
@@ -63,10 +65,12 @@ __all__ = [
     "operator_from_args",
     "operator_spec_from_args",
     "positive_types",
+    "questionable_input_warnings",
     "read_input",
     "scale_type",
     "seed_type",
     "shape_text",
+    "warn",
     "sigma_type",
     "write_tiff",
 ]
@@ -142,7 +146,24 @@ kernel_type = number_type(
 crop_type = number_type(int, 0, True, "the border to ignore in pixels, e.g. --crop 40")
 
 
-seed_type = number_type(int, 0, True, "e.g. --seed 0")
+_parse_seed = number_type(int, 0, True, "e.g. --seed 0")
+SEED_LIMIT = 2**64
+
+
+def seed_type(text: str) -> int:
+    """A seed ≥ 0; one of 2**64 or more is reduced modulo 2**64, with a warning."""
+    value = _parse_seed(text)
+    if value >= SEED_LIMIT:
+        reduced = value % SEED_LIMIT
+        warn(
+            f"--seed {text} is 2**64 or more; torch and numpy take seeds below 2**64, so "
+            f"{reduced} is used: give a smaller seed to choose it yourself"
+        )
+        return reduced
+    return value
+
+
+seed_type.__name__ = "int"
 
 
 positive_types = {
@@ -199,6 +220,32 @@ def add_output_flag(parser: Any, metavar: str = "OUT.tif", help: str = "output T
 def add_json_flag(parser: Any) -> None:
     """``--json``: the result as one JSON object on stdout."""
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def warn(message: str) -> None:
+    """One ``warning: …`` line on stderr (the run goes on)."""
+    end_progress_line()
+    sys.stderr.write(f"warning: {one_line(message)}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def questionable_input_warnings() -> Iterator[None]:
+    """Show each :class:`QuestionableInputWarning` as one ``warning: …`` line meanwhile."""
+    shown: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", QuestionableInputWarning)
+        previous = warnings.showwarning
+
+        def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+            if not issubclass(category, QuestionableInputWarning):
+                previous(message, category, *args, **kwargs)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                warn(str(message))
+
+        warnings.showwarning = show
+        yield
 
 
 def fail(message: str) -> None:

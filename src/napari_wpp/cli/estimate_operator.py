@@ -62,7 +62,10 @@ def _cmd_estimate_operator(args: argparse.Namespace) -> int:
     lr_data = read_input(args.lr, "LR image", ndims=(2,))
     spec = spec_from_args(args)
     source = {"hr": args.hr, "lr": args.lr}
-    events = list(estimate_job(spec, hr_data.array, lr_data.array, out=out, source=source))
+    inputs = [("HR image", args.hr), ("LR image", args.lr)]
+    events = list(
+        estimate_job(spec, hr_data.array, lr_data.array, out=out, source=source, inputs=inputs)
+    )
     results = next(e.summary for e in events if isinstance(e, OperatorEstimated))
     emit(
         args,

@@ -263,12 +263,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     q = int(state.model.scale)
     result_shape = output_shape(shape, q, axis or 0)
     slices = 1 if ndim == 2 else shape[axis]
-    if flow:
-        in_path = Path(args.input).expanduser()
-        for path in outputs.values():
-            if path.resolve() == in_path.resolve():
-                raise InputError(f"output {str(path)!r} is the input: choose another --out")
     chosen: dict[str, str] = {}
+    inputs = [("input image", args.input), ("model file", args.model)]
     describe_run = _describe_sampling if flow else _describe_inference
 
     def describe(event: Any) -> tuple[float, str] | None:
@@ -278,7 +274,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     job = sample_job if flow else superresolve_job
     finished = drive(
-        lambda stop: job(spec, state.model, recorded, source, target, stop),
+        lambda stop: job(spec, state.model, recorded, source, target, stop, inputs),
         ProgressBar("predict"),
         describe=describe,
         finished=SamplingFinished if flow else InferenceFinished,

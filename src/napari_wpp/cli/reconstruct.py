@@ -119,8 +119,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     elif args.slice is not None:
         raise InputError(f"--slice is for 3D stacks but {args.lr!r} is 2D: drop --slice")
     spec = spec_from_args(args)
+    inputs = [("reference", args.reference), ("operator file", args.operator)]
     result = drive(
-        lambda stop: reconstruct_job(spec, operator, lr_data, ref_data.array, out, stop=stop),
+        lambda stop: reconstruct_job(
+            spec, operator, lr_data, ref_data.array, out, stop=stop, inputs=inputs
+        ),
         ProgressBar("reconstruct"),
         finished=ReconstructResult,
     )

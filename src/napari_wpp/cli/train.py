@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--resume",
         metavar="MODEL",
         help="continue the run saved in this model file (same operator and settings)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out model file (without it, an existing file other than "
+        "the --resume one is refused)",
     )
     p.add_argument(
         "--checkpoint-minutes",
@@ -308,6 +315,7 @@ def _run_job(
     resume: Any = None,
     group: Any = None,
     label: str = "train",
+    inputs: Sequence[tuple[str, Any]] = (),
 ) -> tuple[Any, int]:
     """Run :func:`napari_wpp.jobs.train.train_job`, showing progress on rank 0.
 
@@ -322,7 +330,7 @@ def _run_job(
     main_rank = group is None or group.is_main
 
     def events(stop: threading.Event) -> Iterable[Any]:
-        for event in train_job(spec, source, operator, out, stop, resume, group):
+        for event in train_job(spec, source, operator, out, stop, resume, group, inputs):
             if isinstance(event, ModelFileWritten) and not event.final:
                 written[0] += 1
             elif isinstance(event, ModelFileFailed):
@@ -353,6 +361,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_command(args, device, group)
 
 
+def _check_replaces(out: Path, args: argparse.Namespace, kind: str) -> None:
+    """Refuse to replace an existing model file without ``--overwrite``.
+
+    Resuming may replace the resumed file or a model of the same ``kind``; a new run, another
+    kind or a file that is not a readable model needs ``--overwrite``.
+    """
+    if args.overwrite or not (out.exists() or out.is_symlink()):
+        return
+    if args.resume is None:
+        raise InputError(
+            f"--out {args.out!r} exists: add --overwrite to replace it, --resume {args.out} to "
+            "continue training it, or choose another --out"
+        )
+    resumed = Path(args.resume).expanduser()
+    try:
+        if os.path.samefile(out, resumed):
+            return
+    except OSError:
+        pass
+    from napari_wpp.io import read_model_metadata
+
+    try:
+        existing = str(read_model_metadata(out).get("kind"))
+    except InputError:
+        existing = "file that is not a model"
+    if existing != kind:
+        raise InputError(
+            f"--out {args.out!r} is an existing {existing}, not a {kind} like --resume: add "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
 def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     import numpy as np
 
@@ -373,6 +413,7 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         kind = args.model or default_of(_spec(), "model")
         _check_prior_weight_flags(args, kind)
         operator = operator_from_args(args)
+    _check_replaces(out, args, kind)
     spec = _spec()(
         **{
             **_given_fields(args),
@@ -392,7 +433,8 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         sys.stderr.write(f"choosing λ on the reference ({flag} auto)...\n")
         sys.stderr.flush()
     first_step = resume.step if resume is not None else 0
-    final, checkpoints = _run_job(spec, source, operator, out, resume, group)
+    inputs = [("LR data", args.lr_data), ("reference", args.reference)]
+    final, checkpoints = _run_job(spec, source, operator, out, resume, group, inputs=inputs)
     if not main_rank:  # rank 0 reports for all
         return EXIT_OK
     if group is not None and group.active:

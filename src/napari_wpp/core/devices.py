@@ -44,6 +44,18 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu" and device.index not in (None, 0):
+        import warnings
+
+        from napari_wpp.core.errors import QuestionableInputWarning
+
+        warnings.warn(
+            f"device {name!r}: the CPU has no index {device.index} (all cores are one device); "
+            "using the CPU: write --device cpu",
+            QuestionableInputWarning,
+            stacklevel=2,
+        )
+        return torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(

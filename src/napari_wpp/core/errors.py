@@ -11,3 +11,11 @@ class InputError(ValueError):
 
 class DivergenceError(RuntimeError):
     """An optimisation produced NaN/Inf; the message says which knob to turn down."""
+
+
+class QuestionableInputWarning(UserWarning):
+    """Input that is accepted but probably a mistake; the message says what to check.
+
+    The CLI prints it as one ``warning: <message>`` line; napari shows it as a warning
+    notification.
+    """

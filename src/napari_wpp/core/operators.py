@@ -473,6 +473,40 @@ def _get(data: dict, key: str, kind: str) -> Any:
     return data[key]
 
 
+def kernel_concern(kernel: Any) -> str | None:
+    """What is questionable about a blur kernel (``None``: nothing).
+
+    An all-zero or all-negative kernel, or one whose sum is near zero (it removes the mean
+    intensity: every flat region degrades to about the same value), is accepted but probably
+    a mistake.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.size == 0 or not np.all(np.isfinite(k)):
+        return None
+    if not np.any(k):
+        return "the kernel is all zero (every LR pixel is the bias)"
+    if np.all(k <= 0):
+        return f"the kernel is all negative (sum {k.sum():.3g}; a blur kernel is ≥ 0)"
+    if abs(k.sum()) < 1e-3 * np.abs(k).sum():
+        return f"the kernel sums to {k.sum():.3g}, near zero (a blur kernel sums to about 1)"
+    return None
+
+
+def warn_if_questionable_kernel(kernel: Any, where: str) -> None:
+    """Warn (:class:`~napari_wpp.core.errors.QuestionableInputWarning`) about a bad kernel."""
+    import warnings
+
+    from napari_wpp.core.errors import QuestionableInputWarning
+
+    concern = kernel_concern(kernel)
+    if concern is not None:
+        warnings.warn(
+            f"{where}: {concern}; check the operator (re-estimate it from a registered pair)",
+            QuestionableInputWarning,
+            stacklevel=2,
+        )
+
+
 def operator_from_dict(data: dict) -> ForwardOperator:
     """Rebuild an operator from :meth:`ForwardOperator.to_dict` output.
 

@@ -6,7 +6,14 @@ Writes are atomic: the data goes to a temporary file in the target directory, wh
 replaces the target, so an interrupted write never leaves a half-written file behind.
 """
 
-from napari_wpp.io.files import atomic_write, explained_write_errors, one_line
+from napari_wpp.io.files import (
+    atomic_write,
+    check_not_an_input,
+    explained_write_errors,
+    one_line,
+    output_lock,
+    remove_stale_leftovers,
+)
 from napari_wpp.io.images import IMAGE_EXTENSIONS, ImageData, read_image, write_image
 from napari_wpp.io.models import (
     MAX_HISTORY,
@@ -37,14 +44,17 @@ __all__ = [
     "PROVENANCE_ATTR",
     "ImageData",
     "atomic_write",
+    "check_not_an_input",
     "create_zarr_array",
     "explained_write_errors",
     "load_model",
     "one_line",
     "open_zarr_array",
+    "output_lock",
     "read_image",
     "read_model_metadata",
     "read_operator",
+    "remove_stale_leftovers",
     "save_model",
     "write_image",
     "write_operator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,39 @@ _UNIT_ALIASES = {
     "µm": "µm",  # micro sign
 }
 _IMAGEJ_DTYPES = ("uint8", "uint16", "float32")
+
+#: Environment variable that sets the most pixels (values) an image may decode to.
+MAX_PIXELS_ENV = "NAPARI_WPP_MAX_PIXELS"
+#: The default of :data:`MAX_PIXELS_ENV`: 2**31 values (8 GiB as float32).
+DEFAULT_MAX_PIXELS = 2**31
+
+
+def max_pixels() -> int:
+    """The most values an image may decode to: ``$NAPARI_WPP_MAX_PIXELS`` or the default."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        raise InputError(
+            f"{MAX_PIXELS_ENV}={text!r} is not a number: set it to a pixel count, e.g. "
+            f"{MAX_PIXELS_ENV}={DEFAULT_MAX_PIXELS}"
+        ) from None
+    return max(value, 1)
+
+
+def check_decoded_size(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+    """Refuse an image whose header promises more than :func:`max_pixels` values."""
+    count = math.prod(int(n) for n in shape)
+    limit = max_pixels()
+    if count > limit:
+        size = count * np.dtype(dtype).itemsize
+        raise InputError(
+            f"{path.name} decodes to {'×'.join(str(int(n)) for n in shape)} = {count} values "
+            f"({size / 2**30:.1f} GiB), more than the limit of {limit}: crop the image, or "
+            f"raise the limit with {MAX_PIXELS_ENV}=N if you have the memory"
+        )
 
 
 @dataclass
@@ -122,7 +156,12 @@ def _check_path(path: str | Path) -> Path:
 
 def _read_png(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, str | None]:
     import imageio.v3 as iio
+    from PIL import Image
 
+    with Image.open(path) as header:  # reads the header only
+        width, height = header.size
+        bands = len(header.getbands())
+    check_decoded_size(path, (height, width, bands), np.uint16 if bands == 1 else np.uint8)
     array = np.asarray(iio.imread(path, plugin="pillow"))
     if array.ndim == 3 and array.shape[-1] in (2, 3, 4):
         array = _to_greyscale(array, path)
@@ -172,6 +211,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, str 
         if not tif.series:
             raise InputError(f"{path.name} contains no image data: check the file")
         series = tif.series[0]
+        check_decoded_size(path, tuple(series.shape), series.dtype)
         array = np.asarray(series.asarray())
         axes = series.axes
         pixel_size, unit = _tiff_pixel_size(tif)

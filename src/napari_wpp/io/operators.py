@@ -23,7 +23,7 @@ def read_operator(path: str | Path) -> ForwardOperator:
     InputError
         Missing file, malformed JSON, or no valid operator description.
     """
-    from napari_wpp.core.operators import operator_from_dict
+    from napari_wpp.core.operators import operator_from_dict, warn_if_questionable_kernel
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -46,7 +46,7 @@ def read_operator(path: str | Path) -> ForwardOperator:
             f"operator file {path.name} does not hold a JSON object: write it with write_operator"
         )
     try:
-        return operator_from_dict(d)
+        operator = operator_from_dict(d)
     except InputError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -54,6 +54,9 @@ def read_operator(path: str | Path) -> ForwardOperator:
             f"operator file {path.name} does not describe a valid operator ({one_line(exc)}): "
             "write it again with estimate-operator"
         ) from None
+    if isinstance(d.get("kernel"), (list, tuple)):
+        warn_if_questionable_kernel(d["kernel"], f"operator file {path.name}")
+    return operator
 
 
 def write_operator(

@@ -9,7 +9,7 @@ the scale.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,18 +48,21 @@ def degrade_job(
     operator: Any,
     source: ImageData,
     out: Path | None = None,
+    inputs: Sequence[tuple[str, Path | str | None]] = (),
 ) -> Iterator[Any]:
     """Degrade ``source`` with ``operator`` and ``spec``'s noise (a generator of events).
 
     Yields :class:`SliceDegraded` after each slice, then :class:`DegradeResult` and, when
-    ``out`` is given, :class:`OutputWritten` (a TIFF, written atomically).
+    ``out`` is given, :class:`OutputWritten` (a TIFF, written atomically). ``out`` may not
+    be ``source``'s file nor one of ``inputs`` (``(what, path)`` pairs).
     """
     import torch
 
     from napari_wpp.core.intensity import Normalisation
     from napari_wpp.core.operators import add_noise
-    from napari_wpp.io import explained_write_errors, write_image
+    from napari_wpp.io import check_not_an_input, explained_write_errors, write_image
 
+    check_not_an_input([out], [("input image", source.path), *inputs])
     array = np.asarray(source.array)
     q = int(operator.scale)
     if min(array.shape[-2:]) < q:

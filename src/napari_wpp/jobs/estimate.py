@@ -8,7 +8,7 @@ the operator JSON records the fit under ``"fit"``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ def estimate_job(
     lr_region: Region = None,
     out: Path | None = None,
     source: Mapping[str, Any] | None = None,
+    inputs: Sequence[tuple[str, Path | str | None]] = (),
 ) -> Iterator[Any]:
     """Estimate the operator of a registered pair (a generator of events).
 
@@ -80,13 +81,17 @@ def estimate_job(
         Operator JSON to write (atomically), or ``None``.
     source
         What the JSON's ``"fit"`` records about the pair (e.g. ``{"hr": path, "lr": path}``).
+    inputs
+        ``(what, path)`` of the files read: the output may not be one of them.
 
     Yields :class:`OperatorEstimated` and, with ``out``, :class:`OutputWritten`.
     """
     from napari_wpp.core.intensity import Normalisation
     from napari_wpp.core.operator_estimation import estimate_operator
-    from napari_wpp.io import explained_write_errors, write_operator
+    from napari_wpp.core.operators import warn_if_questionable_kernel
+    from napari_wpp.io import check_not_an_input, explained_write_errors, write_operator
 
+    check_not_an_input([out], inputs)
     hr, lr = np.asarray(hr), np.asarray(lr)
     hr_part = hr if hr_region is None else hr[hr_region]
     lr_part = lr if lr_region is None else lr[lr_region]
@@ -107,6 +112,7 @@ def estimate_job(
     lr_n = Normalisation.from_array(lr).apply(lr_part)
     estimate = estimate_operator(hr_n, lr_n, q, kernel_size=spec.kernel_size)
     summary = _summary(estimate)
+    warn_if_questionable_kernel(estimate.kernel, "the estimated operator")
     yield OperatorEstimated(estimate, summary)
     if out is not None:
         extra = {"fit": fit_record(summary, source or {})}

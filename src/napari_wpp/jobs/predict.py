@@ -20,10 +20,11 @@ One rule for both faces (``napari-wpp predict`` and the Superresolve/Uncertainty
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,22 @@ def _remove(paths: Mapping[str, Path]) -> None:
 
 
 # --------------------------------------------------------------------------- superresolution
+def _checked_and_locked(
+    outputs: Sequence[Path],
+    source: PredictSource,
+    inputs: Sequence[tuple[str, Path | str | None]],
+    events: Iterator[Any],
+) -> Iterator[Any]:
+    """``events``, after refusing outputs that are inputs, with the outputs' locks held."""
+    from napari_wpp.io import check_not_an_input, output_lock
+
+    check_not_an_input(outputs, [("input", source.zarr_path), *inputs])
+    with contextlib.ExitStack() as locks:
+        for path in outputs:
+            locks.enter_context(output_lock(path))
+        yield from events
+
+
 def superresolve_job(
     spec: PredictSpec,
     model: Any,
@@ -252,13 +269,31 @@ def superresolve_job(
     source: PredictSource,
     target: PredictTarget,
     stop: threading.Event | None = None,
+    inputs: Sequence[tuple[str, Path | str | None]] = (),
 ) -> Iterator[Any]:
     """Superresolve ``source`` with a WPPNet into ``target`` (a generator of events).
 
     Yields :class:`NormalisationChosen`, the core's ``InferenceProgress`` events, then
     ``InferenceFinished`` (its ``result`` ``None`` unless the target is in memory) and, when a
     file was written, :class:`OutputWritten`. Bad input raises ``InputError``.
+
+    No output may be an input (``source``'s zarr array or a file of ``inputs``, ``(what,
+    path)`` pairs); the outputs' locks are held while they are written.
     """
+    events = _superresolve_events(spec, model, recorded_normalisation, source, target, stop)
+    outputs = [] if target.path is None else [target.path]
+    yield from _checked_and_locked(outputs, source, inputs, events)
+
+
+def _superresolve_events(
+    spec: PredictSpec,
+    model: Any,
+    recorded_normalisation: Mapping[str, Any] | None,
+    source: PredictSource,
+    target: PredictTarget,
+    stop: threading.Event | None,
+) -> Iterator[Any]:
+    """The events of :func:`superresolve_job` (outputs checked and locked)."""
     from napari_wpp.core import inference
 
     data = source.data
@@ -373,6 +408,7 @@ def sample_job(
     source: PredictSource,
     target: PredictTarget,
     stop: threading.Event | None = None,
+    inputs: Sequence[tuple[str, Path | str | None]] = (),
 ) -> Iterator[Any]:
     """Posterior mean, std (and samples) of ``source`` with a WPPFlow (a generator of events).
 
@@ -381,7 +417,24 @@ def sample_job(
     ``SamplingFinished`` (its ``result`` ``None`` unless the target is in memory) and, when
     files were written, :class:`OutputWritten` (``mean``, ``std``, ``samples``: the mean and
     samples in the input's dtype, the std float32 in the input's intensity units).
+
+    No output may be an input (``source``'s zarr array or a file of ``inputs``, ``(what,
+    path)`` pairs); the outputs' locks are held while they are written.
     """
+    events = _sample_events(spec, model, recorded_normalisation, source, target, stop)
+    outputs = [] if target.path is None else list(target.paths(spec.keep_samples).values())
+    yield from _checked_and_locked(outputs, source, inputs, events)
+
+
+def _sample_events(
+    spec: PredictSpec,
+    model: Any,
+    recorded_normalisation: Mapping[str, Any] | None,
+    source: PredictSource,
+    target: PredictTarget,
+    stop: threading.Event | None,
+) -> Iterator[Any]:
+    """The events of :func:`sample_job` (outputs checked and locked)."""
     from napari_wpp.core import inference
 
     data = source.data

@@ -9,7 +9,7 @@ scale. A stopped run still returns (and writes) the result so far.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ def reconstruct_job(
     reference: np.ndarray,
     out: Path | None = None,
     stop: threading.Event | None = None,
+    inputs: Sequence[tuple[str, Path | str | None]] = (),
     **algorithm: Any,
 ) -> Iterator[Any]:
     """Reconstruct the 2D image ``lr`` (a generator of events).
@@ -64,6 +65,9 @@ def reconstruct_job(
         TIFF to write (atomically), or ``None``.
     stop
         Set it to stop after the current iteration (the result so far is kept).
+    inputs
+        ``(what, path)`` of further files read (``lr``'s own is checked): the output may
+        not be one of them.
     algorithm
         Further :class:`~napari_wpp.core.reconstruct.VariationalConfig` fields.
 
@@ -76,8 +80,9 @@ def reconstruct_job(
         VariationalConfig,
         reconstruct_variational,
     )
-    from napari_wpp.io import explained_write_errors, write_image
+    from napari_wpp.io import check_not_an_input, explained_write_errors, write_image
 
+    check_not_an_input([out], [("LR image", lr.path), *inputs])
     image = np.asarray(lr.array)
     config = VariationalConfig.from_spec(spec, **algorithm)
     p = config.patch_size  # a reference smaller than a patch is refused by the core

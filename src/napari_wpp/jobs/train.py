@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,13 +212,15 @@ def train_job(
     stop: threading.Event | None = None,
     resume: Any = None,
     group: Any = None,
+    inputs: Sequence[tuple[str, Path | str | None]] = (),
 ) -> Iterator[Any]:
     """Train on ``source`` with ``spec`` (a generator of events).
 
     Yields :class:`TrainingStarted`, then the events of
     :func:`napari_wpp.core.training.train`, each checkpoint and final event followed (on rank
     0, when ``model_path`` is given) by :class:`ModelFileWritten` or :class:`ModelFileFailed`.
-    Bad input raises ``InputError``.
+    Bad input raises ``InputError``. The model file's lock (:func:`napari_wpp.io.output_lock`)
+    is held for the whole run, so a second run writing the same file is refused.
 
     Parameters
     ----------
@@ -233,7 +235,32 @@ def train_job(
         A training state (:func:`load_resume`) to continue.
     group
         This process's place in a data-parallel run (:func:`data_parallel`).
+    inputs
+        ``(what, path)`` of the files read: ``model_path`` may not be one of them (the resumed
+        model file may: continuing into it is the way to resume).
     """
+    from napari_wpp.io import check_not_an_input, output_lock
+
+    check_not_an_input([model_path], inputs)
+    if group is not None and not group.is_main:
+        model_path = None  # rank 0 writes the model file
+    if model_path is None:
+        yield from _train_events(spec, source, operator, None, stop, resume, group)
+        return
+    with output_lock(model_path):
+        yield from _train_events(spec, source, operator, model_path, stop, resume, group)
+
+
+def _train_events(
+    spec: TrainSpec,
+    source: TrainSource,
+    operator: Any,
+    model_path: Path | None,
+    stop: threading.Event | None,
+    resume: Any,
+    group: Any,
+) -> Iterator[Any]:
+    """The events of :func:`train_job` (its checks and lock done)."""
     from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished, train
     from napari_wpp.io import save_model
 
@@ -247,8 +274,6 @@ def train_job(
     reference = source.reference
     if not source.reference_normalised:
         reference = _self_normalised(reference)
-    if group is not None and not group.is_main:
-        model_path = None  # rank 0 writes the model file
     yield TrainingStarted(recorded)
     for event in train(
         lr,

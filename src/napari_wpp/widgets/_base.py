@@ -41,7 +41,7 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBox
 
 from napari_wpp.core.errors import InputError
 from napari_wpp.widgets._layout import shrinkable
-from napari_wpp.widgets._notify import notify_error
+from napari_wpp.widgets._notify import notified_warnings, notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
     ActivityProgress,
@@ -71,7 +71,8 @@ T = TypeVar("T")
 def or_notify(function: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     """``function(*args, **kwargs)``, or ``None`` after a napari notification if it raised."""
     try:
-        return function(*args, **kwargs)
+        with notified_warnings():
+            return function(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - shown as a notification naming the fix
         notify_error(exc)
         return None

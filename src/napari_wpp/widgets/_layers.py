@@ -28,6 +28,7 @@ __all__ = [
     "full_resolution",
     "greyscale_images",
     "grown_axes",
+    "layer_files",
     "layer_role",
     "layer_with_role",
     "offset_translate",
@@ -390,3 +391,16 @@ def truth_index(
     index: list[Any] = [int(v) for v in start[:-2]]
     index += [slice(int(start[-2]), int(stop[-2])), slice(int(start[-1]), int(stop[-1]))]
     return tuple(index)
+
+
+def layer_files(viewer: Any) -> list[tuple[str, str]]:
+    """``(what, path)`` of the files the viewer's layers were opened from.
+
+    A widget's save path may not be one of them (:func:`napari_wpp.io.check_not_an_input`).
+    """
+    files = []
+    for layer in getattr(viewer, "layers", ()):
+        path = getattr(getattr(layer, "source", None), "path", None)
+        if path:
+            files.append((f"file of layer {layer.name!r}", str(path)))
+    return files

@@ -6,7 +6,11 @@ they catch it and call :func:`notify_error`, which shows the message plus a shor
 
 from __future__ import annotations
 
-from napari_wpp.core.errors import DivergenceError, InputError
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from napari_wpp.core.errors import DivergenceError, InputError, QuestionableInputWarning
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -85,3 +89,27 @@ def notify_error(exc: BaseException) -> None:
     from napari.utils.notifications import show_error
 
     show_error(error_message(exc))
+
+
+@contextmanager
+def notified_warnings() -> Iterator[None]:
+    """Show each :class:`QuestionableInputWarning` raised meanwhile as a napari warning.
+
+    Other warnings go on as before. (Warnings in thread workers reach napari through the
+    worker's ``warned`` signal.)
+    """
+    from napari.utils.notifications import show_warning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QuestionableInputWarning)
+        try:
+            yield
+        finally:
+            shown: set[str] = set()
+            for item in caught:
+                if issubclass(item.category, QuestionableInputWarning):
+                    if str(item.message) not in shown:
+                        shown.add(str(item.message))
+                        show_warning(str(item.message))
+                else:
+                    warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)

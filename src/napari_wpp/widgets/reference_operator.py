@@ -49,6 +49,7 @@ from napari_wpp.widgets._layers import (
     current_index,
     full_resolution,
     greyscale_images,
+    layer_files,
     layer_role,
     layer_with_role,
 )
@@ -556,7 +557,7 @@ class ReferenceOperatorWidget(JobDockWidget):
     def _save(self, path: str | Path) -> Path:
         from napari.utils.notifications import show_info
 
-        from napari_wpp.io import write_operator
+        from napari_wpp.io import check_not_an_input, write_operator
 
         operator = self.session.operator
         if operator is None:
@@ -566,6 +567,7 @@ class ReferenceOperatorWidget(JobDockWidget):
         target = Path(path).expanduser()
         if target.suffix.lower() != ".json":
             self._raise(f"cannot save the operator as {target.name}: use a .json name")
+        check_not_an_input([target], layer_files(self.viewer))
         estimated = self.last_estimate is not None and operator is self.last_estimate.operator
         written = write_operator(
             target, operator, extra={"fit": self._last_fit} if estimated else None

@@ -43,6 +43,7 @@ from napari_wpp.widgets._layers import (
     current_index,
     full_resolution,
     greyscale_images,
+    layer_files,
     layer_with_role,
     superresolved_provenance,
 )
@@ -272,8 +273,9 @@ class SuperresolveWidget(ModelDockWidget):
                     array = None
                 if array is not None and tuple(array.shape) == tuple(data.shape):
                     zarr_in = candidate
-        if zarr_in is not None and out.resolve() == zarr_in.resolve():
-            raise InputError(f"zarr output {out} is the input: choose another path")
+        from napari_wpp.io import check_not_an_input
+
+        check_not_an_input([out], [("input", zarr_in), *layer_files(self.viewer)])
         return out, zarr_in
 
     # ------------------------------------------------------------------ worker events

@@ -35,6 +35,7 @@ from napari_wpp.core import config as specs
 from napari_wpp.core.config import CHECKPOINT_MINUTES, default_of
 from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
+from napari_wpp.io import check_not_an_input
 from napari_wpp.jobs.train import (
     ModelFileFailed,
     ModelFileWritten,
@@ -48,6 +49,7 @@ from napari_wpp.widgets._layers import (
     checked_image,
     full_resolution,
     greyscale_images,
+    layer_files,
     layer_with_role,
 )
 from napari_wpp.widgets._layout import group_box, note_label, scrolled_column
@@ -440,6 +442,7 @@ class TrainWidget(JobDockWidget):
             raise InputError(f"cannot save the model as {path.name}: use a .safetensors file name")
         if not path.parent.is_dir():
             raise InputError(f"folder {path.parent} does not exist: create it or choose another")
+        check_not_an_input([path], layer_files(self.viewer))
         return path
 
     # ------------------------------------------------------------------ job events
