@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.events import final_result
 from napari_wpp.core.intensity import Normalisation, check_finite
 
 if TYPE_CHECKING:
@@ -517,14 +518,8 @@ def run_superresolve(
     halo: int | None = None,
 ) -> np.ndarray:
     """Run :func:`superresolve` to the end and return its result (same parameters)."""
-    result = None
-    for event in superresolve(
-        model, volume, axis, tile, batch_size, device, normalisation, None, halo
-    ):
-        if isinstance(event, InferenceFinished):
-            result = event.result
-    assert result is not None
-    return result
+    events = superresolve(model, volume, axis, tile, batch_size, device, normalisation, None, halo)
+    return final_result(events, InferenceFinished)
 
 
 # --------------------------------------------------------------------------- dask
@@ -1152,8 +1147,7 @@ def run_sample(
     slice_index: int = 0,
 ) -> SampleResult:
     """Run :func:`sample` to the end and return its :class:`SampleResult` (same parameters)."""
-    result = None
-    for event in sample(
+    events = sample(
         model,
         lr,
         k,
@@ -1166,11 +1160,8 @@ def run_sample(
         None,
         halo,
         slice_index,
-    ):
-        if isinstance(event, SamplingFinished):
-            result = event.result
-    assert result is not None
-    return result
+    )
+    return final_result(events, SamplingFinished)
 
 
 def _std_units(std: np.ndarray, normalisation: Normalisation | None) -> np.ndarray:
@@ -1343,8 +1334,7 @@ def run_sample_volume(
     halo: int | None = None,
 ) -> SampleResult:
     """Run :func:`sample_volume` to the end and return its result (same parameters)."""
-    result = None
-    for event in sample_volume(
+    events = sample_volume(
         model,
         volume,
         k,
@@ -1358,11 +1348,8 @@ def run_sample_volume(
         normalisation,
         None,
         halo,
-    ):
-        if isinstance(event, SamplingFinished):
-            result = event.result
-    assert result is not None
-    return result
+    )
+    return final_result(events, SamplingFinished)
 
 
 def sample_into(
