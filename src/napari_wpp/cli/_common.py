@@ -28,6 +28,7 @@ from napari_wpp.core.config import (
     default_of,
     help_of,
     help_text,
+    spec_from,
 )
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import one_line
@@ -378,13 +379,7 @@ def operator_spec_from_args(args: argparse.Namespace) -> OperatorSpec:
         return OperatorSpec(path=args.operator)
     if args.scale is None:
         raise InputError("no forward operator: give --operator OP.json or --scale Q [--sigma S]")
-    return OperatorSpec(
-        scale=args.scale,
-        sigma=args.sigma,
-        kernel_size=args.kernel_size,
-        anchor=args.anchor,
-        padding=args.padding,
-    )
+    return spec_from(args, OperatorSpec, path=None)
 
 
 def operator_from_args(args: argparse.Namespace) -> Any:

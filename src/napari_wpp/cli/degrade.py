@@ -19,7 +19,7 @@ from napari_wpp.cli._common import (
     seed_type,
     shape_text,
 )
-from napari_wpp.core.config import DegradeSpec, default_of, help_text
+from napari_wpp.core.config import DegradeSpec, default_of, help_text, spec_from
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> DegradeSpec:
     """The :class:`DegradeSpec` of the parsed options."""
-    return DegradeSpec(noise=args.noise, seed=args.seed)
+    return spec_from(args, DegradeSpec)
 
 
 def _cmd_degrade(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from napari_wpp.cli._common import (
     read_input,
     scale_type,
 )
-from napari_wpp.core.config import EstimateSpec, default_of, help_of, help_text
+from napari_wpp.core.config import EstimateSpec, default_of, help_of, help_text, spec_from
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
     """The :class:`EstimateSpec` of the parsed options."""
-    return EstimateSpec(scale=args.scale, kernel_size=args.kernel_size)
+    return spec_from(args, EstimateSpec)
 
 
 def _cmd_estimate_operator(args: argparse.Namespace) -> int:

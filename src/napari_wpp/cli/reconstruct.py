@@ -25,7 +25,7 @@ from napari_wpp.cli._common import (
     seed_type,
     shape_text,
 )
-from napari_wpp.core.config import ReconstructSpec, default_of, help_of, help_text
+from napari_wpp.core.config import ReconstructSpec, default_of, help_of, help_text, spec_from
 from napari_wpp.core.errors import InputError
 
 
@@ -86,13 +86,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
     """The :class:`ReconstructSpec` of the parsed options."""
-    return ReconstructSpec(
-        lam=args.lam,
-        minutes=args.minutes,
-        iterations=args.iterations,
-        seed=args.seed,
-        device=args.device,
-    )
+    return spec_from(args, ReconstructSpec)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
