@@ -45,6 +45,7 @@ __all__ = [
     "add_json_flag",
     "add_operator_flags",
     "add_output_flag",
+    "add_spec_option",
     "check_device",
     "check_output",
     "crop_type",
@@ -169,26 +170,24 @@ def add_operator_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sigma", type=sigma_type, metavar="S", help=help_text(OperatorSpec, "sigma")
     )
-    group.add_argument(
-        "--kernel-size",
-        type=kernel_type,
-        default=default_of(OperatorSpec, "kernel_size"),
-        metavar="K",
-        help=help_text(OperatorSpec, "kernel_size"),
-    )
+    add_spec_option(group, OperatorSpec, "kernel_size", type=kernel_type, metavar="K")
     for name in ("anchor", "padding"):
-        group.add_argument(
-            f"--{name}",
-            choices=choices_of(OperatorSpec, name),
-            default=default_of(OperatorSpec, name),
-            help=help_text(OperatorSpec, name),
-        )
+        add_spec_option(group, OperatorSpec, name, choices=choices_of(OperatorSpec, name))
 
 
 def add_device_flag(parser: Any, spec: type) -> None:
     """``--device`` with the default and help of ``spec.device``."""
+    add_spec_option(parser, spec, "device")
+
+
+def add_spec_option(
+    parser: Any, spec: type, name: str, flag: str | None = None, **options: Any
+) -> None:
+    """The option of the field ``spec.<name>`` (``--<name>``, or ``flag``) with the field's
+    default and help line (``options``: further ``add_argument`` keywords, e.g. ``type``)."""
+    options.setdefault("help", help_text(spec, name))
     parser.add_argument(
-        "--device", default=default_of(spec, "device"), help=help_text(spec, "device")
+        flag or "--" + name.replace("_", "-"), dest=name, default=default_of(spec, name), **options
     )
 
 
