@@ -238,17 +238,13 @@ class ReferenceOperatorWidget(JobDockWidget):
             "The LR image is HR / scale in size or resampled onto the HR grid. One "
             "rectangle cuts both layers where they overlay; 3D layers use the slice shown."
         )
-        controls = self.job_controls("Estimate")
-        self.estimate_button, self.estimate_label = self.run_button, self.status_label
-        self.estimate_label.setText("No estimate yet.")
         self.use_estimated_button = PushButton(text="Use estimated operator", enabled=False)
         self.use_estimated_button.changed.connect(self.use_estimated_operator)
+        controls = self.job_controls("Estimate", self.use_estimated_button.native)
+        self.estimate_button, self.estimate_label = self.run_button, self.status_label
+        self.estimate_label.setText("No estimate yet.")
         return group_box(
-            "Operator: estimated from a registered pair",
-            self.pair_form,
-            hint,
-            controls,
-            self.use_estimated_button,
+            "Operator: estimated from a registered pair", self.pair_form, hint, controls
         )
 
     def _session_box(self) -> QGroupBox:

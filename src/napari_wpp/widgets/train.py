@@ -155,13 +155,12 @@ class TrainWidget(JobDockWidget):
         return group_box("Training", self.form, self.session_label)
 
     def _run_box(self) -> QGroupBox:
-        controls = self.job_controls("Start")
-        self.start_button, self.stop_button = self.run_button, self.cancel_button
-        self.stop_button.setText("Stop")
         self.resume_button = QPushButton("Resume")
         self.resume_button.setToolTip("Continue training the session's model for the budget")
-        controls.layout().itemAt(0).layout().addWidget(self.resume_button)  # the button row
         self.resume_button.clicked.connect(self.resume)
+        controls = self.job_controls("Start", self.resume_button)
+        self.start_button, self.stop_button = self.run_button, self.cancel_button
+        self.stop_button.setText("Stop")
         self.progress_bar.setFormat("%p%")
         self.plot = LossPlot(theme_colors(self.viewer))
         return group_box("Run", controls, self.plot)
