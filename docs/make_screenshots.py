@@ -201,7 +201,7 @@ def take_screenshots(args: argparse.Namespace, models: Path) -> int:
         face_color="transparent",
         edge_width=2,
     )
-    reference.state.reference_shapes = "reference region"
+    reference.settings.reference_shapes = "reference region"
     if reference.use_as_reference() is None or reference.use_parametric_operator() is None:
         raise SystemExit("could not set the reference or the operator")
     session.show_only([REFERENCE, LR, "reference region"])

@@ -642,6 +642,7 @@ def test_predict_stopped_writes_nothing(
 # --------------------------------------------------------------------------- demo
 
 
+@pytest.mark.slow  # 5 s: two demo runs; test_cli.py's test_demo_tiny_budget stays fast
 def test_demo_trains_and_compares_wppnet(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     folder = tmp_path / "demo"
     code, stdout, err = _run(

@@ -73,6 +73,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # 6-9 s on two shared cores: one torchrun launch of two ranks
 @pytest.mark.parametrize("case", worker.CASES, ids=[c[0] for c in worker.CASES])
 def test_two_ranks_reproduce_one_process_with_the_doubled_batch(
     two_ranks: Path, case: tuple

@@ -102,3 +102,47 @@ def test_current_index(make_napari_viewer) -> None:
     assert current_index(layer, viewer, 0) == 2
     viewer.dims.set_point(0, 100.0)
     assert current_index(layer, viewer, 0) == 4
+
+
+def test_region_text_counts_patches_and_slices() -> None:
+    from napari_wpp.widgets._regions import region_text
+
+    assert region_text((20, 30), 375, 6) == ("Region 20×30 px → 375 patches of 6×6", True)
+    assert region_text((1, 20, 20), 225, 6)[0].startswith("Region 20×20 px × 1 slice →")
+    assert region_text((3, 20, 20), 675, 6)[0].startswith("Region 20×20 px × 3 slices →")
+    assert region_text((4, 4), 0, 6) == ("Region 4×4 px: smaller than a 6×6 patch", False)
+
+
+class _Layer:
+    """A stand-in for a napari layer: a name, a role, a pixel size."""
+
+    def __init__(self, name: str, role: str | None = None, pixel: float = 1.0) -> None:
+        self.name = name
+        self.metadata = {"napari_wpp": {"role": role}} if role else {}
+        self.scale = (pixel, pixel)
+
+
+@pytest.mark.parametrize(
+    ("hr_pixel", "lr_pixel", "scale"),
+    [(1.0, 4.0, 4), (0.5, 1.0, 2), (1.0, 1.0, None), (1.0, 2.5, None), (2.0, 1.0, None)],
+)
+def test_pixel_size_ratio_is_an_integer_scale_or_none(hr_pixel, lr_pixel, scale) -> None:
+    from napari_wpp.widgets._regions import pixel_size_ratio
+
+    assert pixel_size_ratio(_Layer("hr", pixel=hr_pixel), _Layer("lr", pixel=lr_pixel)) == scale
+
+
+@pytest.mark.parametrize(
+    ("roles", "hr", "lr"),
+    [
+        ({"a": None, "b": None}, "a", "b"),
+        ({"a": "lr", "b": "reference", "c": "truth"}, "c", "a"),
+        ({"a": None, "b": "reference"}, "b", "a"),
+        ({"only": None}, "only", "only"),
+    ],
+)
+def test_pair_defaults_prefer_truth_and_lr_roles(roles, hr, lr) -> None:
+    from napari_wpp.widgets._layers import pair_hr_default, pair_lr_default
+
+    layers = [_Layer(name, role) for name, role in roles.items()]
+    assert (pair_hr_default(layers), pair_lr_default(layers)) == (hr, lr)

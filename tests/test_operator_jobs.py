@@ -228,3 +228,16 @@ def test_scaled_pixel_size() -> None:
     assert scaled_pixel_size(None, 2) is None
     assert scaled_pixel_size(1.5, 2) == 3.0
     assert scaled_pixel_size((1.0, 2.0, 3.0), 0.5) == (1.0, 1.0, 1.5)
+
+
+def test_spec_from_takes_the_fields_its_source_has() -> None:
+    import argparse
+
+    from napari_wpp.core.config import OperatorSpec, ReconstructSpec, default_of, spec_from
+
+    args = argparse.Namespace(scale=3, sigma=1.5, kernel_size=9, anchor="corner", other=1)
+    spec = spec_from(args, OperatorSpec, path=None)
+    assert (spec.scale, spec.sigma, spec.kernel_size, spec.anchor) == (3, 1.5, 9, "corner")
+    assert spec.padding == default_of(OperatorSpec, "padding") and spec.path is None
+    reconstruct = spec_from(argparse.Namespace(lam=0.5, seed=4), ReconstructSpec, minutes=2.0)
+    assert (reconstruct.lam, reconstruct.seed, reconstruct.minutes) == (0.5, 4, 2.0)

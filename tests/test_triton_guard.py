@@ -31,6 +31,7 @@ def test_blocked_when_llvm_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
             sys.modules["triton"] = saved
 
 
+@pytest.mark.slow  # 4-7 s: a fresh interpreter imports napari and torch
 @pytest.mark.skipif(
     not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
     reason="no display for napari: run the tests under `xvfb-run -a`",

@@ -111,20 +111,6 @@ def test_reference_3d_slice_range(viewer_and_widget) -> None:
     np.testing.assert_allclose(selection.regions[0], volume[1:4] / 255.0, atol=1e-6)
 
 
-def test_too_small_region_notifies(viewer_and_widget, errors) -> None:
-    viewer, widget = viewer_and_widget
-    viewer.add_image(_smooth_image((40, 40), seed=3), name="hr", scale=(2.0, 2.0))
-    tiny = np.array([[0.0, 0.0], [0.0, 8.0], [8.0, 8.0], [8.0, 0.0]])  # 4x4 data pixels
-    viewer.add_shapes([tiny], shape_type="rectangle", name="roi")
-    widget.settings.reference_layer = "hr"
-    widget.settings.reference_shapes = "roi"
-    assert widget.patch_count() == 0
-    assert "smaller than a 6×6 patch" in widget.patch_label.text()
-    assert widget.use_as_reference() is None
-    assert widget.session.reference is None
-    assert len(errors) == 1 and "smaller than a 6×6 patch" in errors[0]
-
-
 def test_parametric_operator_lands_in_session(viewer_and_widget) -> None:
     _, widget = viewer_and_widget
     widget.scale_combo.native.setCurrentIndex(
@@ -139,14 +125,6 @@ def test_parametric_operator_lands_in_session(viewer_and_widget) -> None:
     assert isinstance(operator, GaussianDownsampling)
     expected = GaussianDownsampling(6, 2.5, kernel_size=20, anchor="corner", padding="circular")
     assert operator.to_dict() == expected.to_dict()
-
-
-def test_invalid_parametric_operator_notifies(viewer_and_widget, errors) -> None:
-    _, widget = viewer_and_widget
-    widget.settings.padding = "mirror"  # not a padding the operator knows
-    assert widget.use_parametric_operator() is None
-    assert widget.session.operator is None
-    assert len(errors) == 1 and "padding" in errors[0]
 
 
 def _registered_pair(q: int = 2, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -209,17 +187,63 @@ def test_estimation_runs_in_a_worker(viewer_and_widget, qtbot) -> None:
     assert isinstance(operator, FourierDownsampling) and widget.session.operator is operator
 
 
-def test_estimation_with_mismatched_scale_notifies(viewer_and_widget, errors) -> None:
-    viewer, widget = viewer_and_widget
+def _too_small_region(viewer, widget) -> None:
+    viewer.add_image(_smooth_image((40, 40), seed=3), name="hr", scale=(2.0, 2.0))
+    tiny = np.array([[0.0, 0.0], [0.0, 8.0], [8.0, 8.0], [8.0, 0.0]])  # 4x4 data pixels
+    viewer.add_shapes([tiny], shape_type="rectangle", name="roi")
+    widget.settings.reference_layer = "hr"
+    widget.settings.reference_shapes = "roi"
+    assert widget.patch_count() == 0
+    assert "smaller than a 6×6 patch" in widget.patch_label.text()
+
+
+def _unknown_padding(viewer, widget) -> None:
+    widget.settings.padding = "mirror"  # not a padding the operator knows
+
+
+def _mismatched_pair_scale(viewer, widget) -> None:
     hr, lr = _registered_pair(2)
     viewer.add_image(hr, name="hr pair")
     viewer.add_image(lr, name="lr pair")  # not overlaid, no rectangles: whole layers
     widget.settings.pair_hr_layer = "hr pair"
     widget.settings.pair_lr_layer = "lr pair"
     widget.settings.pair_scale = 3
-    assert widget.estimate() is None
-    assert len(errors) == 1 and "do not match scale ×3" in errors[0]
-    assert widget.estimation_worker is None
+
+
+@pytest.mark.parametrize(
+    ("choose", "action", "message", "unchanged"),
+    [
+        pytest.param(
+            _too_small_region,
+            "use_as_reference",
+            "smaller than a 6×6 patch",
+            lambda widget: widget.session.reference is None,
+            id="region-smaller-than-a-patch",
+        ),
+        pytest.param(
+            _unknown_padding,
+            "use_parametric_operator",
+            "padding",
+            lambda widget: widget.session.operator is None,
+            id="unknown-padding",
+        ),
+        pytest.param(
+            _mismatched_pair_scale,
+            "estimate",
+            "do not match scale ×3",
+            lambda widget: widget.estimation_worker is None,
+            id="pair-does-not-match-the-scale",
+        ),
+    ],
+)
+def test_a_bad_choice_notifies_and_changes_nothing(
+    viewer_and_widget, errors, choose, action, message, unchanged
+) -> None:
+    viewer, widget = viewer_and_widget
+    choose(viewer, widget)
+    assert getattr(widget, action)() is None
+    assert unchanged(widget)
+    assert len(errors) == 1 and message in errors[0]
 
 
 def test_save_load_roundtrip(viewer_and_widget, tmp_path: Path, errors) -> None:

@@ -30,6 +30,7 @@ from napari_wpp.core.config import (
     default_of,
     help_of,
     help_text,
+    spec_from,
 )
 from napari_wpp.core.errors import InputError, QuestionableInputWarning
 from napari_wpp.io import one_line
@@ -46,6 +47,7 @@ __all__ = [
     "add_json_flag",
     "add_operator_flags",
     "add_output_flag",
+    "add_spec_option",
     "check_device",
     "check_output",
     "crop_type",
@@ -189,26 +191,24 @@ def add_operator_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sigma", type=sigma_type, metavar="S", help=help_text(OperatorSpec, "sigma")
     )
-    group.add_argument(
-        "--kernel-size",
-        type=kernel_type,
-        default=default_of(OperatorSpec, "kernel_size"),
-        metavar="K",
-        help=help_text(OperatorSpec, "kernel_size"),
-    )
+    add_spec_option(group, OperatorSpec, "kernel_size", type=kernel_type, metavar="K")
     for name in ("anchor", "padding"):
-        group.add_argument(
-            f"--{name}",
-            choices=choices_of(OperatorSpec, name),
-            default=default_of(OperatorSpec, name),
-            help=help_text(OperatorSpec, name),
-        )
+        add_spec_option(group, OperatorSpec, name, choices=choices_of(OperatorSpec, name))
 
 
 def add_device_flag(parser: Any, spec: type) -> None:
     """``--device`` with the default and help of ``spec.device``."""
+    add_spec_option(parser, spec, "device")
+
+
+def add_spec_option(
+    parser: Any, spec: type, name: str, flag: str | None = None, **options: Any
+) -> None:
+    """The option of the field ``spec.<name>`` (``--<name>``, or ``flag``) with the field's
+    default and help line (``options``: further ``add_argument`` keywords, e.g. ``type``)."""
+    options.setdefault("help", help_text(spec, name))
     parser.add_argument(
-        "--device", default=default_of(spec, "device"), help=help_text(spec, "device")
+        flag or "--" + name.replace("_", "-"), dest=name, default=default_of(spec, name), **options
     )
 
 
@@ -425,13 +425,7 @@ def operator_spec_from_args(args: argparse.Namespace) -> OperatorSpec:
         return OperatorSpec(path=args.operator)
     if args.scale is None:
         raise InputError("no forward operator: give --operator OP.json or --scale Q [--sigma S]")
-    return OperatorSpec(
-        scale=args.scale,
-        sigma=args.sigma,
-        kernel_size=args.kernel_size,
-        anchor=args.anchor,
-        padding=args.padding,
-    )
+    return spec_from(args, OperatorSpec, path=None)
 
 
 def operator_from_args(args: argparse.Namespace) -> Any:

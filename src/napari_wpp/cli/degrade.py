@@ -11,6 +11,7 @@ from napari_wpp.cli._common import (
     add_json_flag,
     add_operator_flags,
     add_output_flag,
+    add_spec_option,
     check_output,
     emit,
     noise_type,
@@ -19,7 +20,7 @@ from napari_wpp.cli._common import (
     seed_type,
     shape_text,
 )
-from napari_wpp.core.config import DegradeSpec, default_of, help_text
+from napari_wpp.core.config import DegradeSpec, spec_from
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -35,26 +36,15 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT", help="HR image or stack (TIFF, PNG, ...)")
     add_output_flag(p)
     add_operator_flags(p)
-    p.add_argument(
-        "--noise",
-        type=noise_type,
-        default=default_of(DegradeSpec, "noise"),
-        metavar="SIGMA",
-        help=help_text(DegradeSpec, "noise"),
-    )
-    p.add_argument(
-        "--seed",
-        type=seed_type,
-        default=default_of(DegradeSpec, "seed"),
-        help=help_text(DegradeSpec, "seed"),
-    )
+    add_spec_option(p, DegradeSpec, "noise", type=noise_type, metavar="SIGMA")
+    add_spec_option(p, DegradeSpec, "seed", type=seed_type)
     add_json_flag(p)
     p.set_defaults(handler=_cmd_degrade)
 
 
 def spec_from_args(args: argparse.Namespace) -> DegradeSpec:
     """The :class:`DegradeSpec` of the parsed options."""
-    return DegradeSpec(noise=args.noise, seed=args.seed)
+    return spec_from(args, DegradeSpec)
 
 
 def _cmd_degrade(args: argparse.Namespace) -> int:

@@ -9,13 +9,14 @@ from napari_wpp.cli._common import (
     EXIT_OK,
     add_json_flag,
     add_output_flag,
+    add_spec_option,
     check_output,
     emit,
     kernel_type,
     read_input,
     scale_type,
 )
-from napari_wpp.core.config import EstimateSpec, default_of, help_of, help_text
+from napari_wpp.core.config import EstimateSpec, help_of, spec_from
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -37,13 +38,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="Q",
         help=help_of(EstimateSpec, "scale"),
     )
-    p.add_argument(
-        "--kernel-size",
-        type=kernel_type,
-        default=default_of(EstimateSpec, "kernel_size"),
-        metavar="K",
-        help=help_text(EstimateSpec, "kernel_size"),
-    )
+    add_spec_option(p, EstimateSpec, "kernel_size", type=kernel_type, metavar="K")
     add_output_flag(p, "OP.json", "operator JSON to write")
     add_json_flag(p)
     p.set_defaults(handler=_cmd_estimate_operator)
@@ -51,7 +46,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
     """The :class:`EstimateSpec` of the parsed options."""
-    return EstimateSpec(scale=args.scale, kernel_size=args.kernel_size)
+    return spec_from(args, EstimateSpec)
 
 
 def _cmd_estimate_operator(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from napari_wpp.cli._common import (
     add_json_flag,
     add_operator_flags,
     add_output_flag,
+    add_spec_option,
     check_device,
     check_output,
     drive,
@@ -25,7 +26,7 @@ from napari_wpp.cli._common import (
     seed_type,
     shape_text,
 )
-from napari_wpp.core.config import ReconstructSpec, default_of, help_of, help_text
+from napari_wpp.core.config import ReconstructSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
 
 
@@ -50,34 +51,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
     add_operator_flags(p)
-    p.add_argument(
-        "--lambda",
-        dest="lam",
-        type=lambda_type,
-        default=default_of(ReconstructSpec, "lam"),
-        metavar="L",
-        help=help_text(ReconstructSpec, "lam"),
-    )
-    p.add_argument(
-        "--minutes",
+    add_spec_option(p, ReconstructSpec, "lam", "--lambda", type=lambda_type, metavar="L")
+    add_spec_option(
+        p,
+        ReconstructSpec,
+        "minutes",
         type=minutes_type,
-        default=default_of(ReconstructSpec, "minutes"),
         metavar="M",
         help=help_of(ReconstructSpec, "minutes"),
     )
-    p.add_argument(
-        "--iterations",
-        type=iterations_type,
-        default=default_of(ReconstructSpec, "iterations"),
-        metavar="N",
-        help=help_text(ReconstructSpec, "iterations"),
-    )
-    p.add_argument(
-        "--seed",
-        type=seed_type,
-        default=default_of(ReconstructSpec, "seed"),
-        help=help_text(ReconstructSpec, "seed"),
-    )
+    add_spec_option(p, ReconstructSpec, "iterations", type=iterations_type, metavar="N")
+    add_spec_option(p, ReconstructSpec, "seed", type=seed_type)
     add_device_flag(p, ReconstructSpec)
     add_output_flag(p)
     add_json_flag(p)
@@ -86,13 +70,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
     """The :class:`ReconstructSpec` of the parsed options."""
-    return ReconstructSpec(
-        lam=args.lam,
-        minutes=args.minutes,
-        iterations=args.iterations,
-        seed=args.seed,
-        device=args.device,
-    )
+    return spec_from(args, ReconstructSpec)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_wpp.core.budget import Budget
-from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of
+from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of, spec_from
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, upsample_aligned
@@ -97,14 +97,7 @@ class VariationalConfig:
     @classmethod
     def from_spec(cls, spec: ReconstructSpec, **algorithm: Any) -> VariationalConfig:
         """The configuration of ``spec`` (plus algorithm parameters, e.g. ``preview_every``)."""
-        return cls(
-            lam=spec.lam,
-            iterations=spec.iterations,
-            minutes=spec.minutes,
-            seed=spec.seed,
-            device=spec.device,
-            **algorithm,
-        )
+        return spec_from(spec, cls, **algorithm)
 
     def to_dict(self) -> dict:
         """JSON-serialisable copy of the parameters."""

@@ -34,11 +34,13 @@ import numpy as np
 from napari_wpp import io
 from napari_wpp.core.config import PredictSpec
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.events import forward_until_finished
 from napari_wpp.io import PIXEL_SIZE_ATTR, PROVENANCE_ATTR
 from napari_wpp.jobs.zarr_layout import (
     grown_axes,
     grown_pixel_size,
     partial_path,
+    record_progress,
     replace_zarr,
     sample_zarr,
     slab_chunks,
@@ -330,14 +332,9 @@ def _superresolve_events(
             events = inference.superresolve(
                 model, _in_memory(data), axis=axis or 0, batch_size=spec.batch_size, **common
             )
-        finished = None
-        for event in events:
-            if isinstance(event, inference.InferenceFinished):
-                finished = event
-            else:
-                yield event
-        if finished is None:
-            raise RuntimeError("superresolution ended without a result")
+        finished = yield from forward_until_finished(
+            events, inference.InferenceFinished, "superresolution"
+        )
         if finished.stopped_early:
             yield finished
             return
@@ -388,16 +385,10 @@ def _stream_into_zarr(
     chunks = slab_chunks(shape, list(grow), dtype, spec.batch_size)
     attrs[PROVENANCE_ATTR] = provenance
     target = io.create_zarr_array(path, shape, dtype, chunks, attrs)
-    for event in inference.superresolve_into(
+    events = inference.superresolve_into(
         model, data, target, axis=axis or 0, slices_per_chunk=spec.batch_size, **common
-    ):
-        if isinstance(event, inference.InferenceProgress):
-            provenance["slices_done"] = event.done
-        else:
-            provenance["complete"] = not event.stopped_early
-        provenance["elapsed_s"] = round(event.elapsed_s, 3)
-        target.attrs[PROVENANCE_ATTR] = provenance
-        yield event
+    )
+    yield from record_progress(events, target, provenance)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -473,14 +464,7 @@ def _sample_events(
             events = inference.sample_volume(
                 model, _in_memory(data), spec.samples, keep_samples=keep, **common
             )
-        finished = None
-        for event in events:
-            if isinstance(event, inference.SamplingFinished):
-                finished = event
-            else:
-                yield event
-        if finished is None:
-            raise RuntimeError("sampling ended without a result")
+        finished = yield from forward_until_finished(events, inference.SamplingFinished, "sampling")
         if finished.stopped_early or target.path is None:
             yield finished
             return

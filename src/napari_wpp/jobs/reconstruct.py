@@ -18,6 +18,7 @@ import numpy as np
 
 from napari_wpp.core.config import ReconstructSpec
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.events import forward_until_finished
 from napari_wpp.io import ImageData
 from napari_wpp.jobs.operator import scaled_pixel_size
 from napari_wpp.jobs.predict import OutputWritten
@@ -96,14 +97,10 @@ def reconstruct_job(
     lr_n = np.asarray(norm.apply(image), dtype=np.float32)
     reference = np.asarray(reference)
     ref_n = np.asarray(Normalisation.from_array(reference).apply(reference), dtype=np.float32)
-    finished = None
-    for event in reconstruct_variational(lr_n, ref_n, operator, config, stop=stop):
-        if isinstance(event, ReconstructionFinished):
-            finished = event
-        else:
-            yield event
-    if finished is None:
-        raise RuntimeError("the reconstruction ended without a result")
+    events = reconstruct_variational(lr_n, ref_n, operator, config, stop=stop)
+    finished = yield from forward_until_finished(
+        events, ReconstructionFinished, "the reconstruction"
+    )
     result = np.asarray(finished.image, dtype=np.float32)
     if image.dtype.kind in "ui":
         result = np.clip(result, 0.0, 1.0)

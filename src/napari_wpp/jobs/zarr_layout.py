@@ -25,6 +25,7 @@ __all__ = [
     "grown_axes",
     "grown_pixel_size",
     "partial_path",
+    "record_progress",
     "replace_zarr",
     "replaceable_zarr",
     "sample_zarr",
@@ -179,7 +180,7 @@ def superresolve_zarr(
     per_chunk = max(1, int(slices_per_chunk))
     out_chunks = slab_chunks(out_shape, grow, out_dtype, per_chunk)
     target = io.create_zarr_array(out_path, out_shape, out_dtype, out_chunks, attrs, overwrite)
-    for event in inference.superresolve_into(
+    events = inference.superresolve_into(
         model,
         source,
         target,
@@ -192,7 +193,18 @@ def superresolve_zarr(
         halo=halo,
         slices_per_chunk=per_chunk,
         chunks_per_step=chunks_per_step,
-    ):
+    )
+    yield from record_progress(events, target, provenance)
+
+
+def record_progress(
+    events: Iterator[Any], target: Any, provenance: dict[str, Any]
+) -> Iterator[Any]:
+    """Pass on the events of a run into the zarr array ``target``, recording in its provenance
+    attribute how far it got (``slices_done``, ``elapsed_s``) and whether it completed."""
+    from napari_wpp.core import inference
+
+    for event in events:
         if isinstance(event, inference.InferenceProgress):
             provenance["slices_done"] = event.done
         else:

@@ -278,8 +278,9 @@ class JobDockWidget(JobOwner, QWidget):
         self.listen(events.inserted, lambda event: watch(event.value))
 
     # ------------------------------------------------------------------ controls
-    def job_controls(self, run_text: str) -> QWidget:
-        """Run and Cancel buttons, a progress bar and the status line, top to bottom."""
+    def job_controls(self, run_text: str, *more_buttons: QWidget) -> QWidget:
+        """Run and Cancel buttons (then ``more_buttons``), a progress bar and the status line,
+        top to bottom."""
         box = QWidget()
         column = QVBoxLayout(box)
         column.setContentsMargins(0, 0, 0, 0)
@@ -288,6 +289,8 @@ class JobDockWidget(JobOwner, QWidget):
         self.cancel_button = QPushButton("Cancel")
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
+        for button in more_buttons:
+            buttons.addWidget(button)
         column.addLayout(buttons)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1)

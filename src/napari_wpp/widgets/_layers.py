@@ -22,6 +22,7 @@ __all__ = [
     "MIN_REGION",
     "PROVENANCE_KEY",
     "add_or_update_image",
+    "add_or_update_kernel",
     "checked_image",
     "chosen_layer",
     "current_index",
@@ -32,8 +33,13 @@ __all__ = [
     "layer_role",
     "layer_with_role",
     "offset_translate",
+    "pair_hr_default",
+    "pair_lr_default",
     "crop_geometry",
     "region_slices",
+    "shapes_layers",
+    "shown_plane",
+    "stack_depth",
     "superresolved_geometry",
     "superresolved_provenance",
     "truth_index",
@@ -226,6 +232,25 @@ def greyscale_images(viewer: Any) -> list[Any]:
     ]
 
 
+def shapes_layers(viewer: Any) -> list[Any]:
+    """The Shapes layers of ``viewer`` (whose rectangles cut regions)."""
+    from napari.layers import Shapes
+
+    return [layer for layer in viewer.layers if isinstance(layer, Shapes)]
+
+
+def stack_depth(layer: Any) -> int:
+    """Number of slices of a 3D image layer (0 for a 2D one)."""
+    shape = full_resolution(layer).shape
+    return int(shape[0]) if len(shape) == 3 else 0
+
+
+def shown_plane(layer: Any, viewer: Any) -> Any:
+    """The 2D data of ``layer``: the slice shown in ``viewer`` of a 3D layer (full resolution)."""
+    data = full_resolution(layer)
+    return data[current_index(layer, viewer)] if data.ndim == 3 else data
+
+
 def layer_with_role(role: str, first: bool = True) -> Callable[[Sequence[Any]], str]:
     """A layer choice's default: the layer whose role is ``role``, else the first (or none)."""
 
@@ -234,6 +259,20 @@ def layer_with_role(role: str, first: bool = True) -> Callable[[Sequence[Any]], 
         return by_role.get(role, layers[0].name if first and layers else "")
 
     return choose
+
+
+def pair_hr_default(layers: Sequence[Any]) -> str:
+    """The HR layer offered for a registered pair: the ground truth, else the reference."""
+    return layer_with_role("truth", first=False)(layers) or layer_with_role("reference")(layers)
+
+
+def pair_lr_default(layers: Sequence[Any]) -> str:
+    """The LR layer offered for a registered pair: the LR layer, else another than the HR."""
+    hr_name = pair_hr_default(layers)
+    others = [layer.name for layer in layers if layer.name != hr_name]
+    return {layer_role(layer): layer.name for layer in layers}.get(
+        "lr", others[0] if others else hr_name
+    )
 
 
 def chosen_layer(viewer: Any, name: str, what: str) -> Any:
@@ -404,3 +443,40 @@ def layer_files(viewer: Any) -> list[tuple[str, str]]:
         if path:
             files.append((f"file of layer {layer.name!r}", str(path)))
     return files
+
+
+def add_or_update_kernel(viewer: Any, estimate: Any, source: dict[str, Any]) -> Any:
+    """Add or update the image layer ``"<LR name> kernel"`` of an estimated operator.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer.
+    estimate
+        The :class:`~napari_wpp.core.operators.OperatorEstimate`.
+    source
+        The estimation's source record (``hr`` and ``lr`` layer names and regions); it goes
+        into the layer's metadata. The kernel sits just above the HR layer, at its pixel size.
+    """
+    kernel = np.asarray(estimate.kernel, dtype=np.float32)
+    scale, translate = (1.0, 1.0), (0.0, 0.0)
+    if source["hr"] in viewer.layers:
+        hr_layer = viewer.layers[source["hr"]]
+        scale = tuple(float(abs(s)) for s in hr_layer.scale[-2:])
+        corner = np.asarray(hr_layer.data_to_world([0.0] * hr_layer.ndim), dtype=np.float64)
+        translate = (float(corner[-2]) - (kernel.shape[0] + 4) * scale[0], float(corner[-1]))
+    fit = {
+        "kernel_sum": estimate.kernel_sum,
+        "bias": estimate.bias,
+        "residual_rms": estimate.residual_rms,
+        "method": estimate.method,
+    }
+    return add_or_update_image(
+        viewer,
+        f"{source['lr']} kernel",
+        kernel,
+        scale=scale,
+        translate=translate,
+        metadata={PROVENANCE_KEY: {"role": "kernel", **fit, **source}},
+        colormap="magma",
+    )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
+    QFileDialog,
     QFormLayout,
     QGroupBox,
     QLabel,
@@ -20,6 +22,7 @@ from qtpy.QtWidgets import (
 __all__ = [
     "MIN_DOCK_WIDTH",
     "NOTE_STYLE",
+    "ask_file_path",
     "choice_combo",
     "form_layout",
     "group_box",
@@ -96,3 +99,21 @@ def group_box(title: str, *parts: Any) -> QGroupBox:
     for part in parts:
         column.addWidget(getattr(part, "native", part))
     return box
+
+
+def ask_file_path(
+    parent: QWidget, title: str, save: bool, file_kinds: str, default_name: str
+) -> str:
+    """Ask for a file to write (``save``) or to read; ``""`` when the dialog is cancelled.
+
+    A name to write gets the suffix of ``default_name`` when it has another one; a file to
+    read may be of any kind (``file_kinds`` first, then "All files").
+    """
+    if not save:
+        path, _ = QFileDialog.getOpenFileName(parent, title, "", f"{file_kinds};;All files (*)")
+        return path
+    path, _ = QFileDialog.getSaveFileName(parent, title, default_name, file_kinds)
+    suffix = Path(default_name).suffix
+    if path and Path(path).suffix.lower() != suffix:
+        path += suffix
+    return path

@@ -16,8 +16,10 @@ from napari_wpp.widgets._layers import full_resolution
 
 __all__ = [
     "pair_regions",
+    "pixel_size_ratio",
     "rectangle_world_box",
     "reference_region",
+    "region_text",
     "reference_selection",
     "registered_crops",
     "world_box_to_slices",
@@ -99,6 +101,14 @@ def _slices_world_box(layer: Any, rows: slice, cols: slice) -> np.ndarray:
 def _plane_shape(layer: Any) -> tuple[int, int]:
     shape = full_resolution(layer).shape
     return int(shape[-2]), int(shape[-1])
+
+
+def pixel_size_ratio(hr_layer: Any, lr_layer: Any) -> int | None:
+    """The scale of a registered pair from the layers' pixel sizes (LR / HR), if an integer ≥ 2."""
+    ratio = float(lr_layer.scale[-1]) / float(hr_layer.scale[-1])
+    if ratio >= 2 and abs(ratio - round(ratio)) < _EPS:
+        return int(round(ratio))
+    return None
 
 
 def reference_region(
@@ -261,3 +271,17 @@ def reference_selection(
         source=layer.name,
         n_patches=int(count),
     )
+
+
+def region_text(shape: tuple[int, ...], n_patches: int, patch_size: int) -> tuple[str, bool]:
+    """A line on a reference region of ``shape`` and whether it holds a patch.
+
+    Example: ``("Region 20×20 px × 3 slices → 1,083 patches of 6×6", True)``.
+    """
+    size = f"{shape[-2]}×{shape[-1]} px"
+    if len(shape) == 3:
+        size += f" × {shape[0]} slice{'s' if shape[0] != 1 else ''}"
+    patch = f"{patch_size}×{patch_size}"
+    if n_patches == 0:
+        return f"Region {size}: smaller than a {patch} patch", False
+    return f"Region {size} → {n_patches:,} patches of {patch}", True

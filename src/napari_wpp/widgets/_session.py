@@ -42,6 +42,11 @@ class ReferenceSelection:
     source: str = ""
     n_patches: int = 0
 
+    def summary(self) -> str:
+        """``"<source> (<region shapes>), <n> patches"``."""
+        shapes = ", ".join("×".join(str(n) for n in region.shape) for region in self.regions)
+        return f"{self.source} ({shapes}), {self.n_patches:,} patches"
+
 
 @evented
 @dataclass

@@ -17,15 +17,13 @@ Operators save and load as the CLI's operator JSON.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import Container, FloatSpinBox, PushButton, SpinBox
-from psygnal import evented
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QFileDialog, QGroupBox
+from qtpy.QtWidgets import QGroupBox
 
 from napari_wpp.core.config import (
     ANCHORS,
@@ -34,7 +32,6 @@ from napari_wpp.core.config import (
     EstimateSpec,
     OperatorSpec,
     bounds,
-    default_of,
     default_sigma,
     help_text,
 )
@@ -42,26 +39,32 @@ from napari_wpp.core.errors import InputError
 from napari_wpp.jobs.estimate import OperatorEstimated, estimate_job, fit_record
 from napari_wpp.jobs.operator import build_operator, describe_operator
 from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice, or_notify
-from napari_wpp.widgets._forms import field_widget, spec_default, spec_form
+from napari_wpp.widgets._forms import field_widget, spec_form
 from napari_wpp.widgets._layers import (
-    add_or_update_image,
+    add_or_update_kernel,
     chosen_layer,
     current_index,
-    full_resolution,
     greyscale_images,
     layer_files,
-    layer_role,
     layer_with_role,
+    pair_hr_default,
+    pair_lr_default,
+    shapes_layers,
+    shown_plane,
+    stack_depth,
 )
-from napari_wpp.widgets._layout import group_box, note_label, scrolled_column
+from napari_wpp.widgets._layout import ask_file_path, group_box, note_label, scrolled_column
 from napari_wpp.widgets._regions import (
     pair_regions,
+    pixel_size_ratio,
     rectangle_world_box,
     reference_region,
     reference_selection,
+    region_text,
     registered_crops,
     world_box_to_slices,
 )
+from napari_wpp.widgets._settings import ReferenceOperatorSettings
 
 if TYPE_CHECKING:
     import napari
@@ -91,68 +94,9 @@ def _scale_choices() -> list[tuple[str, int]]:
     return [(f"×{q}", q) for q in SCALES]
 
 
-# --------------------------------------------------------------------------- settings
-@evented
-@dataclass
-class ReferenceOperatorSettings:
-    """The widget's choices: layers, region and operator parameters (from the specs).
-
-    Layer fields hold layer names; ``""`` means "none" (for Shapes: the whole image).
-
-    Parameters
-    ----------
-    reference_layer, reference_shapes
-        HR image layer of the reference and the Shapes layer whose rectangle cuts it.
-    slice_start, slice_stop
-        First and last slice (inclusive, data indices on axis 0) of a 3D reference.
-    scale, sigma, kernel_size, anchor, padding
-        The :class:`~napari_wpp.core.config.OperatorSpec` fields (σ follows the scale).
-    pair_hr_layer, pair_lr_layer, pair_hr_shapes, pair_lr_shapes
-        The registered HR/LR pair for estimation and their optional rectangles.
-    pair_scale, pair_kernel_size
-        The :class:`~napari_wpp.core.config.EstimateSpec` fields.
-    """
-
-    reference_layer: str = NO_LAYER
-    reference_shapes: str = NO_LAYER
-    slice_start: int = 0
-    slice_stop: int = 0
-    scale: int = field(default_factory=spec_default(OperatorSpec, "scale"))
-    sigma: float = field(default_factory=lambda: default_sigma(default_of(OperatorSpec, "scale")))
-    kernel_size: int = field(default_factory=spec_default(OperatorSpec, "kernel_size"))
-    anchor: str = field(default_factory=spec_default(OperatorSpec, "anchor"))
-    padding: str = field(default_factory=spec_default(OperatorSpec, "padding"))
-    pair_hr_layer: str = NO_LAYER
-    pair_lr_layer: str = NO_LAYER
-    pair_hr_shapes: str = NO_LAYER
-    pair_lr_shapes: str = NO_LAYER
-    pair_scale: int = field(default_factory=spec_default(EstimateSpec, "scale"))
-    pair_kernel_size: int = field(default_factory=spec_default(EstimateSpec, "kernel_size"))
-
-    def operator_spec(self) -> OperatorSpec:
-        """The :class:`OperatorSpec` of the parametric fields."""
-        return OperatorSpec(
-            scale=int(self.scale),
-            sigma=float(self.sigma),
-            kernel_size=int(self.kernel_size),
-            anchor=self.anchor,
-            padding=self.padding,
-        )
-
-    def estimate_spec(self) -> EstimateSpec:
-        """The :class:`EstimateSpec` of the pair fields."""
-        return EstimateSpec(scale=int(self.pair_scale), kernel_size=int(self.pair_kernel_size))
-
-
 def _estimation(spec: EstimateSpec, hr: Any, lr: Any, hr_crop: tuple, lr_crop: tuple, _stop: Any):
     """Worker body: the estimation job on the chosen planes (a stop has nothing to stop)."""
     yield from estimate_job(spec, hr, lr, hr_crop, lr_crop)
-
-
-def _shapes_layers(viewer: Any) -> list[Any]:
-    from napari.layers import Shapes
-
-    return [layer for layer in viewer.layers if isinstance(layer, Shapes)]
 
 
 # --------------------------------------------------------------------------- widget
@@ -198,10 +142,9 @@ class ReferenceOperatorWidget(JobDockWidget):
         self._update_session_summary()
         self._update_controls()
 
-    @property
-    def estimation_worker(self) -> Any:
-        """The running estimation worker, or ``None``."""
-        return self.worker
+    estimation_worker = property(
+        lambda self: self.worker, doc="The running estimation worker, or ``None``."
+    )
 
     # ------------------------------------------------------------------ UI
     def _layer_choice(self, setting: str, label: str, default: Any, shapes: bool) -> Any:
@@ -209,7 +152,7 @@ class ReferenceOperatorWidget(JobDockWidget):
             choice = LayerChoice(
                 self,
                 setting,
-                _shapes_layers,
+                shapes_layers,
                 lambda _layers: NO_LAYER,
                 empty_text="(whole image)",
                 optional=True,
@@ -278,16 +221,6 @@ class ReferenceOperatorWidget(JobDockWidget):
         )
 
     def _estimation_box(self) -> QGroupBox:
-        def lr_default(layers: list[Any]) -> str:
-            by_role = {layer_role(layer): layer.name for layer in layers}
-            others = [layer for layer in layers if layer.name != hr_default(layers)]
-            return by_role.get("lr", others[0].name if others else hr_default(layers))
-
-        def hr_default(layers: list[Any]) -> str:
-            return layer_with_role("truth", first=False)(layers) or layer_with_role("reference")(
-                layers
-            )
-
         self.pair_form = spec_form(
             EstimateSpec,
             ["scale", "kernel_size"],
@@ -296,9 +229,9 @@ class ReferenceOperatorWidget(JobDockWidget):
         )
         self.bind_form(self.pair_form, scale="pair_scale", kernel_size="pair_kernel_size")
         combos = [
-            self._layer_choice("pair_hr_layer", "HR image", hr_default, False),
+            self._layer_choice("pair_hr_layer", "HR image", pair_hr_default, False),
             self._layer_choice("pair_hr_shapes", "HR region", None, True),
-            self._layer_choice("pair_lr_layer", "LR image", lr_default, False),
+            self._layer_choice("pair_lr_layer", "LR image", pair_lr_default, False),
             self._layer_choice("pair_lr_shapes", "LR region", None, True),
         ]
         for index, combo in enumerate(combos):
@@ -307,17 +240,13 @@ class ReferenceOperatorWidget(JobDockWidget):
             "The LR image is HR / scale in size or resampled onto the HR grid. One "
             "rectangle cuts both layers where they overlay; 3D layers use the slice shown."
         )
-        controls = self.job_controls("Estimate")
-        self.estimate_button, self.estimate_label = self.run_button, self.status_label
-        self.estimate_label.setText("No estimate yet.")
         self.use_estimated_button = PushButton(text="Use estimated operator", enabled=False)
         self.use_estimated_button.changed.connect(self.use_estimated_operator)
+        controls = self.job_controls("Estimate", self.use_estimated_button.native)
+        self.estimate_button, self.estimate_label = self.run_button, self.status_label
+        self.estimate_label.setText("No estimate yet.")
         return group_box(
-            "Operator: estimated from a registered pair",
-            self.pair_form,
-            hint,
-            controls,
-            self.use_estimated_button,
+            "Operator: estimated from a registered pair", self.pair_form, hint, controls
         )
 
     def _session_box(self) -> QGroupBox:
@@ -348,10 +277,7 @@ class ReferenceOperatorWidget(JobDockWidget):
 
     def _reference_depth(self) -> int:
         name = self.settings.reference_layer
-        if not name or name not in self.viewer.layers:
-            return 0
-        shape = full_resolution(self.viewer.layers[name]).shape
-        return int(shape[0]) if len(shape) == 3 else 0
+        return stack_depth(self.viewer.layers[name]) if name in self.viewer.layers else 0
 
     def _on_reference_layer_changed(self, *_args: Any) -> None:
         depth = self._reference_depth()
@@ -375,12 +301,9 @@ class ReferenceOperatorWidget(JobDockWidget):
     def _guess_pair_scale(self, *_args: Any) -> None:
         """Preset the estimation scale from the layers' pixel sizes (LR / HR, if integer)."""
         names = (self.settings.pair_hr_layer, self.settings.pair_lr_layer)
-        if not all(name and name in self.viewer.layers for name in names):
-            return
-        hr, lr = (self.viewer.layers[name] for name in names)
-        ratio = float(lr.scale[-1]) / float(hr.scale[-1])
-        if ratio >= 2 and abs(ratio - round(ratio)) < 1e-6:
-            self.settings.pair_scale = int(round(ratio))
+        if all(name and name in self.viewer.layers for name in names):
+            scale = pixel_size_ratio(*(self.viewer.layers[name] for name in names))
+            self.settings.pair_scale = scale or self.settings.pair_scale
 
     # ------------------------------------------------------------------ reference
     def _reference_geometry(self) -> tuple[Any, tuple[slice, ...], tuple[int, ...]]:
@@ -405,22 +328,15 @@ class ReferenceOperatorWidget(JobDockWidget):
 
     def _update_patch_label(self, *_args: Any) -> None:
         try:
-            count = self.patch_count()
             shape = self._reference_geometry()[2]
         except InputError as exc:
-            self.patch_label.setText(str(exc))
-            self.patch_label.setStyleSheet(WARNING_STYLE)
-            return
-        size = f"{shape[-2]}×{shape[-1]} px"
-        if len(shape) == 3:
-            size += f" × {shape[0]} slice{'s' if shape[0] != 1 else ''}"
-        patch = f"{PATCH_SIZE}×{PATCH_SIZE}"
-        if count == 0:
-            self.patch_label.setText(f"Region {size}: smaller than a {patch} patch")
-            self.patch_label.setStyleSheet(WARNING_STYLE)
+            text, holds_a_patch = str(exc), False
         else:
-            self.patch_label.setText(f"Region {size} → {count:,} patches of {patch}")
-            self.patch_label.setStyleSheet("")
+            from napari_wpp.core.patches import count_patches
+
+            text, holds_a_patch = region_text(shape, count_patches(shape, PATCH_SIZE), PATCH_SIZE)
+        self.patch_label.setText(text)
+        self.patch_label.setStyleSheet("" if holds_a_patch else WARNING_STYLE)
 
     def use_as_reference(self, *_args: Any) -> ReferenceSelection | None:
         """Cut, normalise (by the whole layer) and store the region in ``session.reference``.
@@ -446,10 +362,7 @@ class ReferenceOperatorWidget(JobDockWidget):
         lr_layer = self._layer(self.settings.pair_lr_layer, "LR image")
         if hr_layer.name == lr_layer.name:
             raise InputError("HR and LR are the same layer: choose the registered LR image")
-        planes = []
-        for layer in (hr_layer, lr_layer):
-            data = full_resolution(layer)
-            planes.append(data[current_index(layer, self.viewer)] if data.ndim == 3 else data)
+        planes = [shown_plane(layer, self.viewer) for layer in (hr_layer, lr_layer)]
         boxes = [
             rectangle_world_box(self._layer(name, "Shapes")) if name else None
             for name in (self.settings.pair_hr_shapes, self.settings.pair_lr_shapes)
@@ -490,7 +403,7 @@ class ReferenceOperatorWidget(JobDockWidget):
         if isinstance(item, OperatorEstimated):
             self.last_estimate = item.estimate
             self._last_fit = fit_record(item.summary, self.current_run["source"])
-            layer = self._show_kernel(item.estimate)
+            layer = add_or_update_kernel(self.viewer, item.estimate, self.current_run["source"])
             self.current_run.update(finished=item, layer=layer)
             self.use_estimated_button.enabled = True
 
@@ -511,36 +424,6 @@ class ReferenceOperatorWidget(JobDockWidget):
         super()._on_job_ended()
         run = self.current_run
         self.estimation_finished.emit(run.get("error") or self.last_estimate)
-
-    def _show_kernel(self, estimate: OperatorEstimate) -> Any:
-        """Add or update the image layer of the estimated kernel just above the HR layer."""
-        source = self.current_run["source"]
-        kernel = np.asarray(estimate.kernel, dtype=np.float32)
-        scale, translate = (1.0, 1.0), (0.0, 0.0)
-        if source["hr"] in self.viewer.layers:
-            hr_layer = self.viewer.layers[source["hr"]]
-            scale = tuple(float(abs(s)) for s in hr_layer.scale[-2:])
-            corner = np.asarray(hr_layer.data_to_world([0.0] * hr_layer.ndim), dtype=np.float64)
-            translate = (float(corner[-2]) - (kernel.shape[0] + 4) * scale[0], float(corner[-1]))
-        fit = {"kernel_sum": estimate.kernel_sum, "bias": estimate.bias}
-        metadata = {
-            "napari_wpp": {
-                "role": "kernel",
-                **fit,
-                "residual_rms": estimate.residual_rms,
-                "method": estimate.method,
-                **source,
-            }
-        }
-        return add_or_update_image(
-            self.viewer,
-            f"{source['lr']} kernel",
-            kernel,
-            scale=scale,
-            translate=translate,
-            metadata=metadata,
-            colormap="magma",
-        )
 
     def use_estimated_operator(self, *_args: Any) -> ForwardOperator | None:
         """Put the last estimated operator into ``session.operator``."""
@@ -590,11 +473,7 @@ class ReferenceOperatorWidget(JobDockWidget):
         if isinstance(operator, GaussianDownsampling):
             if operator.scale not in SCALES:
                 self.scale_combo.set_choice(f"×{operator.scale}", operator.scale)
-            self.settings.scale = operator.scale  # sets σ to its default, overwritten next
-            self.settings.sigma = float(operator.sigma[0])
-            self.settings.kernel_size = operator.kernel_size
-            self.settings.anchor = operator.anchor
-            self.settings.padding = operator.padding
+            self.settings.show_gaussian(operator)
         self.session.operator = operator
         return operator
 
@@ -604,28 +483,19 @@ class ReferenceOperatorWidget(JobDockWidget):
         return or_notify(self._load, path)
 
     def _save_dialog(self, *_args: Any) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Save operator", "operator.json", "Operator JSON (*.json)"
-        )
+        path = ask_file_path(self, "Save operator", True, "Operator JSON (*.json)", "operator.json")
         if path:
-            self.save_operator(path if Path(path).suffix.lower() == ".json" else path + ".json")
+            self.save_operator(path)
 
     def _load_dialog(self, *_args: Any) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Load operator", "", "Operator JSON (*.json);;All files (*)"
-        )
+        path = ask_file_path(self, "Load operator", False, "Operator JSON (*.json)", "")
         if path:
             self.load_operator(path)
 
     # ------------------------------------------------------------------ session summary
     def _update_session_summary(self, *_args: Any) -> None:
         reference, operator = self.session.reference, self.session.operator
-        reference_text = "Reference: not chosen"
-        if reference is not None:
-            shapes = ", ".join("×".join(str(n) for n in r.shape) for r in reference.regions)
-            reference_text = (
-                f"Reference: {reference.source} ({shapes}), {reference.n_patches:,} patches"
-            )
-        self.session_reference_label.setText(reference_text)
+        reference_text = "not chosen" if reference is None else reference.summary()
+        self.session_reference_label.setText(f"Reference: {reference_text}")
         operator_text = "not chosen" if operator is None else describe_operator(operator)
         self.session_operator_label.setText(f"Operator: {operator_text}")

@@ -17,22 +17,15 @@ the run after the current step (the file is still written), and so does closing 
 from __future__ import annotations
 
 import functools
-import math
-import re
-import tempfile
-from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, LineEdit, PushButton, SpinBox
-from psygnal import evented
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
 from napari_wpp.core import config as specs
-from napari_wpp.core.config import CHECKPOINT_MINUTES, default_of
 from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import check_not_an_input
@@ -43,8 +36,8 @@ from napari_wpp.jobs.train import (
     TrainSource,
     check_resumable,
 )
-from napari_wpp.widgets._base import NO_LAYER, JobDockWidget, JobLaunch, LayerChoice
-from napari_wpp.widgets._forms import device_choices, form_value, spec_form, spec_value
+from napari_wpp.widgets._base import JobDockWidget, JobLaunch, LayerChoice, job_finished_alias
+from napari_wpp.widgets._forms import device_choices, spec_form
 from napari_wpp.widgets._layers import (
     checked_image,
     full_resolution,
@@ -52,8 +45,16 @@ from napari_wpp.widgets._layers import (
     layer_files,
     layer_with_role,
 )
-from napari_wpp.widgets._layout import group_box, note_label, scrolled_column
+from napari_wpp.widgets._layout import ask_file_path, group_box, note_label, scrolled_column
 from napari_wpp.widgets._notify import notify_error
+from napari_wpp.widgets._settings import (
+    BUDGET_UNITS,
+    DEFAULT_MINUTES,
+    PRIOR_WEIGHT_HINTS,
+    TrainSettings,
+    default_model_path,
+    parse_lambda,
+)
 from napari_wpp.widgets._train_view import (
     MODEL_NAMES,
     LossPlot,
@@ -71,141 +72,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TrainSettings", "TrainWidget", "default_model_path", "parse_lambda"]
 
-#: Time budget offered when the budget unit becomes minutes.
-DEFAULT_MINUTES = 10.0
-#: Preview every this many steps by default (0: never).
-DEFAULT_PREVIEW_EVERY = 25
-BUDGET_UNITS = ("steps", "minutes")
 #: The spec fields of the form (the prior weight is a text: λ or ρ, see :func:`parse_lambda`).
 FORM_FIELDS = ("model", "mean_warmup", "batch_size", "crop_size", "n_reference_patches")
-#: Placeholder and tooltip of the prior weight, per model kind.
-PRIOR_WEIGHT_HINTS = {
-    "wppnet": ("λ", "paper rule 12.5 / crop²", "lam"),
-    "wppflow": ("ρ", "published: 100 / (σ² · crop²)", "rho"),
-}
-
-
-def parse_lambda(text: str) -> float | str | None:
-    """λ (or ρ) from the widget's text: ``""`` → ``None`` (the default rule), ``"auto"``, or a
-    number ≥ 0 (anything else raises ``InputError``)."""
-    value = str(text).strip().lower()
-    if value in ("", "paper"):
-        return None
-    if value == "auto":
-        return "auto"
-    try:
-        number = float(value)
-    except ValueError:
-        raise InputError(
-            f"λ {text!r} is not a number: give a number ≥ 0, 'auto', or leave it empty for the "
-            "paper rule"
-        ) from None
-    if not math.isfinite(number) or number < 0:
-        raise InputError(f"λ must be a finite number ≥ 0, got {text!r}")
-    return number
-
-
-def default_model_path(lr_name: str, kind: str, folder: str | Path | None = None) -> Path:
-    """A new model file ``<folder>/<lr name>-<kind>-<time>.safetensors`` (``folder``: the
-    temporary folder's ``napari-wpp``)."""
-    base = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "napari-wpp"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", lr_name).strip("-.") or "model"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return base / f"{slug}-{kind}-{stamp}.safetensors"
-
-
-def _spec_default(name: str) -> Any:
-    """A ``default_factory``: the current spec's default of ``name`` as the form shows it."""
-    return field(
-        default_factory=lambda: form_value(specs.TrainSpec, name, default_of(specs.TrainSpec, name))
-    )
-
-
-@evented
-@dataclass
-class TrainSettings:
-    """The Train widget's choices (the spec fields default to the training spec's).
-
-    Parameters
-    ----------
-    lr_layer
-        Name of the LR image layer (2D image or 3D stack).
-    model, mean_warmup, batch_size, crop_size, n_reference_patches, device, seed
-        The :class:`~napari_wpp.core.config.TrainSpec` fields (``batch_size`` and
-        ``n_reference_patches`` 0: the device's default).
-    lam
-        Prior weight as text: empty for the default, ``"auto"`` or a number; λ for a WPPNet,
-        ρ per LR pixel for a WPPFlow.
-    budget, budget_unit
-        How long to train: ``budget`` steps or minutes. Resume trains this much more.
-    preview_every
-        Update the preview layer every this many steps (0: never).
-    save_path
-        Model file written at checkpoints and at the end; empty for a new temporary file.
-    model_options, config_overrides
-        Extra model constructor arguments and further spec fields (advanced use, tests).
-    """
-
-    lr_layer: str = NO_LAYER
-    model: str = _spec_default("model")
-    lam: str = ""
-    mean_warmup: float = _spec_default("mean_warmup")
-    budget: float = float(DEFAULT_STEPS)
-    budget_unit: str = "steps"
-    batch_size: int = _spec_default("batch_size")
-    crop_size: int = _spec_default("crop_size")
-    n_reference_patches: int = _spec_default("n_reference_patches")
-    device: str = _spec_default("device")
-    preview_every: int = DEFAULT_PREVIEW_EVERY
-    save_path: str = ""
-    seed: int = _spec_default("seed")
-    model_options: dict[str, Any] = field(default_factory=dict)
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def training_config(self, resume: TrainingState | None = None) -> Any:
-        """The :class:`~napari_wpp.core.config.TrainSpec` of these settings.
-
-        With ``resume``, the budget counts on top of its steps (or minutes), since core
-        budgets count the whole run. Raises ``InputError`` naming the fix.
-        """
-        from napari_wpp.core.devices import resolve_device
-
-        spec = specs.TrainSpec
-        if self.model not in TRAINABLE_MODELS:
-            raise InputError(
-                f"model {self.model!r} is not available: choose one of "
-                f"{', '.join(TRAINABLE_MODELS)}"
-            )
-        lam = parse_lambda(self.lam)
-        budget = float(self.budget)
-        if not math.isfinite(budget) or budget <= 0:
-            raise InputError(f"the budget must be > 0 {self.budget_unit}, got {self.budget:g}")
-        if self.budget_unit not in BUDGET_UNITS:
-            raise InputError(f"budget unit {self.budget_unit!r} is unknown: use steps or minutes")
-        resolve_device(self.device)  # fail before starting on a device this machine lacks
-        steps = minutes = None
-        if self.budget_unit == "steps":
-            steps = max(1, int(round(budget))) + (resume.step if resume is not None else 0)
-        else:
-            minutes = budget + (resume.elapsed_s / 60.0 if resume is not None else 0.0)
-        names = ["model", "batch_size", "crop_size", "n_reference_patches", "device", "seed"]
-        if self.model == "wppflow":
-            names.append("mean_warmup")
-        options = {name: spec_value(spec, name, getattr(self, name)) for name in names}
-        options.update(
-            {
-                PRIOR_WEIGHT_HINTS[self.model][2]: lam,
-                "steps": steps,
-                "minutes": minutes,
-                "preview_every": int(self.preview_every) or None,
-                "checkpoint_minutes": CHECKPOINT_MINUTES,
-                "model_options": dict(self.model_options),
-            }
-        )
-        try:
-            return replace(spec(**options), **self.config_overrides)
-        except TypeError as exc:
-            raise InputError(f"invalid training option ({exc}): check config_overrides") from None
 
 
 class TrainWidget(JobDockWidget):
@@ -238,10 +106,9 @@ class TrainWidget(JobDockWidget):
         self._update_session_label()
         self._update_controls()
 
-    @property
-    def training_finished(self) -> Any:
-        """Qt signal: a run ended (its argument: the final state or ``None``)."""
-        return self.job_finished
+    training_finished = job_finished_alias(
+        "Qt signal: a run ended (its argument: the final state or ``None``)."
+    )
 
     # ------------------------------------------------------------------ UI
     def _training_box(self) -> QGroupBox:
@@ -290,13 +157,12 @@ class TrainWidget(JobDockWidget):
         return group_box("Training", self.form, self.session_label)
 
     def _run_box(self) -> QGroupBox:
-        controls = self.job_controls("Start")
-        self.start_button, self.stop_button = self.run_button, self.cancel_button
-        self.stop_button.setText("Stop")
         self.resume_button = QPushButton("Resume")
         self.resume_button.setToolTip("Continue training the session's model for the budget")
-        controls.layout().itemAt(0).layout().addWidget(self.resume_button)  # the button row
         self.resume_button.clicked.connect(self.resume)
+        controls = self.job_controls("Start", self.resume_button)
+        self.start_button, self.stop_button = self.run_button, self.cancel_button
+        self.stop_button.setText("Stop")
         self.progress_bar.setFormat("%p%")
         self.plot = LossPlot(theme_colors(self.viewer))
         return group_box("Run", controls, self.plot)
@@ -548,12 +414,6 @@ class TrainWidget(JobDockWidget):
 
     def _with_path(self, title: str, save: bool, use: Any) -> None:
         """Ask for a model file (to write when ``save``) and call ``use(path)`` with it."""
-        kinds = "Model files (*.safetensors)"
-        if save:
-            path, _ = QFileDialog.getSaveFileName(self, title, "model.safetensors", kinds)
-            if path and Path(path).suffix.lower() != ".safetensors":
-                path += ".safetensors"
-        else:
-            path, _ = QFileDialog.getOpenFileName(self, title, "", f"{kinds};;All files (*)")
+        path = ask_file_path(self, title, save, "Model files (*.safetensors)", "model.safetensors")
         if path:
             use(path)

@@ -18,6 +18,7 @@ from napari_wpp.core.config.fields import (
     default_of,
     help_of,
     help_text,
+    spec_from,
 )
 from napari_wpp.core.config.operator import (
     ANCHORS,
@@ -52,4 +53,5 @@ __all__ = [
     "default_sigma",
     "help_of",
     "help_text",
+    "spec_from",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "field_meta",
     "help_of",
     "help_text",
+    "spec_from",
 ]
 
 #: Largest spin box value of counts in the widgets (batch size, samples).
@@ -69,3 +70,17 @@ def help_of(spec: type, name: str) -> str:
 def choices_of(spec: type, name: str) -> tuple[Any, ...]:
     """The values a field may take (its ``choices`` metadata)."""
     return tuple(_field(spec, name).metadata["choices"])
+
+
+def spec_from(source: Any, spec: type, **given: Any) -> Any:
+    """A ``spec`` (dataclass) whose fields take the attributes of ``source`` of their names.
+
+    Fields ``source`` lacks keep their defaults; ``given`` sets further fields. ``source`` is
+    e.g. parsed command-line options or another spec.
+    """
+    values = {
+        item.name: getattr(source, item.name)
+        for item in fields(spec)
+        if item.init and hasattr(source, item.name)
+    }
+    return spec(**{**values, **given})
