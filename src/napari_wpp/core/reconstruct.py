@@ -233,6 +233,7 @@ def reconstruct_variational(
     budget = Budget(config.iterations, config.minutes, DEFAULT_ITERATIONS)
     iteration = 0
     stopped_early = False
+    should_stop = budget.stopper(stop)  # also between the ψ passes of one iteration
 
     while not budget.exhausted(iteration):
         if stop is not None and stop.is_set():
@@ -249,7 +250,7 @@ def reconstruct_variational(
         pyramid = gaussian_pyramid(x_ext, len(priors))
         for level, prior in enumerate(priors):
             patches = strided_patches(pyramid[level], p, config.patches_per_iteration, generator)
-            wpp_terms.append(prior.loss_and_ascend(patches, config.psi_passes))
+            wpp_terms.append(prior.loss_and_ascend(patches, config.psi_passes, should_stop))
         wpp_term = torch.stack(wpp_terms).sum()
         loss = data_term + lam * wpp_term
         loss.backward()

@@ -40,8 +40,9 @@ from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.jobs.notices import JobWarning
 from napari_wpp.widgets._layout import shrinkable
-from napari_wpp.widgets._notify import notify_error
+from napari_wpp.widgets._notify import notify_error, notify_warning
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
     ActivityProgress,
@@ -373,6 +374,9 @@ class JobDockWidget(JobOwner, QWidget):
     def _on_yielded(self, item: Any) -> None:
         if isinstance(item, WorkerFailure):
             self.fail(item.error)
+            return
+        if isinstance(item, JobWarning):
+            notify_warning(item.message)
             return
         try:
             self.on_job_event(item)

@@ -85,3 +85,10 @@ def notify_error(exc: BaseException) -> None:
     from napari.utils.notifications import show_error
 
     show_error(error_message(exc))
+
+
+def notify_warning(message: str) -> None:
+    """Show ``message`` as a napari warning notification (questionable input, the run goes on)."""
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
