@@ -51,6 +51,7 @@ __all__ = [
     "upsample_aligned",
     "estimate_operator",
     "gaussian_kernel_1d",
+    "check_operator_output",
 ]
 
 _ANCHORS = ("center", "corner")
@@ -83,6 +84,22 @@ def _is_number(v: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- base class
+def check_operator_output(operator: torch.nn.Module, output: Tensor) -> None:
+    """Refuse NaN/Inf that ``operator`` produced from a finite image (an overflowing kernel).
+
+    The message blames the operator (and names its file when it was read from one:
+    ``operator.source``), not the image, whose pixels were checked when it was read.
+    """
+    if bool(torch.isfinite(output).all()):
+        return
+    source = getattr(operator, "source", None)
+    named = f"operator file {source}" if source else "the forward operator"
+    raise InputError(
+        f"{named} turns a finite image into NaN/Inf values (its kernel or bias overflows "
+        "float32): estimate or write the operator again, or use --scale/--sigma"
+    )
+
+
 class ForwardOperator(torch.nn.Module, ABC):
     """Abstract forward operator ``f``: HR image ``(..., H, W)`` -> LR ``(..., H//q, W//q)``.
 

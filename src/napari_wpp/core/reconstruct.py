@@ -27,7 +27,7 @@ from napari_wpp.core.budget import Budget
 from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
-from napari_wpp.core.operators import ForwardOperator, upsample_aligned
+from napari_wpp.core.operators import ForwardOperator, check_operator_output, upsample_aligned
 from napari_wpp.core.patches import gaussian_pyramid, sample_reference_patches, strided_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
 
@@ -210,6 +210,7 @@ def reconstruct_variational(
     y = torch.from_numpy(lr).to(device)
     with torch.no_grad():
         init = upsample_aligned(y, operator).float()
+        check_operator_output(operator, operator(init))  # NaN later: the run, not the operator
     hr_h, hr_w = init.shape[-2:]
     x_ext = F.pad(init[None, None], (border,) * 4, mode="replicate")[0, 0]
     x_ext = x_ext.clone().requires_grad_(True)
@@ -273,7 +274,9 @@ def reconstruct_variational(
     with torch.no_grad():
         result = x_ext[border : border + hr_h, border : border + hr_w].detach().cpu().numpy()
     if not math.isfinite(float(np.abs(result).max(initial=0.0))):
-        raise DivergenceError("reconstruction diverged (NaN/Inf): lower the learning rate or λ")
+        raise DivergenceError(
+            "reconstruction diverged (NaN/Inf): lower λ (--lambda) or try another --seed"
+        )
     yield ReconstructionFinished(
         image=result.astype(np.float32),
         iterations=iteration,

@@ -180,6 +180,6 @@ class FlowLoss(_PatchPriorLoss):
         norm = torch.nn.utils.clip_grad_norm_(parameters, FLOW_GRAD_CLIP)
         if not torch.isfinite(norm):
             raise DivergenceError(
-                f"training diverged at step {step} (non-finite gradient): lower the "
-                "learning rate or ρ; checkpoints written before are kept"
+                f"training diverged at step {step} (non-finite gradient): lower ρ (--rho), "
+                "use a larger --batch-size or another --seed; checkpoints written before are kept"
             )
