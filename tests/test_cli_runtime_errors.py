@@ -169,3 +169,14 @@ def test_nan_made_by_an_operator_blames_the_operator_not_the_image(
         "--operator", overflowing_operator, "--iterations", 1, "--device", "cpu", "--out", out,
     )  # fmt: skip
     assert_bad_input(code, stdout, err, "operator file overflow.json", "NaN/Inf")
+
+
+def test_a_kernel_far_larger_than_the_image_is_refused_before_padding(
+    capsys, images, tmp_path
+) -> None:
+    """``--kernel-size 100000000`` padded 12 GB before the allocator refused the next step."""
+    out = tmp_path / "low.tif"
+    code, stdout, err = _run(
+        capsys, "degrade", images["ref"], "--scale", 2, "--kernel-size", 100000000, "--out", out
+    )
+    assert_bad_input(code, stdout, err, "kernel size 100000000", "at most 256")

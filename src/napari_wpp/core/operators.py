@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 _ANCHORS = ("center", "corner")
+#: Kernels up to this size are accepted on any image (above it: at most 4× the image side).
+MAX_SMALL_IMAGE_KERNEL = 256
 _PADDINGS = ("circular", "reflect", "zeros")
 
 
@@ -288,6 +290,12 @@ class GaussianDownsampling(ForwardOperator):
         if n_lr < 1:
             raise InputError(
                 f"image size {n} is smaller than the scale {q}: use images of at least {q} pixels"
+            )
+        largest = max(4 * n, MAX_SMALL_IMAGE_KERNEL)
+        if k > largest:  # padding alone would need (k / n)² times the image's memory
+            raise InputError(
+                f"kernel size {k} is far larger than the image ({n} pixels): use a kernel "
+                f"size of at most {largest} (e.g. --kernel-size 13) or a larger image"
             )
         right = q * (n_lr - 1) + k - n - self._left
         return self._left, right, n_lr
