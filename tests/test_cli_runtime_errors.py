@@ -84,7 +84,7 @@ def test_an_allocation_failure_is_out_of_memory_with_the_size(capsys, images) ->
 
 
 def test_allocation_failures_are_recognised() -> None:
-    from napari_wpp.core.errors import allocation_size, is_allocation_failure
+    from napari_wpp.core.allocation import allocation_size, is_allocation_failure
 
     cpu = RuntimeError(
         "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "

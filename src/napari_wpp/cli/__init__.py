@@ -43,12 +43,8 @@ from napari_wpp.cli._common import (
     one_line,
 )
 from napari_wpp.cli.evaluate import normalise_for_evaluation
-from napari_wpp.core.errors import (
-    DivergenceError,
-    InputError,
-    is_allocation_failure,
-    out_of_memory_message,
-)
+from napari_wpp.core.allocation import is_allocation_failure, out_of_memory_message
+from napari_wpp.core.errors import DivergenceError, InputError
 
 __all__ = [
     "build_parser",

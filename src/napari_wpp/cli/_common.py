@@ -70,7 +70,6 @@ __all__ = [
     "seed_type",
     "shape_text",
     "sigma_type",
-    "warn",
     "write_tiff",
 ]
 
@@ -204,8 +203,8 @@ def add_json_flag(parser: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def warn(message: str) -> None:
-    """One ``warning: …`` line on stderr (the run goes on)."""
+def _warning_line(message: str) -> None:
+    """One ``warning: …`` line on stderr after the progress line (the run goes on)."""
     end_progress_line()
     sys.stderr.write(f"warning: {one_line(message)}\n")
     sys.stderr.flush()
@@ -511,7 +510,7 @@ def drive(
                 final = event
                 continue
             if isinstance(event, JobWarning):
-                warn(event.message)
+                _warning_line(event.message)
                 continue
             progress = describe(event)
             if progress is not None:

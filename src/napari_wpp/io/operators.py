@@ -46,7 +46,7 @@ def read_operator(path: str | Path) -> ForwardOperator:
             f"operator file {path.name} does not hold a JSON object: write it with write_operator"
         )
     try:
-        operator = operator_from_dict(d)
+        return operator_from_dict(d)
     except InputError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -54,8 +54,6 @@ def read_operator(path: str | Path) -> ForwardOperator:
             f"operator file {path.name} does not describe a valid operator ({one_line(exc)}): "
             "write it again with estimate-operator"
         ) from None
-    operator.source = path.name  # named when what it produces is refused
-    return operator
 
 
 def write_operator(

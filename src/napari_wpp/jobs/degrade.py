@@ -25,6 +25,13 @@ from napari_wpp.jobs.predict import OutputWritten
 __all__ = ["DegradeResult", "SliceDegraded", "degrade_job"]
 
 
+def _check_output(operator: Any, lr: Any) -> None:
+    """NaN/Inf from a finite image: the operator's fault (it names its file), not the image's."""
+    from napari_wpp.core.operators import check_operator_output
+
+    check_operator_output(operator, lr)
+
+
 @dataclass(frozen=True)
 class SliceDegraded:
     """Progress: ``done`` of ``total`` slices degraded."""
@@ -57,7 +64,7 @@ def degrade_job(
     import torch
 
     from napari_wpp.core.intensity import Normalisation
-    from napari_wpp.core.operators import add_noise, check_operator_output
+    from napari_wpp.core.operators import add_noise
     from napari_wpp.io import explained_write_errors, write_image
 
     array = np.asarray(source.array)
@@ -75,7 +82,7 @@ def degrade_job(
         hr = torch.from_numpy(np.ascontiguousarray(norm.apply(hr_slice), dtype=np.float32))
         with torch.no_grad():
             lr = operator(hr)
-            check_operator_output(operator, lr)
+            _check_output(operator, lr)
             if spec.noise > 0:
                 lr = add_noise(lr, spec.noise, seed=spec.seed + i)
         results.append(lr.detach().cpu().numpy())

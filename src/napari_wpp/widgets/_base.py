@@ -40,9 +40,8 @@ from qtpy.QtGui import QCloseEvent
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_wpp.core.errors import InputError
-from napari_wpp.jobs.notices import JobWarning
 from napari_wpp.widgets._layout import shrinkable
-from napari_wpp.widgets._notify import notify_error, notify_warning
+from napari_wpp.widgets._notify import notify_error
 from napari_wpp.widgets._session import WPPSession, session_for
 from napari_wpp.widgets._workers import (
     ActivityProgress,
@@ -375,6 +374,9 @@ class JobDockWidget(JobOwner, QWidget):
         if isinstance(item, WorkerFailure):
             self.fail(item.error)
             return
+        from napari_wpp.jobs.notices import JobWarning
+        from napari_wpp.widgets._notify import notify_warning
+
         if isinstance(item, JobWarning):
             notify_warning(item.message)
             return

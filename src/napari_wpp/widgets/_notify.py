@@ -6,17 +6,13 @@ they catch it and call :func:`notify_error`, which shows the message plus a shor
 
 from __future__ import annotations
 
-from napari_wpp.core.errors import (
-    DivergenceError,
-    InputError,
-    allocation_size,
-    is_allocation_failure,
-    out_of_memory_message,
-)
+from napari_wpp.core.errors import DivergenceError, InputError
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error of torch (CUDA/MPS/CPU allocator) or the host."""
+    from napari_wpp.core.allocation import is_allocation_failure
+
     return is_allocation_failure(exc)
 
 
@@ -46,6 +42,8 @@ def hint_for(exc: BaseException) -> str:
         names the fix, so the hint is empty.
     """
     if _is_out_of_memory(exc):
+        from napari_wpp.core.allocation import out_of_memory_message
+
         return out_of_memory_message(
             exc, "use a smaller batch size, crop size, tile size, image, scale or kernel"
         )
@@ -62,6 +60,8 @@ def hint_for(exc: BaseException) -> str:
 
 def error_message(exc: BaseException) -> str:
     """The one-line text :func:`notify_error` shows for ``exc``."""
+    from napari_wpp.core.allocation import allocation_size
+
     if _is_out_of_memory(exc) and allocation_size(exc) is not None:
         return hint_for(exc)  # the allocator's own text is long and says no more
     lines = str(exc).strip().splitlines()
