@@ -180,3 +180,31 @@ def test_a_kernel_far_larger_than_the_image_is_refused_before_padding(
         capsys, "degrade", images["ref"], "--scale", 2, "--kernel-size", 100000000, "--out", out
     )
     assert_bad_input(code, stdout, err, "kernel size 100000000", "at most 256")
+
+
+def test_decoder_log_lines_are_dropped_or_folded_into_the_one_line(
+    capsys, images, tmp_path, monkeypatch
+) -> None:
+    """tifffile logs a warning while reading: no stray stderr line; on failure it is folded."""
+    import logging
+
+    from napari_wpp.io import images as image_io
+
+    real_reader = image_io._read_tiff
+
+    def noisy_reader(path):
+        logging.getLogger("tifffile").warning("TiffPage 0: <tifffile.TiffTag 270> invalid value")
+        return real_reader(path)
+
+    monkeypatch.setattr(image_io, "_read_tiff", noisy_reader)
+    out = tmp_path / "low.tif"
+    code, stdout, err = _run(capsys, "degrade", images["ref"], "--scale", 2, "--out", out)
+    assert code == 0 and "TiffPage" not in err and "TiffPage" not in stdout, err
+
+    def failing_reader(path):
+        logging.getLogger("tifffile").warning("TiffPage 0: data is truncated")
+        raise ValueError("failed to read 100 bytes")
+
+    monkeypatch.setattr(image_io, "_read_tiff", failing_reader)
+    code, stdout, err = _run(capsys, "degrade", images["ref"], "--scale", 2, "--out", out)
+    assert_bad_input(code, stdout, err, "failed to read 100 bytes", "data is truncated")
