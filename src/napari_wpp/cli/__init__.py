@@ -43,7 +43,6 @@ from napari_wpp.cli._common import (
     one_line,
 )
 from napari_wpp.cli.evaluate import normalise_for_evaluation
-from napari_wpp.core.allocation import is_allocation_failure, out_of_memory_message
 from napari_wpp.core.errors import DivergenceError, InputError
 
 __all__ = [
@@ -127,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- last resort: one line, never a traceback
         if debug:
             raise
+        from napari_wpp.core.allocation import is_allocation_failure, out_of_memory_message
+
         if is_allocation_failure(exc):
             fail(out_of_memory_message(exc, OUT_OF_MEMORY_FIX))
             return EXIT_FAILURE
