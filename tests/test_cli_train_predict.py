@@ -675,3 +675,16 @@ def test_help_lists_train_and_predict(capsys: pytest.CaptureFixture) -> None:
     for command in ("train", "predict"):
         assert main([command, "--help"]) == 0
         assert "--json" in capsys.readouterr().out
+
+
+def test_a_damaged_zarr_chunk_is_one_line_naming_the_array(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_file: Path, zarr_volume: Path
+) -> None:
+    """A chunk that no codec can decode: bad input naming the array, not "report it"."""
+    chunk_files = sorted(p for p in zarr_volume.rglob("*") if p.is_file() and ".z" not in p.name
+                         and p.name != "zarr.json")  # fmt: skip
+    assert chunk_files
+    chunk_files[len(chunk_files) // 2].write_bytes(b"not a compressed chunk")
+    for out in (tmp_path / "sr.zarr", tmp_path / "sr.tif"):
+        code, stdout, err = _run(capsys, "predict", model_file, zarr_volume, "--out", out)
+        _assert_bad_input(code, stdout, err, f"zarr array {zarr_volume}", "damaged")
