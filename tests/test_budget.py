@@ -29,3 +29,17 @@ def test_earlier_time_counts_against_a_time_budget() -> None:
     fresh = Budget(steps=None, minutes=1.0, default_steps=3)
     assert not fresh.exhausted(0)
     assert fresh.fraction(0) < 0.1
+
+
+def test_stopper_follows_the_stop_event_and_the_time_budget() -> None:
+    import threading
+
+    stop = threading.Event()
+    open_ended = Budget(steps=5, minutes=None, default_steps=10)
+    should_stop = open_ended.stopper(stop)
+    assert not should_stop()
+    stop.set()
+    assert should_stop()
+    assert not open_ended.stopper()()  # no event, no time budget: never
+    spent = Budget(steps=None, minutes=1.0, default_steps=10, elapsed_before=61.0)
+    assert spent.stopper()() and spent.out_of_time()

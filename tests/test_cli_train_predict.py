@@ -676,3 +676,38 @@ def test_help_lists_train_and_predict(capsys: pytest.CaptureFixture) -> None:
     for command in ("train", "predict"):
         assert main([command, "--help"]) == 0
         assert "--json" in capsys.readouterr().out
+
+
+def test_a_damaged_zarr_chunk_is_one_line_naming_the_array(
+    capsys: pytest.CaptureFixture, tmp_path: Path, model_file: Path, zarr_volume: Path
+) -> None:
+    """A chunk that no codec can decode: bad input naming the array, not "report it"."""
+    chunk_files = sorted(p for p in zarr_volume.rglob("*") if p.is_file() and ".z" not in p.name
+                         and p.name != "zarr.json")  # fmt: skip
+    assert chunk_files
+    chunk_files[len(chunk_files) // 2].write_bytes(b"not a compressed chunk")
+    for out in (tmp_path / "sr.zarr", tmp_path / "sr.tif"):
+        code, stdout, err = _run(capsys, "predict", model_file, zarr_volume, "--out", out)
+        _assert_bad_input(code, stdout, err, f"zarr array {zarr_volume}", "damaged")
+
+
+def test_nan_made_by_a_model_is_not_blamed_on_the_image(
+    capsys: pytest.CaptureFixture, tmp_path: Path, files: dict[str, Path], model_file: Path
+) -> None:
+    """A model whose weights hold a NaN: the line names the model, never "nan_to_num"."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(model_file), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(model_file))
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.ndim == 4)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    broken = tmp_path / "nan.safetensors"
+    save_file(tensors, str(broken), metadata=metadata)
+    code, stdout, err = _run(
+        capsys, "predict", broken, files["lr2d"], "--out", tmp_path / "o.tif", "--device", "cpu"
+    )
+    _assert_bad_input(code, stdout, err, "the model or the operator produced them")
+    assert "nan_to_num" not in err

@@ -284,3 +284,29 @@ def test_tracker_bounds_hold_after_passes(monkeypatch: pytest.MonkeyPatch, liste
     assert bool((winner_score <= tracker.upper).all())
     others = exact.scatter(1, tracker.winner[:, None], np.inf).amin(1)
     assert bool((tracker.second - e[:, 0] <= others).all())
+
+
+def test_should_stop_ends_the_ascent_between_passes_with_a_consistent_state() -> None:
+    """A stop after k passes leaves ψ and the solver state of exactly k passes (issue 14)."""
+    x, y, _ = _random(300, 120, 4, seed=3)
+    asked = []
+
+    def stop_after_three() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # asked before passes 2, 3, 4, ...: passes 1-3 run
+
+    stopped = WassersteinPatchPrior(y)
+    stopped.ascend(x, 100000, should_stop=stop_after_three)
+    plain = WassersteinPatchPrior(y)
+    plain.ascend(x, 3)
+    assert len(asked) == 3
+    assert torch.equal(stopped.psi, plain.psi)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(stopped.state_dict()[key], value), key
+
+    # loss_and_ascend: a stop before the ascent passes still gives the loss pass
+    stopped_loss = WassersteinPatchPrior(y)
+    loss = stopped_loss.loss_and_ascend(x, 100000, should_stop=lambda: True)
+    one_pass = WassersteinPatchPrior(y)
+    assert torch.equal(loss, one_pass.loss_and_ascend(x, 1))
+    assert torch.equal(stopped_loss.psi, one_pass.psi)

@@ -212,5 +212,5 @@ def test_divergence_is_reported_with_a_hint(material) -> None:
     from napari_wpp.core.errors import DivergenceError
 
     lr, _, ref, op = material
-    with pytest.raises(DivergenceError, match="lower the learning rate"):
+    with pytest.raises(DivergenceError, match=r"lower λ \(--lambda\), use a larger --batch-size"):
         collect(train(lr, ref, op, tiny_config(steps=60, learning_rate=1e12)))

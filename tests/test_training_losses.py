@@ -16,7 +16,9 @@ class FixedPrior:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
-    def loss_and_ascend(self, patches: torch.Tensor, passes: int) -> torch.Tensor:
+    def loss_and_ascend(
+        self, patches: torch.Tensor, passes: int, should_stop: object = None
+    ) -> torch.Tensor:
         self.calls.append((int(patches.shape[0]), passes))
         return patches.pow(2).mean()
 

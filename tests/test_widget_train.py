@@ -28,7 +28,6 @@ def material():
     return synthetic_material(shape=(3, 64, 64), scale=4, seed=3)
 
 
-
 def _open_widget(viewer) -> TrainWidget:
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Train")
     assert isinstance(widget, TrainWidget)
@@ -324,3 +323,53 @@ def test_2d_lr_image_preview(setup, qtbot, tmp_path, material) -> None:
     assert layer.data.shape == (64, 64)
     assert tuple(layer.scale) == pytest.approx((1.0, 1.0))
     assert tuple(layer.translate) == pytest.approx((0.0, 0.0))
+
+
+@pytest.fixture
+def warnings_shown():
+    """Messages of every warning notification napari shows during the test."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    messages: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.WARNING:
+            messages.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield messages
+    notification_manager.notification_ready.disconnect(collect)
+
+
+def test_stop_ends_a_step_with_absurd_psi_passes(setup, qtbot, tmp_path) -> None:
+    """Stop is honoured inside the ψ ascent of a step (issue 14): no wait for 10⁵ passes."""
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    save_path = tmp_path / "absurd.safetensors"
+    _tiny(widget, save_path, steps=100_000, preview_every=0)
+    widget.settings.config_overrides = {
+        **widget.settings.config_overrides,
+        "psi_passes": 100_000,
+    }
+    with qtbot.waitSignal(widget.training_finished, timeout=20_000) as blocker:
+        widget.start()
+        qtbot.wait(2_000)  # inside the first step's ascent
+        widget.stop()
+    assert blocker.args[0].step == 1
+    assert read_model_metadata(save_path)["step"] == 1
+
+
+def test_a_featureless_reference_is_a_warning_notification(
+    setup, qtbot, tmp_path, errors, warnings_shown
+) -> None:
+    viewer, session = setup
+    session.reference = ReferenceSelection(
+        [np.full((48, 48), 0.5, np.float32)], {"low": 0.0, "high": 255.0, "dtype": "uint8"},
+        "flat", 1849,
+    )  # fmt: skip
+    widget = _open_widget(viewer)
+    _tiny(widget, tmp_path / "flat.safetensors", steps=1, preview_every=0)
+    with qtbot.waitSignal(widget.training_finished, timeout=TIMEOUT_MS):
+        widget.start()
+    assert errors == []
+    assert len([m for m in warnings_shown if "featureless" in m]) == 1, warnings_shown

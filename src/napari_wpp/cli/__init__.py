@@ -17,6 +17,8 @@ Heavy modules (torch, the core, file formats) are imported inside the subcommand
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 from collections.abc import Sequence
 
 from napari_wpp import __version__
@@ -51,6 +53,12 @@ __all__ = [
     "ProgressBar",
 ]
 
+#: What an allocation failure's line suggests (the sizes that drive memory use).
+OUT_OF_MEMORY_FIX = (
+    "use a smaller image, --scale, --kernel-size, --batch-size, --reference-patches or --tile, "
+    "or a larger machine"
+)
+
 #: The subcommands, in the order of ``napari-wpp --help``.
 SUBCOMMANDS = (degrade, estimate_operator, reconstruct, train, predict, evaluate, demo)
 
@@ -80,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _name_too_long(exc: OSError) -> str:
+    """The line for a path whose file name is longer than the file system allows."""
+    path = str(exc.filename or "")
+    longest = max((part for part in path.split(os.sep)), key=len, default="")
+    shown = longest if len(longest) <= 40 else f"{longest[:20]}…{longest[-12:]}"
+    return (
+        f"file name {shown!r} is too long ({len(longest.encode())} bytes): "
+        "use a name of at most 255 bytes"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
@@ -106,14 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         fail(str(exc))
         return EXIT_FAILURE
-    except MemoryError:
-        if debug:
-            raise
-        fail("out of memory: use a smaller image, fewer reference patches or a larger machine")
-        return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 -- last resort: one line, never a traceback
         if debug:
             raise
+        from napari_wpp.core.allocation import is_allocation_failure, out_of_memory_message
+
+        if is_allocation_failure(exc):
+            fail(out_of_memory_message(exc, OUT_OF_MEMORY_FIX))
+            return EXIT_FAILURE
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+            fail(_name_too_long(exc))
+            return EXIT_BAD_INPUT
         fail(
             f"unexpected {type(exc).__name__}: {one_line(str(exc)) or 'no message'} "
             f"(rerun with --debug for the traceback and report it)"

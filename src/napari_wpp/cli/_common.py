@@ -34,6 +34,7 @@ from napari_wpp.core.config import (
 )
 from napari_wpp.core.errors import InputError, QuestionableInputWarning
 from napari_wpp.io import one_line
+from napari_wpp.jobs.notices import JobWarning
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -46,6 +47,7 @@ __all__ = [
     "add_device_flag",
     "add_json_flag",
     "add_operator_flags",
+    "abort_now",
     "add_output_flag",
     "add_spec_option",
     "check_device",
@@ -470,8 +472,8 @@ def drive(
     stopping
         What the first Ctrl-C message says happens next.
 
-    Ctrl-C asks the generator to stop (it still yields its final event); a second Ctrl-C
-    aborts. Returns the final event.
+    Ctrl-C or SIGTERM asks the generator to stop (it still yields its final event); a second
+    one exits with 130 at once (:func:`abort_now`). Returns the final event.
     """
     if describe is None or finished is None:
         from napari_wpp.core.reconstruct import ReconstructionFinished
@@ -492,19 +494,25 @@ def drive(
         finally:
             inbox.put(done)
 
-    # Ctrl-C sets `stop` through a SIGINT handler, so it never lands as a KeyboardInterrupt in
-    # the middle of the loop below (which would leave the worker running into shutdown); the
-    # loop reports it at its next turn. A second Ctrl-C aborts.
+    # Ctrl-C (SIGINT) and SIGTERM (what batch schedulers send) set `stop` through a handler,
+    # so they never land as a KeyboardInterrupt in the middle of the loop below; the loop
+    # reports it at its next turn and the run ends as asked (a model file is still written).
+    # A second signal exits at once with 130: the worker thread may be inside torch, whose
+    # threads abort the process ("terminate called ...") if the interpreter shuts down
+    # around them, so the exit skips the shutdown.
     requested = threading.Event()
 
-    def on_sigint(_signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: Any) -> None:
         if requested.is_set():
-            raise KeyboardInterrupt
+            abort_now()
         requested.set()
         stop.set()
 
     handled = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if handled else None
+    previous: dict[int, Any] = {}
+    if handled:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
     worker = threading.Thread(target=work, name="napari-wpp-worker", daemon=True)
     worker.start()
     final = None
@@ -525,6 +533,7 @@ def drive(
                 announced = True
                 bar.close()
                 sys.stderr.write(f"{stopping} (Ctrl-C again to abort)...\n")
+                sys.stderr.flush()
             if event is None:
                 continue
             if event is done:
@@ -534,17 +543,34 @@ def drive(
             if isinstance(event, finished):
                 final = event
                 continue
+            if isinstance(event, JobWarning):
+                warn(event.message)
+                continue
             progress = describe(event)
             if progress is not None:
                 bar.update(*progress)
         worker.join()
     finally:
-        if handled:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     bar.close()
     if final is None:
         raise RuntimeError("the run ended without a result")
     return final
+
+
+def abort_now() -> NoReturn:
+    """Exit with 130 at once (a second Ctrl-C): one ``error:`` line, no interpreter shutdown.
+
+    Outputs not yet written stay unwritten (atomic writes leave no half file in their place).
+    """
+    try:
+        end_progress_line()
+        sys.stdout.flush()
+        sys.stderr.write("error: interrupted (asked twice): nothing more was saved\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_INTERRUPTED)
 
 
 def check_device(name: str) -> str:

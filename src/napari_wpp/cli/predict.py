@@ -164,9 +164,9 @@ def _predict_source(args: argparse.Namespace, out: Path, out_zarr: bool) -> Any:
     pixel_size: tuple[float, ...] | None = None
     unit = None
     if in_zarr:
-        from napari_wpp.io import open_zarr_array
+        from napari_wpp.io.zarr_arrays import open_zarr_for_reading
 
-        data = open_zarr_array(in_path)
+        data = open_zarr_for_reading(in_path)  # a damaged chunk names the array
         if out_zarr and out.resolve() == in_path.resolve():
             raise InputError(f"--out {args.out!r} is the input: choose another output path")
         attrs = dict(data.attrs)

@@ -307,6 +307,25 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
     return None
 
 
+def _write_failure(event: Any, kept_step: int | None) -> str:
+    """The line for a model file that could not be written: why, and what the file keeps."""
+    import errno
+
+    error = event.error
+    reason = one_line(error.strerror or str(error)) if isinstance(error, OSError) else ""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        fix = "free disk space or choose another --out"
+    else:
+        fix = "check the path"
+    if not event.path.exists():
+        kept = "nothing was saved"
+    elif kept_step is None:
+        kept = f"{event.path.name} is unchanged"
+    else:
+        kept = f"{event.path.name} keeps the last checkpoint (step {kept_step})"
+    return f"cannot write {str(event.path)!r} ({reason}): {fix}; {kept}"
+
+
 def _run_job(
     spec: Any,
     source: Any,
@@ -327,18 +346,17 @@ def _run_job(
     from napari_wpp.jobs.train import ModelFileFailed, ModelFileWritten, train_job
 
     written = [0]
+    kept_step: list[int | None] = [None]  # step of the last state written to `out`
     main_rank = group is None or group.is_main
 
     def events(stop: threading.Event) -> Iterable[Any]:
         for event in train_job(spec, source, operator, out, stop, resume, group, inputs):
-            if isinstance(event, ModelFileWritten) and not event.final:
-                written[0] += 1
+            if isinstance(event, ModelFileWritten):
+                written[0] += 0 if event.final else 1
+                kept_step[0] = event.step
             elif isinstance(event, ModelFileFailed):
                 if isinstance(event.error, OSError):
-                    raise InputError(
-                        f"cannot write {str(event.path)!r} ({one_line(str(event.error))}): "
-                        "check the path"
-                    ) from event.error
+                    raise InputError(_write_failure(event, kept_step[0])) from event.error
                 raise event.error
             yield event
 

@@ -8,7 +8,9 @@ its step and time budgets ends first, reports the fraction done, and decays its 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Callable
 
 
 class Budget:
@@ -47,6 +49,22 @@ class Budget:
         if self.max_steps is not None and step >= self.max_steps:
             return True
         return self.max_seconds is not None and self.elapsed() >= self.max_seconds
+
+    def out_of_time(self) -> bool:
+        """Whether the time budget (if any) is spent."""
+        return self.max_seconds is not None and self.elapsed() >= self.max_seconds
+
+    def stopper(self, stop: threading.Event | None = None) -> Callable[[], bool]:
+        """A ``should_stop`` for long inner loops: the stop event is set or the time is up.
+
+        Inner loops (the ψ ascent passes of one step) ask it between their passes, so that a
+        time budget and a stop request are honoured within a pass, not only between steps.
+        """
+
+        def should_stop() -> bool:
+            return (stop is not None and stop.is_set()) or self.out_of_time()
+
+        return should_stop
 
     def fraction(self, step: int) -> float:
         """Share of the budget used, in [0, 1] (the larger of steps and time)."""

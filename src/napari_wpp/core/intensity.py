@@ -156,7 +156,14 @@ class Normalisation:
             normalised = normalised.detach().cpu().numpy()
         normalised = np.asarray(normalised)
         _check_dtype(normalised.dtype)
-        check_finite(normalised, "normalised image")
+        if normalised.dtype.kind in "fc" and not np.isfinite(normalised).all():
+            # results only come here, computed from inputs checked to be finite
+            bad = int(normalised.size - np.count_nonzero(np.isfinite(normalised)))
+            raise InputError(
+                f"the result has NaN or Inf values ({bad} of {normalised.size}) although the "
+                "input is finite: the model or the operator produced them; use another model "
+                "file (or train it again) or check the operator"
+            )
         dtype = np.dtype(self.dtype)
         out = normalised.astype(np.float64) * (self.high - self.low) + self.low
         if dtype.kind in "ui":

@@ -48,9 +48,12 @@ __all__ = [
     "add_noise",
     "upsample_aligned",
     "gaussian_kernel_1d",
+    "check_operator_output",
 ]
 
 _ANCHORS = ("center", "corner")
+#: Kernels up to this size are accepted on any image (above it: at most 4× the image side).
+MAX_SMALL_IMAGE_KERNEL = 256
 _PADDINGS = ("circular", "reflect", "zeros")
 
 
@@ -82,6 +85,22 @@ def is_number(v: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- base class
+def check_operator_output(operator: torch.nn.Module, output: Tensor) -> None:
+    """Refuse NaN/Inf that ``operator`` produced from a finite image (an overflowing kernel).
+
+    The message blames the operator (and names its file when it was read from one:
+    ``operator.source``), not the image, whose pixels were checked when it was read.
+    """
+    if bool(torch.isfinite(output).all()):
+        return
+    source = getattr(operator, "source", None)
+    named = f"operator file {source}" if source else "the forward operator"
+    raise InputError(
+        f"{named} turns a finite image into NaN/Inf values (its kernel or bias overflows "
+        "float32): estimate or write the operator again, or use --scale/--sigma"
+    )
+
+
 class ForwardOperator(torch.nn.Module, ABC):
     """Abstract forward operator ``f``: HR image ``(..., H, W)`` -> LR ``(..., H//q, W//q)``.
 
@@ -270,6 +289,12 @@ class GaussianDownsampling(ForwardOperator):
         if n_lr < 1:
             raise InputError(
                 f"image size {n} is smaller than the scale {q}: use images of at least {q} pixels"
+            )
+        largest = max(4 * n, MAX_SMALL_IMAGE_KERNEL)
+        if k > largest:  # padding alone would need (k / n)² times the image's memory
+            raise InputError(
+                f"kernel size {k} is far larger than the image ({n} pixels): use a kernel "
+                f"size of at most {largest} (e.g. --kernel-size 13) or a larger image"
             )
         right = q * (n_lr - 1) + k - n - self._left
         return self._left, right, n_lr

@@ -20,6 +20,7 @@ from napari_wpp.core.errors import InputError
 __all__ = [
     "count_patches",
     "extract_patches",
+    "featureless_reference",
     "gaussian_pyramid",
     "sample_reference_patches",
 ]
@@ -291,3 +292,41 @@ def gaussian_pyramid(image: Tensor, levels: int) -> list[Tensor]:
         current = x.reshape(*current.shape[:-2], *x.shape[-2:])
         out.append(current)
     return out
+
+
+#: A reference whose sampled patches have fewer distinct values than this is featureless.
+FEW_DISTINCT_PATCHES = 20
+#: ... or whose patches vary less than this (mean within-patch std, normalised units).
+FLAT_PATCH_STD = 2e-3
+
+
+def featureless_reference(
+    reference: np.ndarray | Sequence[np.ndarray],
+    patch_size: int = 6,
+    n_sample: int = 2000,
+    seed: int = 0,
+) -> str | None:
+    """Why a reference (in normalised units) gives the patch prior almost nothing to match.
+
+    Samples up to ``n_sample`` patches (of every region of a list) and looks at how many are
+    distinct and how much they vary inside. Returns ``None`` for a reference with texture,
+    else a short reason (for a warning: such a prior pulls the result towards a flat image).
+    """
+    regions = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    sampled = []
+    for region in regions:
+        region = np.asarray(region)
+        if region.ndim < 2 or min(region.shape[-2:]) < patch_size:
+            continue
+        share = max(1, n_sample // len(regions))
+        sampled.append(sample_reference_patches(region, share, patch_size, seed=seed))
+    if not sampled:
+        return None
+    patches = torch.cat(sampled).to(torch.float32)
+    distinct = int(torch.unique(patches, dim=0).shape[0])
+    spread = float(patches.std(dim=1).mean()) if patches.shape[1] > 1 else 0.0
+    if distinct < min(FEW_DISTINCT_PATCHES, patches.shape[0]) or distinct == 1:
+        return f"only {distinct} distinct patches in {patches.shape[0]} sampled"
+    if spread < FLAT_PATCH_STD:
+        return f"its patches hardly vary (mean patch std {spread:.1e})"
+    return None

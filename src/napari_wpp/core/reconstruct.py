@@ -27,7 +27,7 @@ from napari_wpp.core.budget import Budget
 from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of, spec_from
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
-from napari_wpp.core.operators import ForwardOperator, upsample_aligned
+from napari_wpp.core.operators import ForwardOperator, check_operator_output, upsample_aligned
 from napari_wpp.core.patches import gaussian_pyramid, sample_reference_patches, strided_patches
 from napari_wpp.core.semidual import WassersteinPatchPrior
 
@@ -203,6 +203,7 @@ def reconstruct_variational(
     y = torch.from_numpy(lr).to(device)
     with torch.no_grad():
         init = upsample_aligned(y, operator).float()
+        check_operator_output(operator, operator(init))  # NaN later: the run, not the operator
     hr_h, hr_w = init.shape[-2:]
     x_ext = F.pad(init[None, None], (border,) * 4, mode="replicate")[0, 0]
     x_ext = x_ext.clone().requires_grad_(True)
@@ -226,6 +227,7 @@ def reconstruct_variational(
     budget = Budget(config.iterations, config.minutes, DEFAULT_ITERATIONS)
     iteration = 0
     stopped_early = False
+    should_stop = budget.stopper(stop)  # also between the ψ passes of one iteration
 
     while not budget.exhausted(iteration):
         if stop is not None and stop.is_set():
@@ -242,7 +244,7 @@ def reconstruct_variational(
         pyramid = gaussian_pyramid(x_ext, len(priors))
         for level, prior in enumerate(priors):
             patches = strided_patches(pyramid[level], p, config.patches_per_iteration, generator)
-            wpp_terms.append(prior.loss_and_ascend(patches, config.psi_passes))
+            wpp_terms.append(prior.loss_and_ascend(patches, config.psi_passes, should_stop))
         wpp_term = torch.stack(wpp_terms).sum()
         loss = data_term + lam * wpp_term
         loss.backward()
@@ -265,7 +267,9 @@ def reconstruct_variational(
     with torch.no_grad():
         result = x_ext[border : border + hr_h, border : border + hr_w].detach().cpu().numpy()
     if not math.isfinite(float(np.abs(result).max(initial=0.0))):
-        raise DivergenceError("reconstruction diverged (NaN/Inf): lower the learning rate or λ")
+        raise DivergenceError(
+            "reconstruction diverged (NaN/Inf): lower λ (--lambda) or try another --seed"
+        )
     yield ReconstructionFinished(
         image=result.astype(np.float32),
         iterations=iteration,

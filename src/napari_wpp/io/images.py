@@ -16,6 +16,7 @@ from napari_wpp.core.intensity import check_finite
 if TYPE_CHECKING:
     pass
 from napari_wpp.io.files import atomic_write, one_line
+from napari_wpp.io.library_warnings import caught_library_warnings, folded
 
 PNG_EXTENSIONS = (".png",)
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -259,19 +260,20 @@ def read_image(path: str | Path) -> ImageData:
     """
     path = _check_path(path)
     reader = _read_png if path.suffix.lower() in PNG_EXTENSIONS else _read_tiff
-    try:
-        array, pixel_size, unit = reader(path)
-    except InputError:
-        raise
-    except MemoryError:
-        raise InputError(
-            f"{path.name} is too large to load into memory: use a smaller crop"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
-        raise InputError(
-            f"cannot read {path.name} ({one_line(exc)}): check that it is a valid, "
-            "complete PNG/TIFF file"
-        ) from None
+    with caught_library_warnings() as library_said:  # dropped when the read succeeds
+        try:
+            array, pixel_size, unit = reader(path)
+        except InputError:
+            raise
+        except MemoryError:
+            raise InputError(
+                f"{path.name} is too large to load into memory: use a smaller crop"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
+            raise InputError(
+                f"cannot read {path.name} ({one_line(exc)}{folded(library_said)}): check that "
+                "it is a valid, complete PNG/TIFF file"
+            ) from None
     if array.dtype.kind not in "uif":
         raise InputError(
             f"{path.name} has unsupported pixel type {array.dtype}: save it as integer or float"
@@ -334,6 +336,10 @@ def write_image(
     array = np.ascontiguousarray(array)
 
     def writer(tmp: Path) -> None:
+        with caught_library_warnings():  # e.g. tifffile's notes on metadata: not for users
+            _write_tiff(tmp)
+
+    def _write_tiff(tmp: Path) -> None:
         import tifffile
 
         kwargs: dict[str, Any] = {}

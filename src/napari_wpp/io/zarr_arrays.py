@@ -141,3 +141,43 @@ def create_zarr_array(
         raise InputError(
             f"cannot create zarr array {path} ({one_line(exc)}): check the path"
         ) from None
+
+
+class ChunkReadingArray:
+    """A zarr array whose reads name it when a chunk cannot be decoded (damaged, truncated).
+
+    Everything else (``shape``, ``dtype``, ``chunks``, ``attrs``, ...) is the array's own.
+    """
+
+    def __init__(self, array: Any, path: Path) -> None:
+        self._array = array
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # e.g. while unpickling, before __init__
+            raise AttributeError(name)
+        return getattr(self._array, name)
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return ("napari-wpp-zarr", tokenize(self._array))
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self._array[key]
+        except (InputError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a codec's error: the file is damaged
+            raise InputError(
+                f"zarr array {self._path} has a chunk that cannot be read ({one_line(exc)}): "
+                "the array is damaged; write it again or restore it from a copy"
+            ) from None
+
+
+def open_zarr_for_reading(path: str | Path) -> ChunkReadingArray:
+    """:func:`open_zarr_array` whose reads name the array when a chunk is damaged."""
+    return ChunkReadingArray(open_zarr_array(path), Path(path).expanduser())

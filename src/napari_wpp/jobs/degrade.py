@@ -25,6 +25,13 @@ from napari_wpp.jobs.predict import OutputWritten
 __all__ = ["DegradeResult", "SliceDegraded", "degrade_job"]
 
 
+def _check_output(operator: Any, lr: Any) -> None:
+    """NaN/Inf from a finite image: the operator's fault (it names its file), not the image's."""
+    from napari_wpp.core.operators import check_operator_output
+
+    check_operator_output(operator, lr)
+
+
 @dataclass(frozen=True)
 class SliceDegraded:
     """Progress: ``done`` of ``total`` slices degraded."""
@@ -78,6 +85,7 @@ def degrade_job(
         hr = torch.from_numpy(np.ascontiguousarray(norm.apply(hr_slice), dtype=np.float32))
         with torch.no_grad():
             lr = operator(hr)
+            _check_output(operator, lr)
             if spec.noise > 0:
                 lr = add_noise(lr, spec.noise, seed=spec.seed + i)
         results.append(lr.detach().cpu().numpy())

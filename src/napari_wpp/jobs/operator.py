@@ -39,6 +39,7 @@ def read_operator_file(path_text: str) -> Any:
         raise InputError(
             f"operator file {path_text!r} has scale {scale!r}: the scale must be an integer ≥ 2"
         )
+    operator.source = path.name  # named when what the operator produces is refused
     return operator
 
 

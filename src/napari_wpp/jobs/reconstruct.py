@@ -20,6 +20,7 @@ from napari_wpp.core.config import ReconstructSpec
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.events import forward_until_finished
 from napari_wpp.io import ImageData
+from napari_wpp.jobs.notices import reference_warning
 from napari_wpp.jobs.operator import scaled_pixel_size
 from napari_wpp.jobs.predict import OutputWritten
 
@@ -72,7 +73,8 @@ def reconstruct_job(
     algorithm
         Further :class:`~napari_wpp.core.reconstruct.VariationalConfig` fields.
 
-    Yields the core's ``ReconstructionProgress`` (and ``ReconstructionPreview``) events, then
+    Yields a :class:`~napari_wpp.jobs.notices.JobWarning` for a nearly featureless
+    reference, the core's ``ReconstructionProgress`` (and ``ReconstructionPreview``) events, then
     :class:`ReconstructResult` and, with ``out``, :class:`OutputWritten`.
     """
     from napari_wpp.core.intensity import Normalisation
@@ -97,6 +99,9 @@ def reconstruct_job(
     lr_n = np.asarray(norm.apply(image), dtype=np.float32)
     reference = np.asarray(reference)
     ref_n = np.asarray(Normalisation.from_array(reference).apply(reference), dtype=np.float32)
+    warning = reference_warning(ref_n, p)
+    if warning is not None:
+        yield warning
     events = reconstruct_variational(lr_n, ref_n, operator, config, stop=stop)
     finished = yield from forward_until_finished(
         events, ReconstructionFinished, "the reconstruction"

@@ -29,6 +29,7 @@ import numpy as np
 
 from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS, TrainSpec
 from napari_wpp.core.errors import InputError
+from napari_wpp.jobs.notices import reference_warning
 
 __all__ = [
     "ModelFileFailed",
@@ -216,7 +217,8 @@ def train_job(
 ) -> Iterator[Any]:
     """Train on ``source`` with ``spec`` (a generator of events).
 
-    Yields :class:`TrainingStarted`, then the events of
+    Yields :class:`TrainingStarted`, a :class:`~napari_wpp.jobs.notices.JobWarning` for a
+    nearly featureless reference, then the events of
     :func:`napari_wpp.core.training.train`, each checkpoint and final event followed (on rank
     0, when ``model_path`` is given) by :class:`ModelFileWritten` or :class:`ModelFileFailed`.
     Bad input raises ``InputError``. The model file's lock (:func:`napari_wpp.io.output_lock`)
@@ -275,6 +277,10 @@ def _train_events(
     if not source.reference_normalised:
         reference = _self_normalised(reference)
     yield TrainingStarted(recorded)
+    if group is None or group.is_main:
+        warning = reference_warning(reference, int(getattr(spec, "patch_size", 6)))
+        if warning is not None:
+            yield warning
     for event in train(
         lr,
         reference,

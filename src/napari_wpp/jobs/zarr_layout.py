@@ -19,6 +19,7 @@ import numpy as np
 from napari_wpp import io
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import PIXEL_SIZE_ATTR, PROVENANCE_ATTR
+from napari_wpp.io.zarr_arrays import open_zarr_for_reading
 
 __all__ = [
     "ZARR_CHUNK_BYTES",
@@ -149,7 +150,7 @@ def superresolve_zarr(
     from napari_wpp import __version__
     from napari_wpp.core import inference
 
-    source = io.open_zarr_array(in_path)
+    source = open_zarr_for_reading(in_path)  # a damaged chunk names the array
     in_path, out_path = Path(in_path).expanduser(), Path(out_path).expanduser()
     if out_path.resolve() == in_path.resolve():
         raise InputError(f"output {out_path} is the input: choose another output path")
@@ -252,7 +253,7 @@ def sample_zarr(
     from napari_wpp.core.inference import sampling as inference_sampling
     from napari_wpp.core.inference import superresolution as inference_superresolution
 
-    source = io.open_zarr_array(in_path)
+    source = open_zarr_for_reading(in_path)  # a damaged chunk names the array
     in_path = Path(in_path).expanduser()
     paths = {"mean": Path(out_path).expanduser(), "std": Path(std_path).expanduser()}
     if samples_path is not None:

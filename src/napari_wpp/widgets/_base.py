@@ -378,6 +378,12 @@ class JobDockWidget(JobOwner, QWidget):
         if isinstance(item, WorkerFailure):
             self.fail(item.error)
             return
+        from napari_wpp.jobs.notices import JobWarning
+        from napari_wpp.widgets._notify import notify_warning
+
+        if isinstance(item, JobWarning):
+            notify_warning(item.message)
+            return
         try:
             self.on_job_event(item)
         except Exception as exc:  # noqa: BLE001 - e.g. the viewer is closing

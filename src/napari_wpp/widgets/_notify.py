@@ -14,19 +14,10 @@ from napari_wpp.core.errors import DivergenceError, InputError, QuestionableInpu
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error of torch (CUDA/MPS) or of the host."""
-    if isinstance(exc, MemoryError):
-        return True
-    try:
-        import torch
+    """Whether ``exc`` is an out-of-memory error of torch (CUDA/MPS/CPU allocator) or the host."""
+    from napari_wpp.core.allocation import is_allocation_failure
 
-        oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-        if oom_type is not None and isinstance(exc, oom_type):
-            return True
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
-    text = str(exc).lower()
-    return "out of memory" in text or "cannot allocate memory" in text
+    return is_allocation_failure(exc)
 
 
 _NO_GPU_PHRASES = ("not available", "no cuda", "not compiled", "no nvidia", "invalid device")
@@ -51,15 +42,19 @@ def hint_for(exc: BaseException) -> str:
     -------
     str
         For out of memory: use a smaller batch or tile; for a missing GPU: use the CPU; for a
-        diverging optimisation: lower the learning rate; for bad input the message already
+        diverging optimisation: lower λ or ρ; for bad input the message already
         names the fix, so the hint is empty.
     """
     if _is_out_of_memory(exc):
-        return "out of memory: use a smaller batch size, crop size or tile size, or the CPU"
+        from napari_wpp.core.allocation import out_of_memory_message
+
+        return out_of_memory_message(
+            exc, "use a smaller batch size, crop size, tile size, image, scale or kernel"
+        )
     if _is_missing_cuda(exc):
         return "this GPU is not available here: choose device 'cpu' (or 'auto')"
     if isinstance(exc, DivergenceError):
-        return "the optimisation diverged: lower the learning rate or λ and run again"
+        return "the optimisation diverged: lower λ (or ρ), use a larger batch or another seed"
     if isinstance(exc, InputError):
         return ""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
@@ -69,6 +64,10 @@ def hint_for(exc: BaseException) -> str:
 
 def error_message(exc: BaseException) -> str:
     """The one-line text :func:`notify_error` shows for ``exc``."""
+    from napari_wpp.core.allocation import allocation_size
+
+    if _is_out_of_memory(exc) and allocation_size(exc) is not None:
+        return hint_for(exc)  # the allocator's own text is long and says no more
     lines = str(exc).strip().splitlines()
     first_line = lines[0] if lines else ""
     message = first_line or type(exc).__name__
@@ -113,3 +112,10 @@ def notified_warnings() -> Iterator[None]:
                         show_warning(str(item.message))
                 else:
                     warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
+def notify_warning(message: str) -> None:
+    """Show ``message`` as a napari warning notification (questionable input, the run goes on)."""
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)

@@ -408,7 +408,9 @@ class WassersteinPatchPrior:
         else:  # gd
             self.psi.add_(grad, alpha=opt["lr"] * float(st["scale"]) * m)
 
-    def ascend(self, patches: Tensor, passes: int) -> float:
+    def ascend(
+        self, patches: Tensor, passes: int, should_stop: Callable[[], bool] | None = None
+    ) -> float:
         """Improve ψ for these generated patches, warm-started from the current ψ.
 
         Parameters
@@ -419,6 +421,9 @@ class WassersteinPatchPrior:
             Number of solver iterations; each is one c-transform over all N patches (the
             first a full one, the others pruned to what ψ's change can affect on the CPU;
             exact either way, see the module docstring).
+        should_stop
+            Asked before every pass after the first; ``True`` ends the ascent there (ψ and the
+            solver state are those of the last completed pass). A stop event or a deadline.
 
         Returns
         -------
@@ -430,27 +435,47 @@ class WassersteinPatchPrior:
         self._check_patches(patches)
         x = patches.detach().to(torch.float32)
         tracker = self._tracker(x, int(passes))
-        value = self._ascend(x, int(passes), tracker)
+        value = self._ascend(x, int(passes), tracker, should_stop, first_checked=False)
         self._tracker_done(tracker)
         return float(value)  # off the CPU: the call's one host sync
 
+    def _stop_asked(self, should_stop: Callable[[], bool] | None) -> bool:
+        """``should_stop()``; under data parallelism, whether any rank asks (all stop alike)."""
+        if should_stop is None:
+            return False
+        asked = bool(should_stop())
+        if self.reduce_sum is not None:
+            flag = torch.tensor(float(asked), device=self.reference.device)
+            asked = bool(self.reduce_sum(flag) > 0)
+        return asked
+
     def _ascend(
-        self, x: Tensor, passes: int, tracker: pruning._PassTracker | None
+        self,
+        x: Tensor,
+        passes: int,
+        tracker: pruning._PassTracker | None,
+        should_stop: Callable[[], bool] | None = None,
+        first_checked: bool = True,
     ) -> float | Tensor:
         value: float | Tensor = float("nan")
         with torch.no_grad():
-            for _ in range(passes):
+            for done in range(passes):
+                if (done or first_checked) and self._stop_asked(should_stop):
+                    break
                 value, grad = self._pass(x, tracker)
                 self._step(grad)
         return value
 
-    def loss_and_ascend(self, patches: Tensor, passes: int = 1) -> Tensor:
+    def loss_and_ascend(
+        self, patches: Tensor, passes: int = 1, should_stop: Callable[[], bool] | None = None
+    ) -> Tensor:
         """The WPP loss and ψ ascent sharing one c-transform: the cheap training step.
 
         Runs ``passes − 1`` ascent passes, then one c-transform whose assignment gives both
         :meth:`loss` at the current ψ (returned, differentiable in ``patches``) and the last
         ascent step of ψ. This costs one c-transform less than :meth:`ascend` followed by
-        :meth:`loss`.
+        :meth:`loss`. ``should_stop`` is asked before each of the ``passes − 1`` ascent passes;
+        ``True`` skips the rest of them (the loss pass always runs, at the ψ reached).
         """
         if int(passes) != passes or passes < 1:
             raise InputError(f"number of psi passes {passes} is invalid: use a positive integer")
@@ -458,7 +483,7 @@ class WassersteinPatchPrior:
         x = patches.detach().to(torch.float32)
         tracker = self._tracker(x, int(passes))  # shared by the ascent and the loss pass
         if passes > 1:
-            self._ascend(x, int(passes) - 1, tracker)
+            self._ascend(x, int(passes) - 1, tracker, should_stop)
         with torch.no_grad():
             idx = self._argmin(x, tracker)
         self._tracker_done(tracker)

@@ -101,9 +101,10 @@ def _step(
     logged = run.dp.all_reduce_mean(torch.stack([v.detach().double() for v in terms.logged()]))
     values = [float(v) for v in logged.cpu()]
     if not math.isfinite(values[2]):
+        weight = "ρ (--rho)" if run.flow else "λ (--lambda)"
         raise DivergenceError(
-            f"training diverged at step {run.step + 1} (loss {values[2]}): lower the "
-            "learning rate or λ; checkpoints written before are kept"
+            f"training diverged at step {run.step + 1} (loss {values[2]}): lower {weight}, "
+            "use a larger --batch-size or another --seed; checkpoints written before are kept"
         )
     terms.scaled.backward()
     loss.clip_gradients(run.model.parameters(), run.step + 1)

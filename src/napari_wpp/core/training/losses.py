@@ -14,7 +14,7 @@ patches of ``x`` (all crops pooled) and the reference patches of a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,9 @@ class _PatchPriorLoss:
         About this many generated patches on a strided grid with a random offset (0: all).
     psi_passes
         ψ ascent passes per step (the last one shares its c-transform with the loss).
+    should_stop
+        Asked between the ψ passes of a step (a stop event, a deadline): ``True`` ends the
+        ascent early, the loss pass still runs.
     """
 
     def __init__(
@@ -87,8 +90,10 @@ class _PatchPriorLoss:
         patch_size: int,
         patches_per_step: int,
         psi_passes: int,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.operator = operator
+        self.should_stop = should_stop
         self.margins = margins
         self.weight = weight
         self.patch_size = patch_size
@@ -106,7 +111,9 @@ class _PatchPriorLoss:
         """W₂² of ``hr``'s patches (ψ ascends ``psi_passes`` times); 0 when the weight is 0."""
         patches = strided_patches(hr, self.patch_size, self.patches_per_step, generator)
         if self.weight > 0:
-            return prior.loss_and_ascend(patches, self.psi_passes)  # type: ignore[attr-defined]
+            return prior.loss_and_ascend(  # type: ignore[attr-defined]
+                patches, self.psi_passes, self.should_stop
+            )
         return torch.zeros((), device=hr.device)
 
     def clip_gradients(self, parameters: Iterable[Tensor], step: int) -> None:
@@ -145,8 +152,11 @@ class FlowLoss(_PatchPriorLoss):
         patches_per_step: int,
         psi_passes: int,
         noise_std: float,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
-        super().__init__(operator, margins, weight, patch_size, patches_per_step, psi_passes)
+        super().__init__(
+            operator, margins, weight, patch_size, patches_per_step, psi_passes, should_stop
+        )
         self.two_sigma2 = 2.0 * noise_std**2
 
     def __call__(
@@ -170,6 +180,6 @@ class FlowLoss(_PatchPriorLoss):
         norm = torch.nn.utils.clip_grad_norm_(parameters, FLOW_GRAD_CLIP)
         if not torch.isfinite(norm):
             raise DivergenceError(
-                f"training diverged at step {step} (non-finite gradient): lower the "
-                "learning rate or ρ; checkpoints written before are kept"
+                f"training diverged at step {step} (non-finite gradient): lower ρ (--rho), "
+                "use a larger --batch-size or another --seed; checkpoints written before are kept"
             )

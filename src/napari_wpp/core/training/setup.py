@@ -368,7 +368,10 @@ def setup_run(
             fixed_sampler.sample(dp.world_size * config.batch_size) for _ in range(n_priors)
         ]
     op = copy.deepcopy(operator).to(device)
+    budget = Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before)
     loss_options = {
+        # the stop event and the time budget are honoured between the ψ passes of a step
+        "should_stop": budget.stopper(stop),
         "operator": op,
         "margins": margins,
         "patch_size": p,
@@ -425,7 +428,7 @@ def setup_run(
         warmup=warmup,
         use_amp=use_amp,
         channels_last=channels_last,
-        budget=Budget(config.steps, config.minutes, DEFAULT_STEPS, elapsed_before),
+        budget=budget,
         normalisation=normalisation,
         preview=preview,
         validation=val,
