@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.events import final_result
 from napari_wpp.core.inference.common import (
     _check_axis,
     _check_flow,
@@ -361,8 +362,7 @@ def run_sample(
     slice_index: int = 0,
 ) -> SampleResult:
     """Run :func:`sample` to the end and return its :class:`SampleResult` (same parameters)."""
-    result = None
-    for event in sample(
+    events = sample(
         model,
         lr,
         k,
@@ -375,11 +375,8 @@ def run_sample(
         None,
         halo,
         slice_index,
-    ):
-        if isinstance(event, SamplingFinished):
-            result = event.result
-    assert result is not None
-    return result
+    )
+    return final_result(events, SamplingFinished)
 
 
 def _std_units(std: np.ndarray, normalisation: Normalisation | None) -> np.ndarray:
@@ -447,6 +444,53 @@ def _check_sampling_volume(shape: tuple[int, ...], dtype: Any, normalisation: An
     return output_dtype(dtype, normalisation)
 
 
+def _sample_into_targets(
+    run: _FlowRun,
+    source: Any,
+    targets: tuple[Any, Any, Any],
+    ax: int,
+    normalisation: Normalisation | None,
+    out_dt: np.dtype,
+    stop: threading.Event | None,
+    start: float,
+) -> Iterator[SamplingProgress | SamplingFinished]:
+    """Sample ``source`` slice by slice along ``ax`` into the checked ``(mean, std, samples)``
+    targets (``samples`` may be ``None``); ends with ``SamplingFinished(None, ...)``."""
+    mean_target, std_target, samples_target = targets
+    shape = tuple(int(n) for n in source.shape)
+    ndim = len(shape)
+    along = 0 if ndim == 2 else ax
+
+    def region(i: int) -> tuple[Any, ...]:
+        if ndim == 2:
+            return (slice(None), slice(None))
+        return tuple(i if d == along else slice(None) for d in range(ndim))
+
+    def write_stats(i: int, mean: np.ndarray, std: np.ndarray) -> None:
+        mean_target[region(i)] = _to_input_units(mean, normalisation, out_dt)
+        std_target[region(i)] = _std_units(std, normalisation)
+
+    def write_samples(i: int, j0: int, j1: int, batch: np.ndarray) -> None:
+        samples_target[(slice(j0, j1), *region(i))] = _to_input_units(batch, normalisation, out_dt)
+
+    n_slices = 1 if ndim == 2 else shape[ax]
+    for event in _sample_slices(
+        run,
+        n_slices,
+        lambda i: source[region(i)],
+        write_stats,
+        write_samples if samples_target is not None else None,
+        normalisation,
+        stop,
+        start,
+    ):
+        if event is True:
+            yield SamplingFinished(None, time.perf_counter() - start, True)
+            return
+        yield event
+    yield SamplingFinished(None, time.perf_counter() - start, False)
+
+
 def sample_volume(
     model: nn.Module,
     volume: np.ndarray,
@@ -503,38 +547,12 @@ def sample_volume(
     mean_out = np.empty(shape, out_dt)
     std_out = np.empty(shape, np.float32)
     samples_out = np.empty((run.k, *shape), out_dt) if keep_samples else None
-    if vol.ndim == 2:
-        src, mean_dst, std_dst = vol[None], mean_out[None], std_out[None]
-        samples_dst = samples_out[:, None] if samples_out is not None else None
-    else:
-        src = np.moveaxis(vol, ax, 0)
-        mean_dst, std_dst = np.moveaxis(mean_out, ax, 0), np.moveaxis(std_out, ax, 0)
-        samples_dst = np.moveaxis(samples_out, ax + 1, 1) if samples_out is not None else None
-
-    def write_stats(i: int, mean: np.ndarray, std: np.ndarray) -> None:
-        mean_dst[i] = _to_input_units(mean, normalisation, out_dt)
-        std_dst[i] = _std_units(std, normalisation)
-
-    def write_samples(i: int, j0: int, j1: int, batch: np.ndarray) -> None:
-        assert samples_dst is not None
-        samples_dst[j0:j1, i] = _to_input_units(batch, normalisation, out_dt)
-
-    for event in _sample_slices(
-        run,
-        src.shape[0],
-        lambda i: src[i],
-        write_stats,
-        write_samples if samples_dst is not None else None,
-        normalisation,
-        stop,
-        start,
-    ):
-        if event is True:
-            yield SamplingFinished(None, time.perf_counter() - start, True)
-            return
+    targets = (mean_out, std_out, samples_out)
+    for event in _sample_into_targets(run, vol, targets, ax, normalisation, out_dt, stop, start):
+        if isinstance(event, SamplingFinished) and not event.stopped_early:
+            result = SampleResult(mean_out, std_out, samples_out, run.k, run.temperature, run.seed)
+            event = SamplingFinished(result, event.elapsed_s, False)
         yield event
-    result = SampleResult(mean_out, std_out, samples_out, run.k, run.temperature, run.seed)
-    yield SamplingFinished(result, time.perf_counter() - start, False)
 
 
 def run_sample_volume(
@@ -552,8 +570,7 @@ def run_sample_volume(
     halo: int | None = None,
 ) -> SampleResult:
     """Run :func:`sample_volume` to the end and return its result (same parameters)."""
-    result = None
-    for event in sample_volume(
+    events = sample_volume(
         model,
         volume,
         k,
@@ -567,11 +584,8 @@ def run_sample_volume(
         normalisation,
         None,
         halo,
-    ):
-        if isinstance(event, SamplingFinished):
-            result = event.result
-    assert result is not None
-    return result
+    )
+    return final_result(events, SamplingFinished)
 
 
 def sample_into(
@@ -641,34 +655,5 @@ def sample_into(
             )
         if np.dtype(target.dtype) != dtype:
             raise InputError(f"{name} has dtype {target.dtype}, the result is {dtype}: use {dtype}")
-    ndim = len(shape)
-    along = 0 if ndim == 2 else ax
-
-    def region(i: int) -> tuple[Any, ...]:
-        if ndim == 2:
-            return (slice(None), slice(None))
-        return tuple(i if d == along else slice(None) for d in range(ndim))
-
-    def write_stats(i: int, mean: np.ndarray, std: np.ndarray) -> None:
-        mean_target[region(i)] = _to_input_units(mean, normalisation, out_dt)
-        std_target[region(i)] = _std_units(std, normalisation)
-
-    def write_samples(i: int, j0: int, j1: int, batch: np.ndarray) -> None:
-        samples_target[(slice(j0, j1), *region(i))] = _to_input_units(batch, normalisation, out_dt)
-
-    n_slices = 1 if ndim == 2 else shape[ax]
-    for event in _sample_slices(
-        run,
-        n_slices,
-        lambda i: source[region(i)],
-        write_stats,
-        write_samples if samples_target is not None else None,
-        normalisation,
-        stop,
-        start,
-    ):
-        if event is True:
-            yield SamplingFinished(None, time.perf_counter() - start, True)
-            return
-        yield event
-    yield SamplingFinished(None, time.perf_counter() - start, False)
+    targets = (mean_target, std_target, samples_target)
+    yield from _sample_into_targets(run, source, targets, ax, normalisation, out_dt, stop, start)

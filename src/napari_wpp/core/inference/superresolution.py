@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.events import final_result
 from napari_wpp.core.inference.common import (
     InferenceFinished,
     InferenceProgress,
@@ -222,14 +223,8 @@ def run_superresolve(
     halo: int | None = None,
 ) -> np.ndarray:
     """Run :func:`superresolve` to the end and return its result (same parameters)."""
-    result = None
-    for event in superresolve(
-        model, volume, axis, tile, batch_size, device, normalisation, None, halo
-    ):
-        if isinstance(event, InferenceFinished):
-            result = event.result
-    assert result is not None
-    return result
+    events = superresolve(model, volume, axis, tile, batch_size, device, normalisation, None, halo)
+    return final_result(events, InferenceFinished)
 
 
 # --------------------------------------------------------------------------- dask
