@@ -123,3 +123,30 @@ def test_a_questionable_kernel_is_a_warning_notification(
         notification_manager.notification_ready.disconnect(collect)
     assert errors == []
     assert len(warnings_shown) == 1 and "all zero" in warnings_shown[0], warnings_shown
+
+
+def test_train_save_path_never_replaces_another_model(
+    make_napari_viewer, tmp_path: Path, errors
+) -> None:
+    """As ``train --out`` without ``--overwrite``: an existing file is not replaced."""
+    from napari_wpp.data import synthetic_material
+    from napari_wpp.widgets._session import ReferenceSelection, session_for
+
+    material = synthetic_material(shape=(3, 64, 64), scale=4, seed=3)
+    viewer = make_napari_viewer()
+    viewer.add_image(material.lr, name="LR", metadata={"napari_wpp": {"role": "lr"}})
+    session = session_for(viewer)
+    reference = (material.reference[:48, :48] / 255.0).astype(np.float32)
+    session.reference = ReferenceSelection(
+        [reference], {"low": 0.0, "high": 255.0, "dtype": "uint8"}, "ref", 1849
+    )
+    session.operator = material.operator
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Train")
+    existing = tmp_path / "other.safetensors"
+    existing.write_bytes(b"someone else's model")
+    widget.settings.lr_layer = "LR"
+    widget.settings.save_path = str(existing)
+    widget.settings.device = "cpu"
+    assert widget.start() is None
+    assert len(errors) == 1 and "exists" in errors[0] and "other.safetensors" in errors[0]
+    assert existing.read_bytes() == b"someone else's model"

@@ -309,6 +309,12 @@ class TrainWidget(JobDockWidget):
         if not path.parent.is_dir():
             raise InputError(f"folder {path.parent} does not exist: create it or choose another")
         check_not_an_input([path], layer_files(self.viewer))
+        resumed = self.session.model_path if self._resume is not None else None
+        if path.exists() and not (resumed and path.resolve() == Path(resumed).resolve()):
+            raise InputError(
+                f"model file {path.name} exists and training would replace it: choose another "
+                "save path, or resume that model (only a resumed run may write to its own file)"
+            )
         return path
 
     # ------------------------------------------------------------------ job events
