@@ -287,6 +287,14 @@ def superresolve_job(
     yield from _checked_and_locked(outputs, source, inputs, events)
 
 
+def _slicing(spec: PredictSpec, source: PredictSource) -> tuple[Any, int | None, list[bool]]:
+    """The input, its slice axis (``None`` for a 2D image) and which axes grow."""
+    data = source.data
+    ndim = len(data.shape)
+    axis = int(spec.axis) % 3 if ndim == 3 else None
+    return data, axis, grown_axes(ndim, axis)
+
+
 def _superresolve_events(
     spec: PredictSpec,
     model: Any,
@@ -298,10 +306,7 @@ def _superresolve_events(
     """The events of :func:`superresolve_job` (outputs checked and locked)."""
     from napari_wpp.core import inference
 
-    data = source.data
-    ndim = len(data.shape)
-    axis = int(spec.axis) % 3 if ndim == 3 else None
-    grow = grown_axes(ndim, axis)
+    data, axis, grow = _slicing(spec, source)
     norm, how = source.normalisation(recorded_normalisation)
     yield NormalisationChosen(norm.to_dict(), how)
     common = {"tile": spec.tile, "normalisation": norm, "device": spec.device, "stop": stop}
@@ -342,7 +347,7 @@ def _superresolve_events(
         if target.zarr:
             if finished.result is not None:  # computed in memory: written now
                 provenance = _provenance(model, source, axis, spec.tile, norm)
-                slices = 1 if ndim == 2 else int(data.shape[axis])
+                slices = 1 if axis is None else int(data.shape[axis])
                 provenance.update(target.provenance)
                 provenance.update({"complete": True, "slices_done": slices})
                 attrs = {**_zarr_attrs(source, scale, grow), PROVENANCE_ATTR: provenance}
@@ -428,10 +433,7 @@ def _sample_events(
     """The events of :func:`sample_job` (outputs checked and locked)."""
     from napari_wpp.core import inference
 
-    data = source.data
-    ndim = len(data.shape)
-    axis = int(spec.axis) % 3 if ndim == 3 else None
-    grow = grown_axes(ndim, axis)
+    data, axis, grow = _slicing(spec, source)
     norm, how = source.normalisation(recorded_normalisation)
     yield NormalisationChosen(norm.to_dict(), how)
     common = {
@@ -481,7 +483,7 @@ def _sample_events(
         )
         if target.zarr:
             if result is not None:  # computed in memory: written now
-                slices = 1 if ndim == 2 else int(data.shape[axis])
+                slices = 1 if axis is None else int(data.shape[axis])
                 for name in paths:
                     _write_statistic_zarr(
                         tmps[name],
