@@ -1,4 +1,5 @@
-"""Trainable models: WPPNet (CNN) and WPPFlow (conditional normalizing flow)."""
+"""Trainable models: WPPNet (CNN), WPPFlow (conditional normalizing flow) and PatchNR (a
+normalizing flow on patches, the learned patch prior)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ from typing import Any
 import torch
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.models.patchnr import PatchNR
 from napari_wpp.core.models.wppflow import WPPFlow
 from napari_wpp.core.models.wppnet import WPPNet
 
 #: Model kinds by name, as stored in model files.
-MODEL_KINDS: dict[str, type[torch.nn.Module]] = {"wppnet": WPPNet, "wppflow": WPPFlow}
+MODEL_KINDS: dict[str, type[torch.nn.Module]] = {
+    "wppnet": WPPNet,
+    "wppflow": WPPFlow,
+    "patchnr": PatchNR,
+}
 #: Constructor arguments that count repeated parts (each part holds at least one weight
 #: tensor): a model file's metadata cannot ask for more of them than it stores tensors.
 MODEL_COUNT_OPTIONS: dict[str, tuple[str, ...]] = {
     "wppnet": ("blocks",),
     "wppflow": ("steps", "edge_shifts", "mean_blocks"),
+    "patchnr": ("blocks",),
 }
 
 
