@@ -54,7 +54,8 @@ class TrainSource:
     lr
         LR image (2D) or stack (3D) in its own dtype (integer or float).
     reference
-        HR reference: an image, a volume or a list of regions.
+        HR reference: an image, a volume or a list of regions. ``None`` (a PatchNR only):
+        zero-shot, the flow learns the patches of ``lr`` itself.
     reference_normalised
         ``True``: ``reference`` is already in normalised units; ``False``: normalise it by
         its own range.
@@ -148,8 +149,9 @@ def load_resume(path: str | Path, label: str | None = None) -> Any:
 
 
 def check_resumable(state: Any, name: str) -> None:
-    """Refuse a state without its ψ and optimizer state (saved for prediction only)."""
-    if not state.priors or state.optimizer is None:
+    """Refuse a state without its ψ (a PatchNR has none) and optimizer state (saved for
+    prediction only)."""
+    if (not state.priors and state.kind != "patchnr") or state.optimizer is None:
         raise InputError(
             f"{name} holds no training state (saved for prediction only): start a new run instead"
         )
@@ -263,9 +265,81 @@ def _train_events(
     group: Any,
 ) -> Iterator[Any]:
     """The events of :func:`train_job` (its checks and lock done)."""
-    from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished, train
+    from napari_wpp.core.training import TrainingCheckpoint, TrainingFinished
     from napari_wpp.io import save_model
 
+    if (resume.kind if resume is not None else spec.model) == "patchnr":
+        events = _patchnr_events(spec, source, operator, stop, resume)
+    else:
+        events = _network_events(spec, source, operator, stop, resume, group)
+    for event in events:
+        yield event
+        if model_path is None or not isinstance(event, (TrainingCheckpoint, TrainingFinished)):
+            continue
+        final = isinstance(event, TrainingFinished)
+        try:
+            written = save_model(model_path, event.state)
+        except Exception as exc:  # noqa: BLE001 - an event: each face decides what follows
+            yield ModelFileFailed(model_path, exc, final)
+        else:
+            yield ModelFileWritten(Path(written), int(event.state.step), final)
+
+
+def _patchnr_events(
+    spec: TrainSpec, source: TrainSource, operator: Any, stop: Any, resume: Any
+) -> Iterator[Any]:
+    """A PatchNR learns the reference's patches, or the LR data's own (zero-shot).
+
+    Integer images are dequantised by one quantisation step (in normalised units).
+    """
+    from napari_wpp.core.training import train_patchnr
+
+    zero_shot = source.reference is None
+    images = source.lr if zero_shot else source.reference
+    normalised = source.lr_normalised if zero_shot else source.reference_normalised
+    recorded, step = None, 0.0
+    if isinstance(images, list):
+        images = images if normalised else _self_normalised(images)
+    elif normalised:
+        images = np.asarray(images, dtype=np.float32)
+    else:
+        data = np.asarray(images)
+        norm = lr_normalisation(data, None, "LR data" if zero_shot else "reference")
+        images = np.asarray(norm.apply(data), dtype=np.float32)
+        recorded = norm.to_dict()
+        if data.dtype.kind in "ui":
+            step = 1.0 / (float(norm.high) - float(norm.low))
+    yield TrainingStarted(recorded)
+    warning = reference_warning(images, int(spec.patch_size))
+    if warning is not None:
+        yield warning
+    yield from train_patchnr(
+        images,
+        operator,
+        spec,
+        stop=stop,
+        resume=resume,
+        normalisation=recorded,
+        dequantise=step,
+    )
+
+
+def _network_events(
+    spec: TrainSpec,
+    source: TrainSource,
+    operator: Any,
+    stop: Any,
+    resume: Any,
+    group: Any,
+) -> Iterator[Any]:
+    """A WPPNet or a WPPFlow learns from the LR data with the reference's WPP."""
+    from napari_wpp.core.training import train
+
+    if source.reference is None:
+        raise InputError(
+            f"a {spec.model} needs an HR reference: give one (training without a reference is "
+            "zero-shot PatchNR, --model patchnr)"
+        )
     lr, preview, recorded = source.lr, source.preview, None
     if not source.lr_normalised:
         norm = lr_normalisation(np.asarray(lr), resume)
@@ -281,7 +355,7 @@ def _train_events(
         warning = reference_warning(reference, int(getattr(spec, "patch_size", 6)))
         if warning is not None:
             yield warning
-    for event in train(
+    yield from train(
         lr,
         reference,
         operator,
@@ -291,17 +365,7 @@ def _train_events(
         normalisation=recorded,
         preview_input=preview,
         data_parallel=group,
-    ):
-        yield event
-        if model_path is None or not isinstance(event, (TrainingCheckpoint, TrainingFinished)):
-            continue
-        final = isinstance(event, TrainingFinished)
-        try:
-            written = save_model(model_path, event.state)
-        except Exception as exc:  # noqa: BLE001 - an event: each face decides what follows
-            yield ModelFileFailed(model_path, exc, final)
-        else:
-            yield ModelFileWritten(Path(written), int(event.state.step), final)
+    )
 
 
 def _self_normalised(reference: Any) -> Any:

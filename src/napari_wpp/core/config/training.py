@@ -1,4 +1,4 @@
-"""The spec of a training run (a WPPNet or a WPPFlow), torch-free.
+"""The spec of a training run (a WPPNet, a WPPFlow or a PatchNR prior), torch-free.
 
 :class:`TrainSpec` holds every default, bound and one-line help of training, including the
 device-dependent defaults (fields left at ``None``, filled in by :meth:`TrainSpec.for_device`
@@ -22,6 +22,7 @@ __all__ = [
     "PAPER_LAMBDA_NUMERATOR",
     "PRECISIONS",
     "PSI_MODES",
+    "PREDICTION_MODELS",
     "PUBLISHED_RHO_PER_CROP",
     "TRAINABLE_MODELS",
     "TrainSpec",
@@ -29,7 +30,9 @@ __all__ = [
 ]
 
 #: Model kinds that can be trained.
-TRAINABLE_MODELS = ("wppnet", "wppflow")
+TRAINABLE_MODELS = ("wppnet", "wppflow", "patchnr")
+#: Model kinds that superresolve by themselves (a PatchNR is a prior for ``reconstruct``).
+PREDICTION_MODELS = ("wppnet", "wppflow")
 #: Modes of the dual potentials ψ (see :attr:`TrainSpec.psi_mode`).
 PSI_MODES = ("shared", "per_batch")
 #: Mixed precision choices (see :attr:`TrainSpec.mixed_precision`).
@@ -58,7 +61,7 @@ def _per_device(help: str, cpu: int, cuda: int, low: int, high: int) -> Any:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Parameters of a WPPNet or WPPFlow training run (the CLI and the widgets build this).
+    """Parameters of a WPPNet, WPPFlow or PatchNR training run (the CLI and widgets build this).
 
     Every field carries its one-line help and bounds (:func:`~napari_wpp.core.config.bounds`,
     :func:`~napari_wpp.core.config.help_text`). Fields whose best value depends on the device
@@ -70,8 +73,10 @@ class TrainSpec:
     Parameters
     ----------
     model
-        Model kind: ``"wppnet"`` (a CNN) or ``"wppflow"`` (a conditional normalizing flow,
-        trained with the backward KL of REFERENCE.md §1).
+        Model kind: ``"wppnet"`` (a CNN), ``"wppflow"`` (a conditional normalizing flow,
+        trained with the backward KL of REFERENCE.md §1) or ``"patchnr"`` (a normalizing flow
+        on patches trained by maximum likelihood on the reference's patches, or on the LR
+        data's own in zero-shot mode: a prior for the variational reconstruction).
     lam
         WPPNet: weight λ of the patch prior (mean data term). ``None``: the paper's rule
         :func:`paper_lambda`; ``"auto"``: chosen on the reference by :func:`choose_lambda`.
@@ -139,6 +144,10 @@ class TrainSpec:
     checkpoint_minutes
         Also yield a checkpoint whenever this many minutes have passed since the last one
         (``None``: never), e.g. for the CLI to save the model file periodically.
+    patchnr_hidden
+        PatchNR: hidden width of the coupling subnets (published 512; ``None``: the device's).
+    patchnr_batch
+        PatchNR: training patches per step (``None``: the device's).
     model_options
         Extra constructor arguments of the model (e.g. ``{"features": 32}``).
     """
@@ -146,7 +155,8 @@ class TrainSpec:
     model: str = field(
         default="wppnet",
         metadata=field_meta(
-            "wppnet (a CNN) or wppflow (a conditional normalizing flow: posterior samples)",
+            "wppnet (a CNN), wppflow (a conditional normalizing flow: posterior samples) or "
+            "patchnr (a patch flow: the learned prior of `reconstruct --prior`)",
             choices=TRAINABLE_MODELS,
         ),
     )
@@ -286,6 +296,16 @@ class TrainSpec:
     validate_every: int | None = field(
         default=None,
         metadata=field_meta("validation PSNR every this many steps", 1, None, default_text="never"),
+    )
+    patchnr_hidden: int | None = field(
+        default=None,
+        metadata=_per_device(
+            "patchnr: hidden width of the coupling subnets (published 512)", 256, 512, 4, 4096
+        ),
+    )
+    patchnr_batch: int | None = field(
+        default=None,
+        metadata=_per_device("patchnr: training patches per step", 256, 1024, 1, MAX_COUNT),
     )
     model_options: dict[str, Any] = field(
         default_factory=dict,

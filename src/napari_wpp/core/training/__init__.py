@@ -19,7 +19,8 @@ through ``stop`` or by the budget). Checkpoint and final events carry a :class:`
 The package: :mod:`~napari_wpp.core.config.training` holds the parameters (``TrainingConfig``
 is :class:`~napari_wpp.core.config.TrainSpec`), :mod:`.setup` builds a run, :mod:`.losses`
 holds the loss objects, :mod:`.loop` steps the run and yields its events (:mod:`.events`),
-:mod:`.data` cuts crops and :mod:`.lambdas` chooses the prior weight.
+:mod:`.data` cuts crops and :mod:`.lambdas` chooses the prior weight; :mod:`.patchnr` trains
+a PatchNR prior by maximum likelihood on patches.
 """
 
 from napari_wpp.core.config.training import (
@@ -53,6 +54,7 @@ from napari_wpp.core.training.lambdas import (
 )
 from napari_wpp.core.training.loop import run_training, train
 from napari_wpp.core.training.losses import FLOW_GRAD_CLIP, FlowLoss, LossTerms, WPPNetLoss
+from napari_wpp.core.training.patchnr import train_patchnr
 from napari_wpp.core.training.setup import (
     CHANNELS_LAST,
     FINAL_LR_FRACTION,
@@ -103,4 +105,5 @@ __all__ = [
     "saved_config",
     "setup_run",
     "train",
+    "train_patchnr",
 ]

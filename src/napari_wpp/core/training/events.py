@@ -88,7 +88,10 @@ class TrainingProgress:
     WPPNet and during the warm-up. ``steps_per_s`` is the rate over the last
     :data:`RATE_WINDOW` steps (``None`` at the first step of a run), ``device`` the training
     device (with ``×W`` for W data-parallel processes) and ``total_steps`` the step budget
-    (``None`` with a time budget only). Losses are means over all processes.
+    (``None`` with a time budget only). Losses are means over all processes. A PatchNR run
+    reports its batch's mean patch NLL as ``nll`` (and ``loss``; ``data_term`` and
+    ``wpp_term`` 0) and, every few hundred steps, that of the held-out patches as
+    ``heldout_nll``.
     """
 
     step: int
@@ -103,6 +106,8 @@ class TrainingProgress:
     steps_per_s: float | None = None
     device: str = ""
     total_steps: int | None = None
+    nll: float | None = None
+    heldout_nll: float | None = None
 
 
 @dataclass

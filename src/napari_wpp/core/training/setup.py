@@ -85,6 +85,11 @@ def native_bf16(device: torch.device) -> bool:
 
 def check_config(config: TrainingConfig) -> None:
     """Raise ``InputError`` (naming the fix) for an invalid, device-resolved config."""
+    if config.model == "patchnr":
+        raise InputError(
+            "a PatchNR trains on patches alone: use core.training.train_patchnr (the train job "
+            "does)"
+        )
     if config.model not in TRAINABLE_MODELS:
         raise InputError(
             f"unknown model {config.model!r} for training: use one of {', '.join(TRAINABLE_MODELS)}"
