@@ -586,6 +586,7 @@ def describe_reconstruction(event: Any) -> tuple[float, str] | None:
     if isinstance(event, ReconstructionProgress):
         return (
             event.fraction,
-            f"it {event.iteration} data {event.data_term:.2e} wpp {event.wpp_term:.2e}",
+            f"it {event.iteration} data {event.data_term:.2e} "
+            + (f"wpp {event.wpp_term:.2e}" if event.nll is None else f"nll {event.nll:.4g}"),
         )
     return None

@@ -1,4 +1,5 @@
-"""``napari-wpp reconstruct``: variational WPP superresolution of one LR image."""
+"""``napari-wpp reconstruct``: variational superresolution of one LR image, with the WPP of an
+HR reference or with a trained PatchNR prior (``--prior``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from napari_wpp.cli._common import (
     iterations_type,
     lambda_type,
     minutes_type,
+    number_type,
     operator_from_args,
     read_input,
     seed_type,
@@ -29,15 +31,18 @@ from napari_wpp.cli._common import (
 from napari_wpp.core.config import ReconstructSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
 
+_patch_count = number_type(int, 0, True, "e.g. --patchnr-patches 40000 (0: all patches)")
+
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``reconstruct`` subcommand to ``sub``."""
     p = sub.add_parser(
         "reconstruct",
         parents=[common],
-        help="variational WPP superresolution of one LR image",
+        help="variational superresolution of one LR image (WPP or a PatchNR prior)",
         description="Superresolve one 2D LR image with the variational Wasserstein Patch "
-        "Prior, using an HR reference of the same material. The output TIFF has the LR "
+        "Prior, using an HR reference of the same material, or with a learned PatchNR prior "
+        "(--prior, from `napari-wpp train --model patchnr`). The output TIFF has the LR "
         "image's dtype and intensity range.",
     )
     p.add_argument(
@@ -49,9 +54,19 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="Z",
         help="index of the slice to reconstruct when LR is a 3D stack",
     )
-    p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reference", metavar="REF", help="HR reference image or stack (WPP)")
+    source.add_argument(
+        "--prior",
+        metavar="PRIOR.safetensors",
+        help="a trained PatchNR prior (`napari-wpp train --model patchnr`) instead of the WPP",
+    )
     add_operator_flags(p)
     add_spec_option(p, ReconstructSpec, "lam", "--lambda", type=lambda_type, metavar="L")
+    add_spec_option(
+        p, ReconstructSpec, "patchnr_lam", "--patchnr-lambda", type=lambda_type, metavar="L"
+    )
+    add_spec_option(p, ReconstructSpec, "patchnr_patches", type=_patch_count, metavar="N")
     add_spec_option(
         p,
         ReconstructSpec,
@@ -74,13 +89,16 @@ def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from napari_wpp.jobs.reconstruct import ReconstructResult, reconstruct_job
+    from napari_wpp.jobs.reconstruct import ReconstructResult, load_prior, reconstruct_job
 
     out = check_output(args.out)
     device = check_device(args.device)
     operator = operator_from_args(args)
     lr_data = read_input(args.lr, "LR image", ndims=(2, 3))
-    ref_data = read_input(args.reference, "reference", ndims=(2, 3))
+    prior = None if args.prior is None else load_prior(args.prior)
+    reference = None
+    if args.reference is not None:
+        reference = read_input(args.reference, "reference", ndims=(2, 3)).array
     lr = lr_data.array
     if lr.ndim == 3:
         if args.slice is None:
@@ -97,10 +115,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     elif args.slice is not None:
         raise InputError(f"--slice is for 3D stacks but {args.lr!r} is 2D: drop --slice")
     spec = spec_from_args(args)
-    inputs = [("reference", args.reference), ("operator file", args.operator)]
+    inputs = [
+        ("reference", args.reference),
+        ("prior", args.prior),
+        ("operator file", args.operator),
+    ]
     result = drive(
         lambda stop: reconstruct_job(
-            spec, operator, lr_data, ref_data.array, out, stop=stop, inputs=inputs
+            spec, operator, lr_data, reference, out, stop=stop, inputs=inputs, prior=prior
         ),
         ProgressBar("reconstruct"),
         finished=ReconstructResult,
@@ -115,6 +137,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             "iterations": result.iterations,
             "seconds": result.elapsed_s,
             "lambda": result.lam,
+            "prior": "patchnr" if prior is not None else "wpp",
             "device": device,
             "stopped_early": result.stopped_early,
         },

@@ -1,4 +1,4 @@
-"""``napari-wpp train``: train a WPPNet or a WPPFlow on LR data."""
+"""``napari-wpp train``: train a WPPNet or a WPPFlow on LR data, or a PatchNR prior."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ SPEC_FLAGS = (
     ("--crop-size", "crop_size", "crop_size"),
     ("--reference-patches", "reference_patches", "n_reference_patches"),
     ("--psi-passes", "psi_passes", "psi_passes"),
+    ("--hidden", "hidden", "patchnr_hidden"),
+    ("--patch-batch", "patch_batch", "patchnr_batch"),
     ("--device", "device", "device"),
     ("--seed", "seed", "seed"),
 )
@@ -62,6 +64,7 @@ def _help(name: str, extra: str = "") -> str:
 
 _rho = number_type(float, 0.0, True, "e.g. --rho 100")
 _steps = number_type(int, 1, True, "e.g. --steps 500")
+_positive_int = number_type(int, 1, True, "e.g. --hidden 256")
 _checkpoint_minutes = number_type(
     float, 0.0, True, "e.g. --checkpoint-minutes 5 (0: only at the end)"
 )
@@ -72,17 +75,24 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train",
         parents=[common],
-        help="train a WPPNet or a WPPFlow on LR data (no paired HR data needed)",
+        help="train a WPPNet or a WPPFlow on LR data (no paired HR data needed), or a PatchNR "
+        "prior",
         description="Train a WPPNet (or, with --model wppflow, a conditional normalizing flow "
         "that draws posterior samples) on a 2D LR image or a 3D LR stack with the Wasserstein "
         "Patch Prior of an HR reference of the same material. The model file records the "
         "operator, the LR data's intensity normalisation and the training state; it is "
-        "written every --checkpoint-minutes and at the end, also when Ctrl-C stops the run.",
+        "written every --checkpoint-minutes and at the end, also when Ctrl-C stops the run. "
+        "--model patchnr trains a learned patch prior for `reconstruct --prior` on the "
+        "reference's patches, or without --reference on the LR data's own (zero-shot).",
     )
     p.add_argument(
         "--lr-data", required=True, metavar="LR", help="LR image (2D) or stack (3D), TIFF or PNG"
     )
-    p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
+    p.add_argument(
+        "--reference",
+        metavar="REF",
+        help="HR reference image or stack (a patchnr without it learns the LR data: zero-shot)",
+    )
     add_operator_flags(p)
     p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="model file to write")
     p.add_argument(
@@ -116,6 +126,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--psi-passes", type=positive_types["--psi-passes"], metavar="P", help=_help("psi_passes")
     )
+    p.add_argument("--hidden", type=_positive_int, metavar="H", help=_help("patchnr_hidden"))
+    p.add_argument("--patch-batch", type=_positive_int, metavar="B", help=_help("patchnr_batch"))
     p.add_argument("--device", metavar="DEVICE", help=_help("device"))
     p.add_argument("--seed", type=seed_type, metavar="N", help=_help("seed"))
     p.add_argument(
@@ -196,7 +208,29 @@ def _check_model_kind(kind: str) -> str:
 
 
 def _check_prior_weight_flags(args: argparse.Namespace, kind: str) -> None:
-    """``--lambda`` belongs to wppnet, ``--rho`` to wppflow; σ > 0 for a flow."""
+    """``--lambda`` belongs to wppnet, ``--rho`` to wppflow; σ > 0 for a flow; the PatchNR
+    flags to patchnr, which alone trains without a reference."""
+    network_flags = (
+        ("--lambda", args.lam),
+        ("--rho", args.rho),
+        ("--mean-warmup", args.mean_warmup),
+    )
+    if kind == "patchnr":
+        for flag, value in network_flags:
+            if value is not None:
+                raise InputError(
+                    f"{flag} is a setting of wppnet/wppflow training: drop it for patchnr (its "
+                    "weight is reconstruct's --patchnr-lambda)"
+                )
+    else:
+        for flag, value in (("--hidden", args.hidden), ("--patch-batch", args.patch_batch)):
+            if value is not None:
+                raise InputError(f"{flag} belongs to patchnr: drop it, or add --model patchnr")
+        if args.reference is None:
+            raise InputError(
+                f"a {kind} learns from an HR reference: give --reference REF (only --model "
+                "patchnr trains without one, zero-shot on the LR data)"
+            )
     if kind == "wppnet" and args.rho is not None:
         raise InputError("--rho is the prior weight of wppflow: use --lambda with wppnet")
     if kind == "wppnet" and args.mean_warmup is not None:
@@ -228,8 +262,11 @@ def _resume_operator(args: argparse.Namespace, state: Any, name: str) -> Any:
     """The model file's operator, or the asked one when it is the same."""
     from napari_wpp.core.operators import operator_from_dict
 
+    asked_none = args.operator is None and args.scale is None and args.sigma is None
+    if not state.operator and asked_none:  # a PatchNR trained without an operator
+        return None
     saved = operator_from_dict(state.operator)
-    if args.operator is None and args.scale is None and args.sigma is None:
+    if asked_none:
         return saved
     asked = operator_from_args(args)
     if int(asked.scale) != int(saved.scale):
@@ -294,6 +331,11 @@ def _describe_training(event: Any) -> tuple[float, str] | None:
     from napari_wpp.core.training import TrainingProgress, rate_text
 
     if isinstance(event, TrainingProgress):
+        if event.nll is not None:  # a PatchNR
+            total = "" if event.total_steps is None else f"/{event.total_steps}"
+            rate = f" · {rate_text(event.steps_per_s)}" if event.steps_per_s else ""
+            held = "" if event.heldout_nll is None else f" · held-out {event.heldout_nll:.4g}"
+            return event.fraction, f"step {event.step}{total}{rate} · NLL {event.nll:.4g}{held}"
         logdet = "" if event.logdet is None else f" logdet {event.logdet:.3g}"
         phase = "" if event.phase is None else f" ({event.phase})"
         total = "" if event.total_steps is None else f"/{event.total_steps}"
@@ -430,7 +472,9 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     else:
         kind = args.model or default_of(_spec(), "model")
         _check_prior_weight_flags(args, kind)
-        operator = operator_from_args(args)
+        given = args.operator is not None or args.scale is not None
+        # a PatchNR prior records the operator it is meant for when one is given
+        operator = operator_from_args(args) if kind != "patchnr" or given else None
     _check_replaces(out, args, kind)
     spec = _spec()(
         **{
@@ -443,8 +487,10 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     if resume is not None:
         check_resume_budget(spec, resume, name, "--steps", "--minutes")
     lr_data = read_input(args.lr_data, "LR data", ndims=(2, 3))
-    ref_data = read_input(args.reference, "reference", ndims=(2, 3))
-    source = TrainSource(np.asarray(lr_data.array), np.asarray(ref_data.array))
+    reference = None
+    if args.reference is not None:
+        reference = np.asarray(read_input(args.reference, "reference", ndims=(2, 3)).array)
+    source = TrainSource(np.asarray(lr_data.array), reference)
     main_rank = group is None or group.is_main
     if "auto" in (args.lam, args.rho) and resume is None and main_rank:
         flag = "--lambda" if args.lam == "auto" else "--rho"
@@ -460,6 +506,9 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     state = final.state
     last = state.history[-1] if state.history else {}
     stopped = bool(final.stopped_early)
+    if state.kind == "patchnr":
+        _report_patchnr(args, out, state, device, stopped, first_step, checkpoints)
+        return EXIT_OK
     q = int(operator.scale)
     losses = {k: last.get(k) for k in ("data_term", "wpp_term", "loss")}
     flow = state.kind == "wppflow"
@@ -488,3 +537,40 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         f"({weight_text}, {device}){loss_text}" + (" [stopped early]" if stopped else ""),
     )
     return EXIT_OK
+
+
+def _report_patchnr(
+    args: argparse.Namespace,
+    out: Path,
+    state: Any,
+    device: str,
+    stopped: bool,
+    first_step: int,
+    checkpoints: int,
+) -> None:
+    """The last line (or JSON) of a PatchNR training run."""
+    last = state.history[-1] if state.history else {}
+    held = [r["heldout_nll"] for r in state.history if r.get("heldout_nll") is not None]
+    mode = "zero-shot" if args.reference is None else "reference"
+    nll_text = f"; NLL {last['nll']:.4g}" if "nll" in last else ""
+    held_text = f", held-out NLL {held[-1]:.4g}" if held else ""
+    emit(
+        args,
+        {
+            "out": str(out),
+            "model": "patchnr",
+            "mode": mode,
+            "steps": int(state.step),
+            "steps_this_run": int(state.step) - first_step,
+            "seconds": float(state.elapsed_s),
+            "nll": last.get("nll"),
+            "heldout_nll": held[-1] if held else None,
+            "hidden": state.model_config.get("hidden"),
+            "device": device,
+            "stopped_early": stopped,
+            "resumed_from": args.resume,
+            "checkpoints": checkpoints,
+        },
+        f"wrote {out} (patchnr, {mode}) after {state.step} steps in {state.elapsed_s:.1f} s "
+        f"({device}){nll_text}{held_text}" + (" [stopped early]" if stopped else ""),
+    )

@@ -5,6 +5,13 @@ over the HR image ``x`` (the data term is the mean over LR pixels, which makes �
 the image size; the published sum form ``½‖f(x) − y‖²`` corresponds to
 ``λ_sum = λ · n_LR / 2``).
 
+With a learned prior instead (:func:`reconstruct_variational` with ``prior``, a
+:class:`~napari_wpp.core.models.patchnr.PatchNR`) the prior term is the mean negative
+log-likelihood of about ``patchnr_patches`` patches of ``x`` per iteration (a strided grid with a
+random offset): ``E(x) = mean((f(x) − y)²) + λ_NR · mean_patches NLL(patch)``. The published
+PatchNR loss ``‖f(x) − y‖² + λ_sum · mean NLL`` (summed data term, no ½) corresponds to
+``λ_NR = λ_sum / n_LR``.
+
 The reconstruction is a generator of typed events so that the CLI and napari drive the same
 code: :class:`ReconstructionProgress` while it runs, :class:`ReconstructionFinished` at the end
 (also when stopped early through ``stop`` or the time budget).
@@ -15,13 +22,14 @@ from __future__ import annotations
 import copy
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from napari_wpp.core.budget import Budget
 from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of, spec_from
@@ -78,6 +86,12 @@ class VariationalConfig:
         ``"auto"``, ``"cpu"``, ``"cuda"``, ...
     preview_every
         Yield a :class:`ReconstructionPreview` every this many iterations (``None``: never).
+    patchnr_lam
+        Weight λ_NR of a PatchNR prior's mean patch NLL (mean data term).
+    patchnr_patches
+        About this many patches per iteration scored by a PatchNR prior (0: all of them).
+    patchnr_learning_rate
+        Adam step on the image with a PatchNR prior.
     """
 
     lam: float | None = DEFAULT_LAMBDA
@@ -93,6 +107,9 @@ class VariationalConfig:
     seed: int = default_of(ReconstructSpec, "seed")
     device: str = default_of(ReconstructSpec, "device")
     preview_every: int | None = None
+    patchnr_lam: float = default_of(ReconstructSpec, "patchnr_lam")
+    patchnr_patches: int = default_of(ReconstructSpec, "patchnr_patches")
+    patchnr_learning_rate: float = 0.03
 
     @classmethod
     def from_spec(cls, spec: ReconstructSpec, **algorithm: Any) -> VariationalConfig:
@@ -113,6 +130,7 @@ class ReconstructionProgress:
     data_term: float
     wpp_term: float
     fraction: float
+    nll: float | None = None
 
 
 @dataclass
@@ -137,22 +155,27 @@ class ReconstructionFinished:
 ReconstructionEvent = ReconstructionProgress | ReconstructionPreview | ReconstructionFinished
 
 
-def _check_inputs(lr: np.ndarray, reference: np.ndarray, config: VariationalConfig) -> None:
+def _check_inputs(
+    lr: np.ndarray, reference: np.ndarray | None, config: VariationalConfig, p: int
+) -> None:
     if lr.ndim != 2:
         raise InputError(f"LR image must be 2D, got shape {lr.shape}: pass one slice")
-    if reference.ndim not in (2, 3):
+    if reference is not None and reference.ndim not in (2, 3):
         raise InputError(f"reference must be 2D or 3D, got shape {reference.shape}")
-    for name, array in (("LR image", lr), ("reference", reference)):
+    arrays = (
+        (("LR image", lr),) if reference is None else (("LR image", lr), ("reference", reference))
+    )
+    for name, array in arrays:
         if not np.all(np.isfinite(array)):
             raise InputError(f"{name} contains NaN or Inf pixels: clean or fill them first")
-    p = config.patch_size
-    if min(reference.shape[-2:]) < p:
+    if reference is not None and min(reference.shape[-2:]) < p:
         raise InputError(
             f"reference {reference.shape[-2]}×{reference.shape[-1]} is smaller than the "
             f"{p}×{p} patch: choose a larger reference"
         )
-    if config.lam is not None and config.lam < 0:
-        raise InputError(f"lambda must be ≥ 0, got {config.lam}")
+    for name, value in (("lambda", config.lam), ("PatchNR lambda", config.patchnr_lam)):
+        if value is not None and value < 0:
+            raise InputError(f"{name} must be ≥ 0, got {value}")
     if config.iterations is not None and config.iterations < 0:
         raise InputError(f"iterations must be ≥ 0, got {config.iterations}")
     if config.minutes is not None and config.minutes < 0:
@@ -161,21 +184,105 @@ def _check_inputs(lr: np.ndarray, reference: np.ndarray, config: VariationalConf
         raise InputError(f"levels must be ≥ 1, got {config.levels}")
 
 
+class WPPTerm:
+    """The multi-scale Wasserstein Patch Prior term of a reconstruction (one ψ per level).
+
+    Parameters
+    ----------
+    reference
+        2D or 3D (slices pooled) HR reference in normalised units.
+    config
+        Patch size, levels, reference patches, patches per iteration, ψ passes, seed.
+    device
+        Where ψ and the reference patches live.
+    """
+
+    def __init__(self, reference: np.ndarray, config: VariationalConfig, device: Any) -> None:
+        self.config = config
+        ref_t = torch.from_numpy(reference)
+        if ref_t.ndim == 2:
+            ref_t = ref_t[None]
+        # One prior per pyramid level; the reference is reduced like the image.
+        ref_levels = [gaussian_pyramid(ref_slice, config.levels) for ref_slice in ref_t]
+        self.priors: list[WassersteinPatchPrior] = []
+        p = config.patch_size
+        for level in range(config.levels):
+            level_ref = torch.stack([levels[level] for levels in ref_levels])
+            if min(level_ref.shape[-2:]) < p:
+                break
+            ref_patches = sample_reference_patches(
+                level_ref.numpy(),
+                config.n_reference_patches,
+                patch_size=p,
+                seed=config.seed + level,
+            )
+            self.priors.append(WassersteinPatchPrior(ref_patches.to(device)))
+
+    def __call__(
+        self, x_ext: Tensor, generator: torch.Generator, should_stop: Callable[[], bool]
+    ) -> Tensor:
+        """Σ over levels of W₂²(patches of ``x_ext``, reference); ψ ascends on the way."""
+        config = self.config
+        terms = []
+        pyramid = gaussian_pyramid(x_ext, len(self.priors))
+        for level, prior in enumerate(self.priors):
+            patches = strided_patches(
+                pyramid[level], config.patch_size, config.patches_per_iteration, generator
+            )
+            terms.append(prior.loss_and_ascend(patches, config.psi_passes, should_stop))
+        return torch.stack(terms).sum()
+
+
+class PatchNRTerm:
+    """The learned patch prior term: mean NLL of about ``patches`` patches of the image.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~napari_wpp.core.models.patchnr.PatchNR` (not modified).
+    patches
+        About this many patches per iteration, on a strided grid with a random offset (0: all).
+    device
+        Where the flow runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, patches: int, device: Any) -> None:
+        from napari_wpp.core.models.patchnr import PatchNR
+
+        if not isinstance(model, PatchNR):
+            raise InputError(
+                f"the prior must be a PatchNR, got a {type(model).__name__}: train one with "
+                "`napari-wpp train --model patchnr`"
+            )
+        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self.patch_size = model.patch_size
+        self.patches = int(patches)
+
+    def __call__(
+        self, x_ext: Tensor, generator: torch.Generator, should_stop: Callable[[], bool]
+    ) -> Tensor:
+        """Mean patch NLL of the image's patches."""
+        patches = strided_patches(x_ext, self.patch_size, self.patches, generator)
+        return self.model.nll(patches).mean()
+
+
 def reconstruct_variational(
     lr: np.ndarray,
-    reference: np.ndarray,
+    reference: np.ndarray | None,
     operator: ForwardOperator,
     config: VariationalConfig | None = None,
     stop: threading.Event | None = None,
+    prior: torch.nn.Module | None = None,
 ) -> Iterator[ReconstructionEvent]:
-    """Reconstruct an HR image from one LR image with the variational WPP.
+    """Reconstruct an HR image from one LR image with the variational WPP or a PatchNR.
 
     Parameters
     ----------
     lr
         2D float32 LR image in normalised units ([0, 1]).
     reference
-        2D or 3D (slices pooled) HR reference in normalised units.
+        2D or 3D (slices pooled) HR reference in normalised units (WPP; ``None`` with
+        ``prior``).
     operator
         Forward operator f (blur + downsampling) that produced ``lr``.
     config
@@ -183,6 +290,9 @@ def reconstruct_variational(
     stop
         Set it (from any thread) to stop after the current iteration; the result so far is
         still returned in the final event.
+    prior
+        A trained :class:`~napari_wpp.core.models.patchnr.PatchNR`: the learned prior replaces
+        the WPP (weight ``config.patchnr_lam``, Adam step ``config.patchnr_learning_rate``).
 
     Yields
     ------
@@ -190,13 +300,19 @@ def reconstruct_variational(
     """
     config = config or VariationalConfig()
     lr = np.asarray(lr, dtype=np.float32)
-    reference = np.asarray(reference, dtype=np.float32)
-    _check_inputs(lr, reference, config)
+    if prior is None and reference is None:
+        raise InputError("a reconstruction needs an HR reference or a trained prior: give one")
+    reference = None if reference is None else np.asarray(reference, dtype=np.float32)
+    p = config.patch_size if prior is None else int(getattr(prior, "patch_size", 0))
+    _check_inputs(lr, reference if prior is None else None, config, p)
     device = resolve_device(config.device)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
-    lam = DEFAULT_LAMBDA if config.lam is None else config.lam
-    p = config.patch_size
+    if prior is None:
+        lam = DEFAULT_LAMBDA if config.lam is None else config.lam
+        learning_rate = config.learning_rate
+    else:
+        lam, learning_rate = config.patchnr_lam, config.patchnr_learning_rate
     border = p - 1 if config.border is None else config.border
 
     operator = copy.deepcopy(operator).to(device)  # Module.to would move the caller's one
@@ -208,22 +324,12 @@ def reconstruct_variational(
     x_ext = F.pad(init[None, None], (border,) * 4, mode="replicate")[0, 0]
     x_ext = x_ext.clone().requires_grad_(True)
 
-    # One prior per pyramid level; the reference is reduced like the image.
-    ref_t = torch.from_numpy(reference)
-    if ref_t.ndim == 2:
-        ref_t = ref_t[None]
-    ref_levels = [gaussian_pyramid(ref_slice, config.levels) for ref_slice in ref_t]
-    priors: list[WassersteinPatchPrior] = []
-    for level in range(config.levels):
-        level_ref = torch.stack([levels[level] for levels in ref_levels])
-        if min(level_ref.shape[-2:]) < p:
-            break
-        ref_patches = sample_reference_patches(
-            level_ref.numpy(), config.n_reference_patches, patch_size=p, seed=config.seed + level
-        )
-        priors.append(WassersteinPatchPrior(ref_patches.to(device)))
+    if prior is None:
+        prior_term: WPPTerm | PatchNRTerm = WPPTerm(reference, config, device)
+    else:
+        prior_term = PatchNRTerm(prior, config.patchnr_patches, device)
 
-    optimizer = torch.optim.Adam([x_ext], lr=config.learning_rate)
+    optimizer = torch.optim.Adam([x_ext], lr=learning_rate)
     budget = Budget(config.iterations, config.minutes, DEFAULT_ITERATIONS)
     iteration = 0
     stopped_early = False
@@ -236,27 +342,24 @@ def reconstruct_variational(
         # cosine decay of the image step over the budget, down to a tenth
         factor = budget.cosine_decay(iteration, FINAL_STEP_FRACTION)
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * factor
+            group["lr"] = learning_rate * factor
         optimizer.zero_grad(set_to_none=True)
         x = x_ext[border : border + hr_h, border : border + hr_w]
         data_term = torch.mean((operator(x) - y) ** 2)
-        wpp_terms = []
-        pyramid = gaussian_pyramid(x_ext, len(priors))
-        for level, prior in enumerate(priors):
-            patches = strided_patches(pyramid[level], p, config.patches_per_iteration, generator)
-            wpp_terms.append(prior.loss_and_ascend(patches, config.psi_passes, should_stop))
-        wpp_term = torch.stack(wpp_terms).sum()
-        loss = data_term + lam * wpp_term
+        term = prior_term(x_ext, generator, should_stop)
+        loss = data_term + lam * term
         loss.backward()
         optimizer.step()
         iteration += 1
         elapsed = budget.elapsed()
+        value = float(term.detach())
         yield ReconstructionProgress(
             iteration=iteration,
             elapsed_s=elapsed,
             data_term=float(data_term.detach()),
-            wpp_term=float(wpp_term.detach()),
+            wpp_term=value if prior is None else 0.0,
             fraction=budget.fraction(iteration),
+            nll=None if prior is None else value,
         )
         if config.preview_every and iteration % config.preview_every == 0:
             with torch.no_grad():
@@ -267,8 +370,9 @@ def reconstruct_variational(
     with torch.no_grad():
         result = x_ext[border : border + hr_h, border : border + hr_w].detach().cpu().numpy()
     if not math.isfinite(float(np.abs(result).max(initial=0.0))):
+        weight = "λ (--lambda)" if prior is None else "the PatchNR λ (--patchnr-lambda)"
         raise DivergenceError(
-            "reconstruction diverged (NaN/Inf): lower λ (--lambda) or try another --seed"
+            f"reconstruction diverged (NaN/Inf): lower {weight} or try another --seed"
         )
     yield ReconstructionFinished(
         image=result.astype(np.float32),
@@ -280,13 +384,14 @@ def reconstruct_variational(
 
 def run_reconstruction(
     lr: np.ndarray,
-    reference: np.ndarray,
+    reference: np.ndarray | None,
     operator: ForwardOperator,
     config: VariationalConfig | None = None,
+    prior: torch.nn.Module | None = None,
 ) -> ReconstructionFinished:
     """Run :func:`reconstruct_variational` to the end and return its final event."""
     final = None
-    for event in reconstruct_variational(lr, reference, operator, config):
+    for event in reconstruct_variational(lr, reference, operator, config, prior=prior):
         if isinstance(event, ReconstructionFinished):
             final = event
     assert final is not None

@@ -1,4 +1,5 @@
-"""The variational reconstruction job: one LR image superresolved with the WPP prior.
+"""The variational reconstruction job: one LR image superresolved with the WPP prior, or with
+a trained PatchNR prior (:func:`load_prior`).
 
 The LR image and the reference are each normalised by
 :meth:`~napari_wpp.core.intensity.Normalisation.from_array`; the result returns to the LR
@@ -24,7 +25,7 @@ from napari_wpp.jobs.notices import reference_warning
 from napari_wpp.jobs.operator import scaled_pixel_size
 from napari_wpp.jobs.predict import OutputWritten
 
-__all__ = ["ReconstructResult", "reconstruct_job"]
+__all__ = ["ReconstructResult", "load_prior", "reconstruct_job"]
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,32 @@ class ReconstructResult:
     unit: str | None = None
 
 
+def load_prior(path: str | Path, label: str | None = None) -> Any:
+    """The trained PatchNR of a model file (a ``TrainingState``); other kinds are refused.
+
+    ``label`` names the file in messages (default: its name).
+    """
+    from napari_wpp.io import load_model, read_model_metadata
+
+    name = label or Path(path).name
+    kind = read_model_metadata(path).get("kind")
+    if kind != "patchnr":
+        raise InputError(
+            f"{name} is a {kind} model, not a PatchNR prior: give a file from `napari-wpp train "
+            f"--model patchnr` (a {kind} superresolves by itself: `napari-wpp predict`)"
+        )
+    return load_model(path, device="cpu")
+
+
 def reconstruct_job(
     spec: ReconstructSpec,
     operator: Any,
     lr: ImageData,
-    reference: np.ndarray,
+    reference: np.ndarray | None,
     out: Path | None = None,
     stop: threading.Event | None = None,
     inputs: Sequence[tuple[str, Path | str | None]] = (),
+    prior: Any = None,
     **algorithm: Any,
 ) -> Iterator[Any]:
     """Reconstruct the 2D image ``lr`` (a generator of events).
@@ -62,7 +81,7 @@ def reconstruct_job(
     lr
         The 2D LR image with its pixel size and unit.
     reference
-        HR reference image or stack (any dtype).
+        HR reference image or stack (any dtype); ``None`` with ``prior``.
     out
         TIFF to write (atomically), or ``None``.
     stop
@@ -70,6 +89,9 @@ def reconstruct_job(
     inputs
         ``(what, path)`` of further files read (``lr``'s own is checked): the output may
         not be one of them.
+    prior
+        A PatchNR prior (:func:`load_prior`): it replaces the WPP of ``reference``, with
+        ``spec.patchnr_lam``.
     algorithm
         Further :class:`~napari_wpp.core.reconstruct.VariationalConfig` fields.
 
@@ -88,7 +110,9 @@ def reconstruct_job(
     check_not_an_input([out], [("LR image", lr.path), *inputs])
     image = np.asarray(lr.array)
     config = VariationalConfig.from_spec(spec, **algorithm)
-    p = config.patch_size  # a reference smaller than a patch is refused by the core
+    model = None if prior is None else getattr(prior, "model", prior)
+    # a reference smaller than a patch is refused by the core
+    p = config.patch_size if model is None else int(model.patch_size)
     q = int(operator.scale)
     if image.ndim == 2 and min(image.shape) * q < p:
         raise InputError(
@@ -97,12 +121,16 @@ def reconstruct_job(
         )
     norm = Normalisation.from_array(image)
     lr_n = np.asarray(norm.apply(image), dtype=np.float32)
-    reference = np.asarray(reference)
-    ref_n = np.asarray(Normalisation.from_array(reference).apply(reference), dtype=np.float32)
-    warning = reference_warning(ref_n, p)
-    if warning is not None:
-        yield warning
-    events = reconstruct_variational(lr_n, ref_n, operator, config, stop=stop)
+    ref_n = None
+    if model is None:
+        if reference is None:
+            raise InputError("a reconstruction needs an HR reference or a PatchNR prior: give one")
+        reference = np.asarray(reference)
+        ref_n = np.asarray(Normalisation.from_array(reference).apply(reference), dtype=np.float32)
+        warning = reference_warning(ref_n, p)
+        if warning is not None:
+            yield warning
+    events = reconstruct_variational(lr_n, ref_n, operator, config, stop=stop, prior=model)
     finished = yield from forward_until_finished(
         events, ReconstructionFinished, "the reconstruction"
     )
@@ -117,7 +145,7 @@ def reconstruct_job(
         iterations=int(finished.iterations),
         elapsed_s=float(finished.elapsed_s),
         stopped_early=bool(finished.stopped_early),
-        lam=float(spec.lam),
+        lam=float(spec.lam if model is None else spec.patchnr_lam),
         pixel_size=pixel_size,
         unit=lr.unit,
     )

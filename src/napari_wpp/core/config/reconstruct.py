@@ -1,4 +1,4 @@
-"""The spec of a variational WPP reconstruction of one image."""
+"""The spec of a variational reconstruction of one image (WPP or a PatchNR prior)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ __all__ = ["FALLBACK_ITERATIONS", "ReconstructSpec"]
 
 #: Iterations run when neither an iteration nor a time budget is given.
 FALLBACK_ITERATIONS = 300
+#: λ of a PatchNR prior with the mean data term (docs/algorithms.md, PatchNR).
+PATCHNR_LAMBDA = 0.15 / 150**2
+#: Patches per iteration scored by a PatchNR prior.
+PATCHNR_PATCHES = 40_000
 
 
 @dataclass(frozen=True)
 class ReconstructSpec:
-    """A variational WPP reconstruction: λ, the budgets, the seed and the device.
+    """A variational reconstruction: λ (of the WPP, or of a PatchNR prior), the budgets, the
+    seed and the device.
 
     The run stops at whichever budget ends first; with neither it runs
     :data:`FALLBACK_ITERATIONS` iterations.
@@ -23,6 +28,21 @@ class ReconstructSpec:
     lam: float = field(
         default=0.008,
         metadata=field_meta("weight λ of the patch prior, mean data term", 0.0, 10.0),
+    )
+    patchnr_lam: float = field(
+        default=PATCHNR_LAMBDA,
+        metadata=field_meta(
+            "weight λ of a PatchNR prior's mean patch NLL (mean data term; the published "
+            "λ = 0.15 with a summed data term is 0.15 / LR pixels, 6.7e-6 for 150² pixels)",
+            0.0,
+            1.0,
+        ),
+    )
+    patchnr_patches: int = field(
+        default=PATCHNR_PATCHES,
+        metadata=field_meta(
+            "about this many patches per iteration scored by a PatchNR prior (0: all)", 0, 10**8
+        ),
     )
     minutes: float | None = field(
         default=None,
