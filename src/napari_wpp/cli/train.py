@@ -86,7 +86,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "reference's patches, or without --reference on the LR data's own (zero-shot).",
     )
     p.add_argument(
-        "--lr-data", required=True, metavar="LR", help="LR image (2D) or stack (3D), TIFF or PNG"
+        "--lr-data",
+        metavar="LR",
+        help="LR image (2D) or stack (3D), TIFF or PNG (a patchnr with --reference needs none)",
     )
     p.add_argument(
         "--reference",
@@ -231,6 +233,12 @@ def _check_prior_weight_flags(args: argparse.Namespace, kind: str) -> None:
                 f"a {kind} learns from an HR reference: give --reference REF (only --model "
                 "patchnr trains without one, zero-shot on the LR data)"
             )
+    if args.lr_data is None and kind != "patchnr":
+        raise InputError(f"a {kind} learns from LR data: give --lr-data LR")
+    if args.lr_data is None and args.reference is None:
+        raise InputError(
+            "a patchnr learns from --reference REF, or zero-shot from --lr-data LR: give one"
+        )
     if kind == "wppnet" and args.rho is not None:
         raise InputError("--rho is the prior weight of wppflow: use --lambda with wppnet")
     if kind == "wppnet" and args.mean_warmup is not None:
@@ -486,11 +494,13 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     )
     if resume is not None:
         check_resume_budget(spec, resume, name, "--steps", "--minutes")
-    lr_data = read_input(args.lr_data, "LR data", ndims=(2, 3))
+    lr = None
+    if args.lr_data is not None:
+        lr = np.asarray(read_input(args.lr_data, "LR data", ndims=(2, 3)).array)
     reference = None
     if args.reference is not None:
         reference = np.asarray(read_input(args.reference, "reference", ndims=(2, 3)).array)
-    source = TrainSource(np.asarray(lr_data.array), reference)
+    source = TrainSource(lr, reference)
     main_rank = group is None or group.is_main
     if "auto" in (args.lam, args.rho) and resume is None and main_rank:
         flag = "--lambda" if args.lam == "auto" else "--rho"

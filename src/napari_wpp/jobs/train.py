@@ -52,7 +52,8 @@ class TrainSource:
     Attributes
     ----------
     lr
-        LR image (2D) or stack (3D) in its own dtype (integer or float).
+        LR image (2D) or stack (3D) in its own dtype (integer or float); ``None`` for a
+        PatchNR learning from ``reference``.
     reference
         HR reference: an image, a volume or a list of regions. ``None`` (a PatchNR only):
         zero-shot, the flow learns the patches of ``lr`` itself.
@@ -66,7 +67,7 @@ class TrainSource:
         is applied or recorded; a demo's synthetic data); ``False``: see :func:`lr_normalisation`.
     """
 
-    lr: np.ndarray
+    lr: np.ndarray | None
     reference: Any
     reference_normalised: bool = False
     preview: np.ndarray | None = None

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["MODEL_NAMES", "MODEL_SOURCES", "ModelDockWidget", "ModelSourcePanel"]
 
 MODEL_SOURCES = (("This session's model", "session"), ("Model file", "file"))
-MODEL_NAMES = {"wppnet": "WPPNet", "wppflow": "WPPFlow"}
+MODEL_NAMES = {"wppnet": "WPPNet", "wppflow": "WPPFlow", "patchnr": "PatchNR"}
 
 
 class ModelSourcePanel(QGroupBox):
@@ -133,6 +133,12 @@ class ModelSourcePanel(QGroupBox):
                 self.update_label()
             assert self._file_state is not None
             state, path = self._file_state, str(Path(text).expanduser().resolve())
+        if self.kind is None and state.kind == "patchnr":
+            where = "the session's model" if path is None else Path(path).name
+            raise InputError(
+                f"{where} is a PatchNR prior, not a superresolution network: use it in the "
+                "Reconstruct widget, or train a WPPNet"
+            )
         if self.kind is not None and state.kind != self.kind:
             where = "the session's model" if path is None else Path(path).name
             raise InputError(

@@ -163,9 +163,10 @@ class TrainSettings:
         if self.model == "wppflow":
             names.append("mean_warmup")
         options = {name: spec_value(spec, name, getattr(self, name)) for name in names}
+        if self.model in PRIOR_WEIGHT_HINTS:  # a PatchNR's weight is the reconstruction's
+            options[PRIOR_WEIGHT_HINTS[self.model][2]] = lam
         options.update(
             {
-                PRIOR_WEIGHT_HINTS[self.model][2]: lam,
                 "steps": steps,
                 "minutes": minutes,
                 "preview_every": int(self.preview_every) or None,

@@ -1,6 +1,7 @@
 """What the Train widget shows: the live loss plot, the preview layer, session and model.
 
-:class:`LossPlot` draws the data term and the WPP term per step (log y, matplotlib);
+:class:`LossPlot` draws the data term and the WPP term per step (log y, matplotlib), or for a
+PatchNR the training and held-out patch NLL (linear y);
 :func:`preview_crop` cuts the central crop of the LR slice shown, whose network output
 :func:`show_preview` puts over the LR layer as ``"<LR name> preview"``.
 """
@@ -37,7 +38,11 @@ __all__ = [
 ]
 
 #: How the widgets name the trainable model kinds.
-MODEL_NAMES = {"wppnet": "WPPNet", "wppflow": "WPPFlow (uncertainty)"}
+MODEL_NAMES = {
+    "wppnet": "WPPNet",
+    "wppflow": "WPPFlow (uncertainty)",
+    "patchnr": "PatchNR (learned prior)",
+}
 
 #: Seconds between two redraws of the loss plot.
 PLOT_INTERVAL_S = 0.25
@@ -79,6 +84,8 @@ class LossPlot(QWidget):
         )
         for text in legend.get_texts():
             text.set_color(colors["text"])
+        self.legend = legend
+        self.nll_mode = False
         self.figure.subplots_adjust(left=0.2, right=0.96, top=0.88, bottom=0.19)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -88,6 +95,22 @@ class LossPlot(QWidget):
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self.redraw)
+
+    def show_nll(self, nll: bool) -> None:
+        """Plot a PatchNR's training and held-out NLL (linear y) instead of the two terms."""
+        self.nll_mode = bool(nll)
+        ax = self.axes
+        ax.set_yscale("linear" if nll else "log")
+        ax.set_ylabel("patch NLL" if nll else "loss", color=ax.yaxis.label.get_color())
+        names = ("training NLL", "held-out NLL") if nll else ("data term", "WPP term")
+        self.wpp_line.set_marker("o" if nll else "None")
+        self.wpp_line.set_markersize(3)
+        for line, text, name in zip(
+            (self.data_line, self.wpp_line), self.legend.get_texts(), names, strict=True
+        ):
+            line.set_label(name)
+            text.set_text(name)
+        self.clear()
 
     def clear(self) -> None:
         """Forget every point."""
@@ -104,9 +127,15 @@ class LossPlot(QWidget):
         self._schedule()
 
     def extend(self, records: Sequence[dict[str, Any]]) -> None:
-        """Append history records (``step``, ``data_term``, ``wpp_term``) and redraw."""
+        """Append history records (``step``, ``data_term``, ``wpp_term``; a PatchNR's ``nll``,
+        ``heldout_nll``) and redraw."""
         for record in records:
-            if "step" in record and "data_term" in record:
+            if "step" in record and "nll" in record:
+                self.steps.append(int(record["step"]))
+                self.data_terms.append(float(record["nll"]))
+                held = record.get("heldout_nll")
+                self.wpp_terms.append(np.nan if held is None else float(held))
+            elif "step" in record and "data_term" in record:
                 self.steps.append(int(record["step"]))
                 self.data_terms.append(float(record["data_term"]))
                 self.wpp_terms.append(float(record.get("wpp_term", np.nan)))
@@ -126,9 +155,23 @@ class LossPlot(QWidget):
         steps = np.asarray(self.steps, dtype=np.float64)
         for line, values in ((self.data_line, self.data_terms), (self.wpp_line, self.wpp_terms)):
             y = np.asarray(values, dtype=np.float64)
-            y = np.where(y > 0, y, np.nan)  # log axis: hide zeros and negative estimates
-            line.set_data(steps, y)
+            if not self.nll_mode:
+                y = np.where(y > 0, y, np.nan)  # log axis: hide zeros and negative estimates
+                line.set_data(steps, y)
+            else:  # the held-out NLL only on the steps that scored it
+                shown = np.isfinite(y)
+                line.set_data(steps[shown], y[shown])
         ax = self.axes
+        if self.nll_mode:
+            finite = [v for v in (*self.data_terms, *self.wpp_terms) if math.isfinite(v)]
+            if len(steps):
+                ax.set_xlim(float(steps.min()), max(float(steps.max()), float(steps.min()) + 1))
+            if finite:
+                low, high = min(finite), max(finite)
+                pad = max(0.05 * (high - low), 0.5)
+                ax.set_ylim(low - pad, high + pad)
+            self.canvas.draw_idle()
+            return
         positive = [v for v in (*self.data_terms, *self.wpp_terms) if v > 0 and math.isfinite(v)]
         if len(steps):
             right = float(steps.max())
@@ -230,6 +273,13 @@ def model_text(state: Any, path: str | None) -> str:
     """The session's model (kind, scale, steps, λ) and its file."""
     if state is None:
         return "No model yet: train one or load a model file."
+    if state.kind == "patchnr":
+        config = state.model_config
+        return (
+            f"{MODEL_NAMES['patchnr']} {config.get('patch_size')}×{config.get('patch_size')} "
+            f"patches, hidden {config.get('hidden')}, {state.step} steps"
+            + (f"\n{path}" if path else "\n(not saved)")
+        )
     return (
         f"{MODEL_NAMES.get(state.kind, state.kind)} ×{state.model_config.get('scale', '?')}, "
         f"{state.step} steps, λ {state.lam:.3g}" + (f"\n{path}" if path else "\n(not saved)")

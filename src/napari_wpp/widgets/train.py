@@ -1,4 +1,6 @@
-"""The "Train" dock widget: unsupervised WPPNet (or WPPFlow) training on an LR layer.
+"""The "Train" dock widget: unsupervised WPPNet (or WPPFlow) training on an LR layer, or a
+PatchNR prior on the session's reference (zero-shot: on the LR layer itself, when no reference
+is chosen).
 
 The form comes from the training spec (:class:`~napari_wpp.core.config.TrainSpec`: initial
 values, ranges and tooltips), the choices live in :class:`TrainSettings`, and a run is
@@ -17,6 +19,7 @@ the run after the current step (the file is still written), and so does closing 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,9 +191,13 @@ class TrainWidget(JobDockWidget):
         return box
 
     def _on_model(self, kind: str) -> None:
-        """The prior weight is λ for a WPPNet, ρ per LR pixel for a WPPFlow (with warm-up)."""
+        """The prior weight is λ for a WPPNet, ρ per LR pixel for a WPPFlow (with warm-up); a
+        PatchNR has none (its λ is the reconstruction's) and plots its NLL."""
         flow = kind == "wppflow"
         self.warmup_spin.visible = self.warmup_label.visible = flow
+        self.lam_edit.visible = self.lam_label.visible = kind != "patchnr"
+        if self.worker is None:
+            self.plot.show_nll(kind == "patchnr")
         label, placeholder, name = PRIOR_WEIGHT_HINTS.get(kind, PRIOR_WEIGHT_HINTS["wppnet"])
         self.lam_edit.label = label
         self.lam_edit.native.setPlaceholderText(placeholder)
@@ -247,7 +254,8 @@ class TrainWidget(JobDockWidget):
         if worker is not None:
             self.checkpoint_path = self.current_run["save_path"]
             self.last_state = None
-            self.plot.clear()
+            kind = resume.kind if resume is not None else self.settings.model
+            self.plot.show_nll(kind == "patchnr")
             if resume is not None:
                 self.plot.extend(resume.history)
         return worker
@@ -260,6 +268,9 @@ class TrainWidget(JobDockWidget):
         resume = self._resume
         layer = checked_image(self.viewer, self.settings.lr_layer, "LR layer")
         reference = self.session.reference
+        kind = resume.kind if resume is not None else self.settings.model
+        if kind == "patchnr":
+            return self._prepare_patchnr(layer, reference, resume)
         if reference is None or not reference.regions:
             raise InputError(
                 "no HR reference chosen: choose one in the Reference & operator widget"
@@ -293,6 +304,38 @@ class TrainWidget(JobDockWidget):
                 "placement": placement,
                 "save_path": save_path,
                 "scale": int(operator.scale),
+                "normalisation": None,
+            },
+        )
+
+    def _prepare_patchnr(self, layer: Any, reference: Any, resume: Any) -> JobLaunch:
+        """A PatchNR learns the reference's regions, or zero-shot the LR layer's patches."""
+        from napari_wpp.core.operators import operator_from_dict
+        from napari_wpp.jobs.train import train_job
+
+        spec = replace(self.settings.training_config(resume), preview_every=None)
+        lr = np.asarray(full_resolution(layer))
+        operator = self.session.operator
+        if resume is not None:
+            operator = operator_from_dict(resume.operator) if resume.operator else None
+        regions = None
+        if reference is not None and reference.regions:
+            regions = [np.asarray(r, np.float32) for r in reference.regions]
+        source = TrainSource(lr if regions is None else None, regions, True)
+        mode = "zero-shot on the LR layer" if regions is None else "on the reference"
+        save_path = self._save_path(layer.name, "patchnr")
+        return JobLaunch(
+            functools.partial(train_job, resume=resume),
+            (spec, source, operator, save_path),
+            total=1000,
+            activity="Training patchnr",
+            status=f"{'Resuming' if resume is not None else 'Starting'} PatchNR training ({mode})…",
+            context={
+                "layer_name": layer.name,
+                "spec": spec,
+                "placement": None,
+                "save_path": save_path,
+                "scale": int(operator.scale) if operator is not None else 1,
                 "normalisation": None,
             },
         )
@@ -355,6 +398,16 @@ class TrainWidget(JobDockWidget):
 
         done = int(round(1000 * min(max(float(event.fraction), 0.0), 1.0)))
         self.show_progress(done, 1000, event.elapsed_s, "Training")
+        if event.nll is not None:  # a PatchNR
+            held = np.nan if event.heldout_nll is None else event.heldout_nll
+            self.plot.add(event.step, event.nll, held)
+            total = f"/{event.total_steps}" if event.total_steps else ""
+            held_text = "" if event.heldout_nll is None else f" · held-out {event.heldout_nll:.4g}"
+            self.status_label.setText(
+                f"Step {event.step}{total} · NLL {event.nll:.4g}{held_text} · "
+                f"{event.elapsed_s:.0f} s" + (" · stopping…" if self._stop.is_set() else "")
+            )
+            return
         self.plot.add(event.step, event.data_term, event.wpp_term)
         psnr = f" · PSNR {event.psnr:.2f} dB" if event.psnr is not None else ""
         stopping = " · stopping…" if self._stop.is_set() else ""
@@ -374,7 +427,9 @@ class TrainWidget(JobDockWidget):
         state = run["layer"]
         where = f" → {self.checkpoint_path}" if self.session.model_path else " (not saved)"
         how = "Stopped" if run["finished"].stopped_early else "Finished"
-        return f"{how} after {state.step} steps{where}"
+        held = [r["heldout_nll"] for r in state.history if r.get("heldout_nll") is not None]
+        nll = f" (held-out NLL {held[-1]:.4g})" if held else ""
+        return f"{how} after {state.step} steps{nll}{where}"
 
     # ------------------------------------------------------------------ files
     def save_model(self, path: str | Path) -> Path | None:
@@ -410,7 +465,7 @@ class TrainWidget(JobDockWidget):
             return None
         self.session.model = state
         self.session.model_path = str(Path(path).expanduser())
-        self.plot.clear()
+        self.plot.show_nll(state.kind == "patchnr")
         self.plot.extend(state.history)
         self.status_label.setText(f"Loaded {Path(path).name} ({state.step} steps).")
         return state
