@@ -82,56 +82,17 @@ def test_bad_inputs_are_one_line(files, capsys) -> None:
         *run_cli(capsys, "reconstruct", "--lr", lr, "--prior", net, *OPERATOR, "--out", sr),
         "is a wppnet model, not a PatchNR prior",
     )
-    assert_bad_input(
-        *run_cli(capsys, "train", "--model", "patchnr", "--out", folder / "p.safetensors"),
-        "--reference REF, or zero-shot from --lr-data LR",
-    )
-    tiny = folder / "tiny.tif"
+    prior = folder / "p.safetensors"
+
+    def train_prior(*argv: object) -> tuple[int, str, str]:
+        return run_cli(capsys, "train", "--model", "patchnr", *argv, "--out", prior)
+
+    assert_bad_input(*train_prior(), "--reference REF, or zero-shot from --lr-data LR")
+    tiny, nan = folder / "tiny.tif", folder / "nan.tif"
     tifffile.imwrite(tiny, np.zeros((4, 40), np.uint8))
-    assert_bad_input(
-        *run_cli(
-            capsys,
-            "train",
-            "--model",
-            "patchnr",
-            "--reference",
-            tiny,
-            "--steps",
-            "2",
-            "--out",
-            folder / "p.safetensors",
-        ),  # fmt: skip
-        "smaller than the 6×6 patch",
-    )
-    nan = folder / "nan.tif"
     tifffile.imwrite(nan, np.full((40, 40), np.nan, np.float32))
+    assert_bad_input(*train_prior("--reference", tiny), "smaller than the 6×6 patch")
+    assert_bad_input(*train_prior("--reference", nan), "nan")
     assert_bad_input(
-        *run_cli(
-            capsys,
-            "train",
-            "--model",
-            "patchnr",
-            "--reference",
-            nan,
-            "--steps",
-            "2",
-            "--out",
-            folder / "p.safetensors",
-        ),  # fmt: skip
-        "nan",
-    )
-    assert_bad_input(
-        *run_cli(
-            capsys,
-            "train",
-            "--model",
-            "patchnr",
-            "--reference",
-            ref,
-            "--lambda",
-            "1",
-            "--out",
-            folder / "p.safetensors",
-        ),  # fmt: skip
-        "--lambda is a setting of wppnet/wppflow",
+        *train_prior("--reference", ref, "--lambda", "1"), "--lambda is a setting of wppnet/wppflow"
     )

@@ -135,6 +135,22 @@ def crop_geometry(
     return superresolved_geometry(scale, translate, factor, grown)
 
 
+def show_result(viewer: Any, name: str, data: Any, run: dict[str, Any]) -> Any:
+    """Add or update the result layer ``name`` placed by ``run``'s ``geometry`` (scale,
+    translate), with its ``provenance`` and ``contrast_limits``, in grey."""
+    scale, translate = run["geometry"]
+    return add_or_update_image(
+        viewer,
+        name,
+        data,
+        scale=scale,
+        translate=translate,
+        metadata={PROVENANCE_KEY: dict(run["provenance"])},
+        contrast_limits=run["contrast_limits"],
+        colormap="gray",
+    )
+
+
 def current_index(layer: Any, viewer: Any, axis: int = 0) -> int:
     """Data index on ``axis`` of ``layer`` at the viewer's current position (clipped)."""
     shape = full_resolution(layer).shape

@@ -24,14 +24,13 @@ from napari_wpp.core.errors import InputError
 from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
-    PROVENANCE_KEY,
-    add_or_update_image,
     checked_image,
     crop_geometry,
     current_index,
     full_resolution,
     greyscale_images,
     layer_with_role,
+    show_result,
 )
 from napari_wpp.widgets._layout import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
@@ -198,17 +197,7 @@ class ReconstructWidget(ModelDockWidget):
         elif isinstance(item, ReconstructResult):
             run["finished"] = item
             result = item.image if run["index"] is None else item.image[None]
-            scale, translate = run["geometry"]
-            run["layer"] = add_or_update_image(
-                self.viewer,
-                output_name(run["layer_name"]),
-                result,
-                scale=scale,
-                translate=translate,
-                metadata={PROVENANCE_KEY: dict(run["provenance"])},
-                contrast_limits=run["contrast_limits"],
-                colormap="gray",
-            )
+            run["layer"] = show_result(self.viewer, output_name(run["layer_name"]), result, run)
 
     def done_text(self, run: dict[str, Any]) -> str:
         """``Done: N iterations in T s → <layer>``."""

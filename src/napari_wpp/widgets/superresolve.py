@@ -37,14 +37,13 @@ from napari_wpp.jobs.predict import (
 from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
-    PROVENANCE_KEY,
-    add_or_update_image,
     crop_geometry,
     current_index,
     full_resolution,
     greyscale_images,
     layer_files,
     layer_with_role,
+    show_result,
     superresolved_provenance,
 )
 from napari_wpp.widgets._layout import group_box, scrolled_column, shrinkable
@@ -305,17 +304,7 @@ class SuperresolveWidget(ModelDockWidget):
 
     def _set_output(self, data: Any) -> None:
         run = self.current_run
-        scale, translate = run["geometry"]
-        run["layer"] = add_or_update_image(
-            self.viewer,
-            output_name(run["layer_name"]),
-            data,
-            scale=scale,
-            translate=translate,
-            metadata={PROVENANCE_KEY: dict(run["provenance"])},
-            contrast_limits=run["contrast_limits"],
-            colormap="gray",
-        )
+        run["layer"] = show_result(self.viewer, output_name(run["layer_name"]), data, run)
 
     def done_text(self, run: dict[str, Any]) -> str:
         """``Done in 1.2 s: <layer>`` with its shape, dtype and zarr array."""

@@ -263,7 +263,7 @@ class TrainWidget(JobDockWidget):
     def prepare_run(self) -> JobLaunch:
         """Check the choices and describe the training job (``InputError``: the fix)."""
         from napari_wpp.core.operators import operator_from_dict
-        from napari_wpp.jobs.train import lr_normalisation, train_job
+        from napari_wpp.jobs.train import lr_normalisation
 
         resume = self._resume
         layer = checked_image(self.viewer, self.settings.lr_layer, "LR layer")
@@ -286,24 +286,40 @@ class TrainWidget(JobDockWidget):
         preview, placement = None, None
         if spec.preview_every:
             preview, placement = preview_crop(layer, lr, self.viewer)
-        save_path = self._save_path(layer.name, spec.model)
         source = TrainSource(
             lr, [np.asarray(r, np.float32) for r in reference.regions], True, preview
         )
         what = "Resuming" if resume is not None else "Starting"
         lam_note = " (choosing λ on the reference first)" if "auto" in (spec.lam, spec.rho) else ""
+        status = f"{what} {spec.model} training{lam_note}…"
+        return self._job(layer, spec, source, operator, resume, status, placement)
+
+    def _job(
+        self,
+        layer: Any,
+        spec: Any,
+        source: TrainSource,
+        operator: Any,
+        resume: Any,
+        status: str,
+        placement: Any = None,
+    ) -> JobLaunch:
+        """The training job of ``source`` written to the save path."""
+        from napari_wpp.jobs.train import train_job
+
+        save_path = self._save_path(layer.name, spec.model)
         return JobLaunch(
             functools.partial(train_job, resume=resume),
             (spec, source, operator, save_path),
             total=1000,
             activity=f"Training {spec.model}",
-            status=f"{what} {spec.model} training{lam_note}…",
+            status=status,
             context={
                 "layer_name": layer.name,
                 "spec": spec,
                 "placement": placement,
                 "save_path": save_path,
-                "scale": int(operator.scale),
+                "scale": int(operator.scale) if operator is not None else 1,
                 "normalisation": None,
             },
         )
@@ -311,7 +327,6 @@ class TrainWidget(JobDockWidget):
     def _prepare_patchnr(self, layer: Any, reference: Any, resume: Any) -> JobLaunch:
         """A PatchNR learns the reference's regions, or zero-shot the LR layer's patches."""
         from napari_wpp.core.operators import operator_from_dict
-        from napari_wpp.jobs.train import train_job
 
         spec = replace(self.settings.training_config(resume), preview_every=None)
         lr = np.asarray(full_resolution(layer))
@@ -323,21 +338,9 @@ class TrainWidget(JobDockWidget):
             regions = [np.asarray(r, np.float32) for r in reference.regions]
         source = TrainSource(lr if regions is None else None, regions, True)
         mode = "zero-shot on the LR layer" if regions is None else "on the reference"
-        save_path = self._save_path(layer.name, "patchnr")
-        return JobLaunch(
-            functools.partial(train_job, resume=resume),
-            (spec, source, operator, save_path),
-            total=1000,
-            activity="Training patchnr",
-            status=f"{'Resuming' if resume is not None else 'Starting'} PatchNR training ({mode})…",
-            context={
-                "layer_name": layer.name,
-                "spec": spec,
-                "placement": None,
-                "save_path": save_path,
-                "scale": int(operator.scale) if operator is not None else 1,
-                "normalisation": None,
-            },
+        what = "Resuming" if resume is not None else "Starting"
+        return self._job(
+            layer, spec, source, operator, resume, f"{what} PatchNR training ({mode})…"
         )
 
     def _save_path(self, layer_name: str, kind: str) -> Path:
