@@ -94,13 +94,16 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def scale_type(text: str) -> int:
+def parsed(kind: type, text: str, message: str) -> Any:
+    """``kind(text)``, or an argparse error with ``message`` when ``text`` is no ``kind``."""
     try:
-        value = float(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"scale must be an integer ≥ 2, got {text!r}: use e.g. --scale 4"
-        ) from None
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def scale_type(text: str) -> int:
+    value = parsed(float, text, f"scale must be an integer ≥ 2, got {text!r}: use e.g. --scale 4")
     if not value.is_integer() or value < 2:
         raise argparse.ArgumentTypeError(
             f"scale must be an integer ≥ 2, got {text}: use e.g. --scale 2, 3, 4, 6 or 8"
@@ -113,13 +116,8 @@ def number_type(kind: type, minimum: float, inclusive: bool, hint: str) -> Calla
     bound = f"≥ {minimum:g}" if inclusive else f"> {minimum:g}"
 
     def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'} {bound}, "
-                f"got {text!r}: {hint}"
-            ) from None
+        expected = "an integer" if kind is int else "a number"
+        value = parsed(kind, text, f"expected {expected} {bound}, got {text!r}: {hint}")
         ok = value >= minimum if inclusive else value > minimum
         if not ok or (kind is float and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}: {hint}")
@@ -365,6 +363,12 @@ def check_output(
         )
     if path.is_dir():
         raise InputError(f"{what} {path_text!r} is a folder: give a file name, e.g. {path}/out.tif")
+    check_output_folder(path, what)
+    return path
+
+
+def check_output_folder(path: Path, what: str = "output") -> None:
+    """The folder of an output path exists and is writable (before any work is done)."""
     parent = path.parent
     if not parent.is_dir():
         raise InputError(
@@ -372,7 +376,6 @@ def check_output(
         )
     if not os.access(parent, os.W_OK):
         raise InputError(f"{what} folder {str(parent)!r} is not writable: choose another path")
-    return path
 
 
 def read_input(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:

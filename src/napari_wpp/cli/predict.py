@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from napari_wpp.cli._common import (
     ProgressBar,
     check_device,
     check_output,
+    check_output_folder,
     drive,
     emit,
     fail,
@@ -92,13 +92,7 @@ def _check_predict_output(path_text: str) -> tuple[Path, bool]:
     path = Path(path_text).expanduser()
     if path.suffix.lower() != ".zarr":
         return check_output(path_text, suffixes=(".tif", ".tiff", ".zarr")), False
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(
-            f"output folder {str(parent)!r} does not exist: create it first or choose another path"
-        )
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {str(parent)!r} is not writable: choose another path")
+    check_output_folder(path)
     from napari_wpp.jobs.zarr_layout import replaceable_zarr
 
     if path.exists() and not replaceable_zarr(path):

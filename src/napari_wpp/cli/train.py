@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from napari_wpp.cli._common import (
     number_type,
     one_line,
     operator_from_args,
+    parsed,
     positive_types,
     read_input,
     seed_type,
@@ -144,37 +145,32 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _mean_warmup(text: str) -> float:
     """``--mean-warmup`` of ``train``: a share of the budget in [0, 1)."""
     hint = "a share of the budget in [0, 1), e.g. --mean-warmup 0.3 (0: no warm-up)"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {hint}, got {text!r}") from None
+    value = parsed(float, text, f"expected {hint}, got {text!r}")
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be {hint}, got {text}")
     return value
 
 
-def _train_lambda(text: str) -> float | str:
-    """``--lambda`` of ``train``: a number ≥ 0 or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return lambda_type(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --lambda 0.02 or --lambda auto"
-        ) from None
+def _number_or_auto(number: Callable[[str], float], example: str) -> Callable[[str], float | str]:
+    """An argparse ``type``: ``auto``, or a number ≥ 0 that ``number`` reads."""
+
+    def parse(text: str) -> float | str:
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return number(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number ≥ 0 or 'auto', got {text!r}: {example}"
+            ) from None
+
+    return parse
 
 
-def _train_rho(text: str) -> float | str:
-    """``--rho`` of ``train``: a number ≥ 0 or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return _rho(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --rho 100 or --rho auto"
-        ) from None
+#: ``--lambda`` of ``train``: a number ≥ 0 or ``auto``.
+_train_lambda = _number_or_auto(lambda_type, "e.g. --lambda 0.02 or --lambda auto")
+#: ``--rho`` of ``train``: a number ≥ 0 or ``auto``.
+_train_rho = _number_or_auto(_rho, "e.g. --rho 100 or --rho auto")
 
 
 def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
