@@ -50,6 +50,7 @@ __all__ = [
     "abort_now",
     "add_output_flag",
     "add_spec_option",
+    "check_array_output",
     "check_device",
     "check_output",
     "crop_type",
@@ -376,6 +377,22 @@ def check_output_folder(path: Path, what: str = "output") -> None:
         )
     if not os.access(parent, os.W_OK):
         raise InputError(f"{what} folder {str(parent)!r} is not writable: choose another path")
+
+
+def check_array_output(path_text: str) -> tuple[Path, bool]:
+    """An output image path (``.tif``/``.tiff``) or zarr array, and whether it is a zarr array
+    (checked before any work)."""
+    path = Path(path_text).expanduser()
+    if path.suffix.lower() != ".zarr":
+        return check_output(path_text, suffixes=(".tif", ".tiff", ".zarr")), False
+    check_output_folder(path)
+    from napari_wpp.jobs.zarr_layout import replaceable_zarr
+
+    if path.exists() and not replaceable_zarr(path):
+        raise InputError(
+            f"output {path_text!r} exists and is not a zarr array: choose another path"
+        )
+    return path, True
 
 
 def read_input(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_wpp.core.config.fields import bounds, default_of
+from napari_wpp.core.config.transport import TransportSpec
 from napari_wpp.core.errors import InputError
 
 __all__ = [
@@ -53,10 +55,10 @@ __all__ = [
 ]
 
 #: The range of the blending weight α (1: unchanged, 0: fully transported).
-ALPHA_RANGE = (-0.5, 1.5)
+ALPHA_RANGE = bounds(TransportSpec, "alpha")
 #: Default eigenvalue floor of the source covariance (intensity², [0, 1] scale): the variance
 #: of noise of std 0.01, below which a blurry estimate's patch directions carry no signal.
-DEFAULT_FLOOR = 1e-4
+DEFAULT_FLOOR = default_of(TransportSpec, "floor")
 #: Patch rows unfolded at once while streaming statistics (bounds memory on large slices).
 _BAND_ROWS = 64
 

@@ -32,6 +32,7 @@ from napari_wpp.core.config.operator import (
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
 from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
+from napari_wpp.core.config.transport import ReadoutSpec, TransportSpec
 
 __all__ = [
     "ANCHORS",
@@ -45,8 +46,10 @@ __all__ = [
     "EstimateSpec",
     "OperatorSpec",
     "PredictSpec",
+    "ReadoutSpec",
     "ReconstructSpec",
     "TrainSpec",
+    "TransportSpec",
     "bounds",
     "choices_of",
     "default_of",
