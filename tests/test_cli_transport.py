@@ -10,18 +10,10 @@ import pytest
 import tifffile
 import torch
 from cli_helpers import assert_bad_input, run_cli
-from scipy.ndimage import gaussian_filter
+from toy_images import texture
 
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.operators import GaussianDownsampling
-
-
-def _texture(shape: tuple[int, ...], sigma: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    sig = (0,) * (len(shape) - 2) + (sigma, sigma)
-    field = gaussian_filter(rng.normal(size=shape), sig)
-    field = (field - field.mean()) / field.std()
-    return np.clip(128 + 40 * field, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture()
@@ -33,10 +25,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
         "ref": tmp_path / "ref.tif",
         "t": tmp_path / "t.json",
     }
-    stack = _texture((3, 64, 72), 2.5, 0)
+    stack = texture((3, 64, 72), 2.5, 0)
     tifffile.imwrite(paths["pred"], stack, photometric="minisblack")
     tifffile.imwrite(paths["pred2d"], stack[1])
-    tifffile.imwrite(paths["ref"], _texture((96, 96), 0.8, 1))
+    tifffile.imwrite(paths["ref"], texture((96, 96), 0.8, 1))
     return paths
 
 
@@ -123,7 +115,7 @@ def test_data_steps_bring_the_residual_to_the_noise(capsys, files, tmp_path) -> 
     _fit(capsys, files)
     operator = GaussianDownsampling(2, 1.0, 6)
     pred = tifffile.imread(files["pred2d"]).astype(np.float32) / 255
-    truth = _texture((64, 72), 1.2, 7).astype(np.float32) / 255
+    truth = texture((64, 72), 1.2, 7).astype(np.float32) / 255
     with torch.no_grad():
         lr = operator(torch.from_numpy(truth)).numpy()
     tifffile.imwrite(tmp_path / "lr.tif", lr.astype(np.float32))

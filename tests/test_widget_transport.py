@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from scipy.ndimage import gaussian_filter
+from toy_images import texture
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -22,14 +22,6 @@ from napari_wpp.widgets.superresolve import SuperresolveWidget  # noqa: E402
 
 TIMEOUT_MS = 60_000
 Q = 2
-
-
-def _texture(shape: tuple[int, ...], sigma: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    sig = (0,) * (len(shape) - 2) + (sigma, sigma)
-    field = gaussian_filter(rng.normal(size=shape), sig)
-    field = (field - field.mean()) / field.std()
-    return np.clip(128 + 40 * field, 0, 255).astype(np.uint8)
 
 
 def _state() -> TrainingState:
@@ -51,7 +43,7 @@ def _state() -> TrainingState:
 def _setup(make_napari_viewer, lr: np.ndarray):
     viewer = make_napari_viewer()
     viewer.add_image(lr, name="LR", contrast_limits=(0, 255))
-    viewer.add_image(_texture((96, 96), 0.8, 1), name="REF", contrast_limits=(0, 255))
+    viewer.add_image(texture((96, 96), 0.8, 1), name="REF", contrast_limits=(0, 255))
     viewer.layers.selection.active = viewer.layers["LR"]
     session_for(viewer).model = _state()
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Superresolve")
@@ -69,7 +61,7 @@ def _run(qtbot, widget: SuperresolveWidget):
 
 
 def test_slider_moves_the_result_live_and_exports(make_napari_viewer, qtbot, tmp_path) -> None:
-    viewer, widget = _setup(make_napari_viewer, _texture((40, 44), 1.5, 0))
+    viewer, widget = _setup(make_napari_viewer, texture((40, 44), 1.5, 0))
     layer = _run(qtbot, widget)
     panel = widget.transport_panel
     assert panel.cache is not None, panel.readout.text()  # prepared after the run
@@ -108,7 +100,7 @@ def test_slider_moves_the_result_live_and_exports(make_napari_viewer, qtbot, tmp
 
 
 def test_only_the_shown_slice_moves_and_detach_restores(make_napari_viewer, qtbot) -> None:
-    viewer, widget = _setup(make_napari_viewer, _texture((3, 30, 32), 1.5, 2))
+    viewer, widget = _setup(make_napari_viewer, texture((3, 30, 32), 1.5, 2))
     layer = _run(qtbot, widget)
     panel = widget.transport_panel
     before = np.array(layer.data)
@@ -124,7 +116,7 @@ def test_only_the_shown_slice_moves_and_detach_restores(make_napari_viewer, qtbo
 
 
 def test_without_reference_the_panel_asks_for_one(make_napari_viewer, qtbot) -> None:
-    viewer, widget = _setup(make_napari_viewer, _texture((24, 24), 1.5, 3))
+    viewer, widget = _setup(make_napari_viewer, texture((24, 24), 1.5, 3))
     widget.transport_panel.reference.value = "(none)"
     _run(qtbot, widget)
     panel = widget.transport_panel

@@ -13,16 +13,14 @@ from napari_wpp.cli._common import (
     add_spec_option,
     crop_type,
     emit,
-    number_type,
+    noise_type,
     operator_from_args,
     read_input,
     shape_text,
 )
-from napari_wpp.core.config import ReadoutSpec
+from napari_wpp.cli.transport import patch_type
+from napari_wpp.core.config import ReadoutSpec, help_text
 from napari_wpp.core.errors import InputError
-
-_noise_type = number_type(float, 0.0, False, "the LR noise std on [0, 1], e.g. --noise 0.01")
-_patch_type = number_type(int, 2, True, "e.g. --patch-size 6")
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -63,12 +61,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     free.add_argument("--reference", metavar="REF", help="clean reference: patch distance")
     free.add_argument(
         "--noise",
-        type=_noise_type,
+        type=noise_type,
         metavar="SIGMA",
-        help=ReadoutSpec.__dataclass_fields__["noise"].metadata["help"]
-        + " (default: estimated from LR)",
+        help=help_text(ReadoutSpec, "noise"),
     )
-    add_spec_option(free, ReadoutSpec, "patch_size", type=_patch_type, metavar="P")
+    add_spec_option(free, ReadoutSpec, "patch_size", type=patch_type, metavar="P")
     add_operator_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(handler=_cmd_evaluate)

@@ -25,6 +25,7 @@ from napari_wpp.cli._common import (
     drive,
     emit,
     fail,
+    noise_type,
     number_type,
     operator_from_args,
     read_input,
@@ -35,7 +36,6 @@ from napari_wpp.core.errors import InputError
 
 _floor_type = number_type(float, 0.0, True, "e.g. --floor 1e-4")
 _steps_type = number_type(int, 0, True, "e.g. --data-steps 5")
-_noise_type = number_type(float, 0.0, False, "the LR noise std on [0, 1], e.g. --noise 0.01")
 
 
 def alpha_type(text: str) -> float:
@@ -58,7 +58,8 @@ def alpha_type(text: str) -> float:
 alpha_type.__name__ = "float"
 
 
-def _patch_type(text: str) -> int:
+def patch_type(text: str) -> int:
+    """A patch size within the spec's bounds."""
     low, high = bounds(TransportSpec, "patch_size")
     value = number_type(int, low, True, "e.g. --patch-size 6")(text)
     if value > high:
@@ -89,7 +90,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     fit.add_argument("--reference", required=True, metavar="REF", help="clean reference image")
     fit.add_argument("--out", required=True, metavar="T.json", help="transport file to write")
-    add_spec_option(fit, TransportSpec, "patch_size", type=_patch_type, metavar="P")
+    add_spec_option(fit, TransportSpec, "patch_size", type=patch_type, metavar="P")
     add_spec_option(fit, TransportSpec, "floor", type=_floor_type, metavar="F")
     add_json_flag(fit)
     fit.set_defaults(handler=_cmd_fit)
@@ -111,7 +112,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     apply.add_argument("--lr", metavar="LR", help="LR image/stack of PRED (for --data-steps)")
     add_spec_option(apply, TransportSpec, "data_steps", type=_steps_type, metavar="N")
     apply.add_argument(
-        "--noise", type=_noise_type, metavar="SIGMA", help=help_text(ReadoutSpec, "noise")
+        "--noise", type=noise_type, metavar="SIGMA", help=help_text(ReadoutSpec, "noise")
     )
     add_operator_flags(apply)
     add_json_flag(apply)
@@ -281,4 +282,4 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-__all__ = ["add_apply_flags", "add_parser", "alpha_type", "run_apply"]
+__all__ = ["add_apply_flags", "add_parser", "alpha_type", "patch_type", "run_apply"]

@@ -84,15 +84,15 @@ def _check_patch_size(patch_size: int) -> int:
     return int(patch_size)
 
 
-def _as_float64(images: Any, what: str) -> torch.Tensor:
-    """``images`` as a float64 CPU tensor of shape ``(N, H, W)`` (a copy, never a view)."""
+def _as_stack(images: Any, what: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``images`` as a CPU tensor of ``dtype`` and shape ``(N, H, W)`` (a copy, never a view)."""
     if isinstance(images, torch.Tensor):
-        t = images.detach().to("cpu", torch.float64)
+        t = images.detach().to("cpu", dtype, copy=True)
     else:
         arr = np.asarray(images)
         if arr.dtype.kind not in "uif":
             raise InputError(f"{what} has dtype {arr.dtype}: pass a float image on [0, 1]")
-        t = torch.from_numpy(np.array(arr, dtype=np.float64))
+        t = torch.from_numpy(np.array(arr, dtype=np.float64)).to(dtype)
     if t.ndim < 2:
         raise InputError(f"{what} has shape {tuple(t.shape)}: pass a 2D image or a (Z, H, W) stack")
     if not bool(torch.isfinite(t).all()):
@@ -173,7 +173,7 @@ class PatchMoments:
     def add(self, images: Any) -> PatchMoments:
         """Add the patches of ``images`` (``(H, W)`` or ``(..., H, W)``, [0, 1] scale)."""
         p = self.patch_size
-        stack = _as_float64(images, "image")
+        stack = _as_stack(images, "image")
         h, w = stack.shape[-2:]
         if h < p or w < p:
             raise InputError(
@@ -306,7 +306,7 @@ class GaussianTransport:
     def apply_fold(self, images: Any) -> np.ndarray:
         """The literal form of :meth:`apply`: transport every patch, fold with uniform weights."""
         p = self.patch_size
-        stack = _as_float64(images, "image")
+        stack = _as_stack(images, "image")
         out = np.empty(stack.shape, dtype=np.float64)
         matrix = torch.from_numpy(self.matrix)
         offset = torch.from_numpy(self.offset)
@@ -322,22 +322,14 @@ class GaussianTransport:
 
 
 def _as_float32_stack(images: Any, patch_size: int) -> torch.Tensor:
-    if isinstance(images, torch.Tensor):
-        t = images.detach().to("cpu", torch.float32)
-    else:
-        arr = np.asarray(images)
-        if arr.dtype.kind not in "uif":
-            raise InputError(f"image has dtype {arr.dtype}: pass a float image on [0, 1]")
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if t.ndim < 2:
-        raise InputError(f"image has shape {tuple(t.shape)}: pass a 2D image or a (Z, H, W) stack")
+    t = _as_stack(images, "image", torch.float32)
     h, w = t.shape[-2:]
     if h < patch_size or w < patch_size:
         raise InputError(
             f"image {h}×{w} is smaller than the {patch_size}×{patch_size} patch of the "
             "transport: give a larger image"
         )
-    return t.reshape(-1, h, w)
+    return t
 
 
 def _reflect(x: torch.Tensor, pad: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from napari_wpp.core.errors import InputError
-from napari_wpp.io.files import atomic_write, json_default, one_line
+from napari_wpp.io.files import atomic_write, json_default, one_line, read_json
 
 __all__ = [
     "TRANSPORT_FORMAT",
@@ -118,17 +118,7 @@ def read_transport(path: str | Path) -> TransportFile:
 
     path = Path(path).expanduser()
     name = path.name
-    if not path.is_file():
-        raise InputError(f"transport file {path} does not exist: check the path")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"transport file {name} is not valid JSON (line {exc.lineno}, column {exc.colno}): "
-            f"{_FIX}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read transport file {name} ({one_line(exc)}): check it") from None
+    d = read_json(path, "transport file", _FIX)
     if not isinstance(d, dict) or d.get("format") != TRANSPORT_FORMAT:
         raise InputError(f"{name} is not a napari-wpp transport file: {_FIX}")
     version = d.get("format_version")
