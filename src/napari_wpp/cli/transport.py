@@ -28,6 +28,7 @@ from napari_wpp.cli._common import (
     noise_type,
     number_type,
     operator_from_args,
+    parsed,
     read_input,
     shape_text,
 )
@@ -41,12 +42,7 @@ _steps_type = number_type(int, 0, True, "e.g. --data-steps 5")
 def alpha_type(text: str) -> float:
     """An α in the spec's bounds (1 unchanged, 0 fully transported)."""
     low, high = bounds(TransportSpec, "alpha")
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number, got {text!r}: e.g. --alpha 0.75"
-        ) from None
+    value = parsed(float, text, f"expected a number, got {text!r}: e.g. --alpha 0.75")
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(
             f"must lie in [{low:g}, {high:g}], got {text}: 1 leaves the input unchanged, "
