@@ -163,6 +163,22 @@ def test_data_consistency_stops_at_the_noise_level():
     np.testing.assert_array_equal(unchanged, start)
 
 
+def test_data_rms_leaves_out_the_border_the_padding_decides():
+    operator = GaussianDownsampling(2, 1.0, 6, padding="circular")
+    assert operator.border_margin == 3  # ⌈6 / 2⌉ LR pixels
+    truth = torch.from_numpy(field((64, 64), 1.0, 0.3, 0.5, 5).astype(np.float32))
+    with torch.no_grad():
+        noise = torch.randn(32, 32, generator=torch.Generator().manual_seed(1))
+        lr = operator(truth) + 0.01 * noise
+    estimate = truth.numpy().copy()
+    estimate[:, :2] = estimate[:, -2:] = 0.5  # wrong only where the kernel wraps around
+    with torch.no_grad():
+        whole = float(torch.sqrt(torch.mean((operator(torch.from_numpy(estimate)) - lr) ** 2)))
+    assert data_rms(estimate, lr, operator) == pytest.approx(data_rms(truth, lr, operator))
+    assert data_rms(truth, lr, operator) == pytest.approx(0.01, rel=0.1)
+    assert whole > 1.5 * data_rms(estimate, lr, operator)
+
+
 def test_gelbrich_distance_of_gaussians():
     d = 4
     rng = np.random.default_rng(0)

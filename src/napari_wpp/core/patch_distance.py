@@ -171,7 +171,12 @@ def reference_band(
 
 
 def data_rms(image: Any, lr: Any, operator: torch.nn.Module) -> float:
-    """Root mean square of ``f(x) − y`` ([0, 1] scale); ``x`` is 2D or a stack of ``y``'s."""
+    """Root mean square of ``f(x) − y`` ([0, 1] scale); ``x`` is 2D or a stack of ``y``'s.
+
+    Taken over the LR pixels away from the border (``operator.interior_mask``): at the border
+    the operator's padding, not the estimate, decides ``f(x)``, and an estimate that is right
+    everywhere still misses LR data made with wrapped or reflected content there.
+    """
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
     y = torch.as_tensor(np.asarray(lr, dtype=np.float32))
     with torch.no_grad():
@@ -181,7 +186,8 @@ def data_rms(image: Any, lr: Any, operator: torch.nn.Module) -> float:
             f"the operator maps the {tuple(x.shape)} estimate to {tuple(fx.shape)} but the LR "
             f"image is {tuple(y.shape)}: give the LR image of this estimate and its operator"
         )
-    return float(torch.sqrt(torch.mean((fx.double() - y.double()) ** 2)))
+    residual = (fx.double() - y.double())[..., operator.interior_mask(tuple(y.shape))]
+    return float(torch.sqrt(torch.mean(residual**2)))
 
 
 def _flat_block_std(stack: np.ndarray, block: int = 8, percentile: float = 10.0) -> float:

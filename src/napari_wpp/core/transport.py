@@ -363,6 +363,9 @@ def data_consistency(
 ) -> np.ndarray:
     """Up to ``steps`` steepest-descent steps on ``½‖f(x) − y‖²`` from ``image`` ([0, 1] scale).
 
+    The residual is taken away from the border, as in
+    :func:`~napari_wpp.core.patch_distance.data_rms`.
+
     Each step moves along ``−fᵀ(f(x) − y)`` by the exact line-search length (the operator is
     affine, so the residual is quadratic in the step). With ``noise`` the steps stop at the
     discrepancy level: the last step is shortened so that the residual's rms meets ``noise``
@@ -376,6 +379,7 @@ def data_consistency(
     x = torch.tensor(np.asarray(image, dtype=np.float64))
     y = torch.as_tensor(np.asarray(lr, dtype=np.float64))
     operator = copy.deepcopy(operator).to(torch.float64)  # the caller's stays as it is
+    interior = operator.interior_mask(tuple(y.shape)).to(torch.float64)
     with torch.no_grad():
         base = operator(torch.zeros_like(x))
         for _ in range(int(steps)):
@@ -385,12 +389,13 @@ def data_consistency(
                     f"the operator maps the {tuple(x.shape)} image to {tuple(residual.shape)} "
                     f"but the LR image is {tuple(y.shape)}: give the LR image of this estimate"
                 )
-            size = residual.numel()
+            residual = residual * interior  # the border is the padding's, not the image's
+            size = float(interior.sum()) * (residual.numel() // interior.numel())
             now = float((residual**2).sum())
             if noise is not None and now <= size * float(noise) ** 2:
                 break
             direction = operator.adjoint(residual, tuple(x.shape[-2:]))
-            moved = operator(direction) - base  # A d
+            moved = (operator(direction) - base) * interior  # A d on the interior
             aa = float((moved**2).sum())
             if aa <= 0.0:
                 break
