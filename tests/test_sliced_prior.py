@@ -13,7 +13,7 @@ from napari_wpp.core.semidual import (
     build_patch_prior,
     exact_w2,
 )
-from napari_wpp.core.semidual.sliced import interpolated_quantiles
+from napari_wpp.core.semidual.sliced import argsort_rows, interpolated_quantiles, sort_rows
 
 
 def _cloud(n: int, d: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -38,10 +38,18 @@ def test_zero_for_equal_sets_also_against_a_repeated_reference() -> None:
 
 
 def test_interpolated_quantiles_match_levels() -> None:
-    values = torch.arange(10, dtype=torch.float64)[:, None]
+    values = torch.arange(10, dtype=torch.float64)[None]
     assert torch.equal(interpolated_quantiles(values, 10), values)
-    two = interpolated_quantiles(values, 2)[:, 0]  # levels 1/4 and 3/4 of 0 … 9
+    two = interpolated_quantiles(values, 2)[0]  # levels 1/4 and 3/4 of 0 … 9
     assert two.tolist() == pytest.approx([2.0, 7.0])
+
+
+def test_numpy_sorts_agree_with_torch() -> None:
+    values = _cloud(7, 300, 14).float()
+    values[0, :5] = 0.25  # ties
+    assert torch.equal(sort_rows(values), values.sort(-1).values)
+    assert torch.equal(values.gather(1, argsort_rows(values)), values.sort(-1).values)
+    assert torch.equal(sort_rows(values.bfloat16()), values.bfloat16().float().sort(-1).values)
 
 
 def test_translation_costs_its_squared_length_and_pulls_back() -> None:
