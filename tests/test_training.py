@@ -118,20 +118,25 @@ def _parameters(state) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in state.model.parameters()])
 
 
+def _stopped_at(step: int, lr, ref, op, config):
+    """The final state of a run whose stop event is set at ``step``."""
+    stop = threading.Event()
+    first = None
+    for event in train(lr, ref, op, config, stop=stop):
+        if isinstance(event, TrainingProgress) and event.step == step:
+            stop.set()
+        if isinstance(event, TrainingFinished):
+            first = event.state
+    assert first is not None and first.step == step
+    return first
+
+
 @pytest.mark.parametrize("psi_mode", ["shared", "per_batch"])
 def test_resume_continues_the_same_run(material, psi_mode: str) -> None:
     lr, _, ref, op = material
     config = tiny_config(steps=6, psi_mode=psi_mode, n_fixed_batches=3)
     straight = run_training(lr, ref, op, config).state
-
-    stop = threading.Event()
-    first = None
-    for event in train(lr, ref, op, config, stop=stop):
-        if isinstance(event, TrainingProgress) and event.step == 3:
-            stop.set()
-        if isinstance(event, TrainingFinished):
-            first = event.state
-    assert first is not None and first.step == 3
+    first = _stopped_at(3, lr, ref, op, config)
     resumed = run_training(lr, ref, op, config, resume=first).state
     assert resumed.step == 6
     assert torch.equal(_parameters(resumed), _parameters(straight))
@@ -153,14 +158,7 @@ def test_sliced_patch_distance_trains_and_resumes_through_a_model_file(
     straight = run_training(lr, ref, op, config).state
     assert all(set(p) == {"sliced.generator"} for p in straight.priors)
     assert all(np.isfinite(h["wpp_term"]) and h["wpp_term"] > 0 for h in straight.history)
-    stop = threading.Event()
-    first = None
-    for event in train(lr, ref, op, config, stop=stop):
-        if isinstance(event, TrainingProgress) and event.step == 3:
-            stop.set()
-        if isinstance(event, TrainingFinished):
-            first = event.state
-    assert first is not None and first.step == 3
+    first = _stopped_at(3, lr, ref, op, config)
     saved = io.load_model(io.save_model(tmp_path / "sliced.safetensors", first), device="cpu")
     assert saved.config["patch_distance"] == "sliced"
     resumed = run_training(lr, ref, op, config, resume=saved).state
