@@ -49,6 +49,7 @@ __all__ = [
     "add_operator_flags",
     "abort_now",
     "add_output_flag",
+    "add_patch_distance_flags",
     "add_spec_option",
     "check_array_output",
     "check_device",
@@ -211,6 +212,23 @@ def add_spec_option(
     parser.add_argument(
         flag or "--" + name.replace("_", "-"), dest=name, default=default_of(spec, name), **options
     )
+
+
+projections_type = number_type(int, 0, True, "e.g. --projections 64")
+
+
+def add_patch_distance_flags(parser: Any, spec: type, spec_defaults: bool = True) -> None:
+    """``--patch-distance`` and ``--projections`` of ``spec``'s fields (``spec_defaults``
+    False: both default to ``None``, for options that only override what a run keeps)."""
+    for name, options in (
+        ("patch_distance", {"choices": choices_of(spec, "patch_distance"), "metavar": "D"}),
+        ("projections", {"type": projections_type, "metavar": "K"}),
+    ):
+        if spec_defaults:
+            add_spec_option(parser, spec, name, **options)
+        else:
+            flag = "--" + name.replace("_", "-")
+            parser.add_argument(flag, dest=name, help=help_text(spec, name), **options)
 
 
 def add_output_flag(parser: Any, metavar: str = "OUT.tif", help: str = "output TIFF") -> None:

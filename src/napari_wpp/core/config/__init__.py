@@ -29,6 +29,7 @@ from napari_wpp.core.config.operator import (
     OperatorSpec,
     default_sigma,
 )
+from napari_wpp.core.config.patch_distance import PATCH_DISTANCES
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
 from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_COUNT",
     "MAX_SEED",
     "PADDINGS",
+    "PATCH_DISTANCES",
     "SCALES",
     "DegradeSpec",
     "EstimateSpec",
