@@ -30,6 +30,7 @@ from napari_wpp.cli import (
     predict,
     reconstruct,
     train,
+    transport,
 )
 from napari_wpp.cli._common import (
     EXIT_BAD_INPUT,
@@ -60,7 +61,16 @@ OUT_OF_MEMORY_FIX = (
 )
 
 #: The subcommands, in the order of ``napari-wpp --help``.
-SUBCOMMANDS = (degrade, estimate_operator, reconstruct, train, predict, evaluate, demo)
+SUBCOMMANDS = (
+    degrade,
+    estimate_operator,
+    reconstruct,
+    train,
+    predict,
+    transport,
+    evaluate,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from napari_wpp.cli._common import (
     add_json_flag,
     add_operator_flags,
     add_output_flag,
+    add_patch_distance_flags,
     add_spec_option,
     check_device,
     check_output,
@@ -63,6 +64,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     add_operator_flags(p)
     add_spec_option(p, ReconstructSpec, "lam", "--lambda", type=lambda_type, metavar="L")
+    add_patch_distance_flags(p, ReconstructSpec)
     add_spec_option(
         p, ReconstructSpec, "patchnr_lam", "--patchnr-lambda", type=lambda_type, metavar="L"
     )

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from napari_wpp.cli._common import (
     EXIT_OK,
     ProgressBar,
     add_operator_flags,
+    add_patch_distance_flags,
     check_output,
     drive,
     emit,
@@ -23,6 +24,7 @@ from napari_wpp.cli._common import (
     number_type,
     one_line,
     operator_from_args,
+    parsed,
     positive_types,
     read_input,
     seed_type,
@@ -43,6 +45,8 @@ SPEC_FLAGS = (
     ("--crop-size", "crop_size", "crop_size"),
     ("--reference-patches", "reference_patches", "n_reference_patches"),
     ("--psi-passes", "psi_passes", "psi_passes"),
+    ("--patch-distance", "patch_distance", "patch_distance"),
+    ("--projections", "projections", "projections"),
     ("--hidden", "hidden", "patchnr_hidden"),
     ("--patch-batch", "patch_batch", "patchnr_batch"),
     ("--device", "device", "device"),
@@ -128,6 +132,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--psi-passes", type=positive_types["--psi-passes"], metavar="P", help=_help("psi_passes")
     )
+    add_patch_distance_flags(p, _spec(), spec_defaults=False)
     p.add_argument("--hidden", type=_positive_int, metavar="H", help=_help("patchnr_hidden"))
     p.add_argument("--patch-batch", type=_positive_int, metavar="B", help=_help("patchnr_batch"))
     p.add_argument("--device", metavar="DEVICE", help=_help("device"))
@@ -158,37 +163,32 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _mean_warmup(text: str) -> float:
     """``--mean-warmup`` of ``train``: a share of the budget in [0, 1)."""
     hint = "a share of the budget in [0, 1), e.g. --mean-warmup 0.3 (0: no warm-up)"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {hint}, got {text!r}") from None
+    value = parsed(float, text, f"expected {hint}, got {text!r}")
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be {hint}, got {text}")
     return value
 
 
-def _train_lambda(text: str) -> float | str:
-    """``--lambda`` of ``train``: a number ≥ 0 or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return lambda_type(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --lambda 0.02 or --lambda auto"
-        ) from None
+def _number_or_auto(number: Callable[[str], float], example: str) -> Callable[[str], float | str]:
+    """An argparse ``type``: ``auto``, or a number ≥ 0 that ``number`` reads."""
+
+    def parse(text: str) -> float | str:
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return number(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number ≥ 0 or 'auto', got {text!r}: {example}"
+            ) from None
+
+    return parse
 
 
-def _train_rho(text: str) -> float | str:
-    """``--rho`` of ``train``: a number ≥ 0 or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return _rho(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number ≥ 0 or 'auto', got {text!r}: e.g. --rho 100 or --rho auto"
-        ) from None
+#: ``--lambda`` of ``train``: a number ≥ 0 or ``auto``.
+_train_lambda = _number_or_auto(lambda_type, "e.g. --lambda 0.02 or --lambda auto")
+#: ``--rho`` of ``train``: a number ≥ 0 or ``auto``.
+_train_rho = _number_or_auto(_rho, "e.g. --rho 100 or --rho auto")
 
 
 def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,6 +303,8 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
         ("--crop-size", "crop_size", args.crop_size),
         ("--reference-patches", "n_reference_patches", args.reference_patches),
         ("--psi-passes", "psi_passes", args.psi_passes),
+        ("--patch-distance", "patch_distance", args.patch_distance),
+        ("--projections", "projections", args.projections),
         ("--mean-warmup", "mean_warmup", args.mean_warmup),
         ("--seed", "seed", args.seed),
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, ParamSpec
 
-__all__ = ["final_result", "forward_until_finished"]
+__all__ = ["final_result", "forward_until_finished", "run_to_end"]
+
+P = ParamSpec("P")
 
 
 def forward_until_finished(
@@ -41,3 +45,26 @@ def final_result(events: Iterable[Any], finished_type: type) -> Any:
     if finished is None or finished.result is None:
         raise RuntimeError(f"the run ended without a {finished_type.__name__} result")
     return finished.result
+
+
+def run_to_end(
+    generator: Callable[P, Iterable[Any]], finished_type: type, name: str
+) -> Callable[P, Any]:
+    """A function ``name`` that runs ``generator`` to the end and returns its result.
+
+    It takes the generator's parameters (``stop`` is best left unset: a stopped run has no
+    result) and returns the ``result`` of its ``finished_type`` event (:func:`final_result`).
+    """
+
+    @functools.wraps(generator)
+    def run(*args: P.args, **kwargs: P.kwargs) -> Any:
+        return final_result(generator(*args, **kwargs), finished_type)
+
+    run.__name__ = run.__qualname__ = name
+    run.__signature__ = inspect.signature(generator).replace(  # type: ignore[attr-defined]
+        return_annotation=inspect.Signature.empty
+    )
+    run.__doc__ = (
+        f"Run :func:`{generator.__name__}` to the end and return its result (same parameters)."
+    )
+    return run

@@ -32,12 +32,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from napari_wpp.core.budget import Budget
-from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of, spec_from
+from napari_wpp.core.config import (
+    FALLBACK_ITERATIONS,
+    PATCH_DISTANCES,
+    ReconstructSpec,
+    default_of,
+    spec_from,
+)
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, check_operator_output, upsample_aligned
 from napari_wpp.core.patches import gaussian_pyramid, sample_reference_patches, strided_patches
-from napari_wpp.core.semidual import WassersteinPatchPrior
+from napari_wpp.core.semidual import PatchPrior, build_patch_prior
 
 #: λ with the mean data term (``ReconstructSpec.lam``); chosen by the grid search documented in
 #: docs/algorithms.md.
@@ -69,9 +75,12 @@ class VariationalConfig:
         Size of the fixed random subset of reference patches (per pyramid level).
     levels
         Number of pyramid levels of the multi-scale prior (1 = single scale).
+    patch_distance, projections
+        ``"exact"`` (semi-dual W₂²) or ``"sliced"`` (W₂² along ``projections`` random
+        directions per iteration plus the reference's principal axes), per pyramid level.
     psi_passes
         ψ ascent passes per iteration (warm-started); the last one shares its c-transform
-        with the loss.
+        with the loss (exact distance only).
     patches_per_iteration
         About this many generated patches per iteration and level, on a strided grid with a
         random offset (``None`` or 0: all of them).
@@ -100,6 +109,8 @@ class VariationalConfig:
     patch_size: int = 6
     n_reference_patches: int = 10_000
     levels: int = 2
+    patch_distance: str = default_of(ReconstructSpec, "patch_distance")
+    projections: int = default_of(ReconstructSpec, "projections")
     psi_passes: int = 1
     patches_per_iteration: int | None = 25_000
     learning_rate: float = 0.01
@@ -182,6 +193,11 @@ def _check_inputs(
         raise InputError(f"minutes must be ≥ 0, got {config.minutes}")
     if config.levels < 1:
         raise InputError(f"levels must be ≥ 1, got {config.levels}")
+    if config.patch_distance not in PATCH_DISTANCES:
+        raise InputError(
+            f"patch distance {config.patch_distance!r} is unknown: use one of "
+            f"{', '.join(PATCH_DISTANCES)}"
+        )
 
 
 class WPPTerm:
@@ -204,7 +220,7 @@ class WPPTerm:
             ref_t = ref_t[None]
         # One prior per pyramid level; the reference is reduced like the image.
         ref_levels = [gaussian_pyramid(ref_slice, config.levels) for ref_slice in ref_t]
-        self.priors: list[WassersteinPatchPrior] = []
+        self.priors: list[PatchPrior] = []
         p = config.patch_size
         for level in range(config.levels):
             level_ref = torch.stack([levels[level] for levels in ref_levels])
@@ -216,7 +232,14 @@ class WPPTerm:
                 patch_size=p,
                 seed=config.seed + level,
             )
-            self.priors.append(WassersteinPatchPrior(ref_patches.to(device)))
+            self.priors.append(
+                build_patch_prior(
+                    config.patch_distance,
+                    ref_patches.to(device),
+                    projections=config.projections,
+                    seed=config.seed + level,
+                )
+            )
 
     def __call__(
         self, x_ext: Tensor, generator: torch.Generator, should_stop: Callable[[], bool]

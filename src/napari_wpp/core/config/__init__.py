@@ -29,9 +29,11 @@ from napari_wpp.core.config.operator import (
     OperatorSpec,
     default_sigma,
 )
+from napari_wpp.core.config.patch_distance import PATCH_DISTANCES
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
 from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
+from napari_wpp.core.config.transport import ReadoutSpec, TransportSpec
 
 __all__ = [
     "ANCHORS",
@@ -40,13 +42,16 @@ __all__ = [
     "MAX_COUNT",
     "MAX_SEED",
     "PADDINGS",
+    "PATCH_DISTANCES",
     "SCALES",
     "DegradeSpec",
     "EstimateSpec",
     "OperatorSpec",
     "PredictSpec",
+    "ReadoutSpec",
     "ReconstructSpec",
     "TrainSpec",
+    "TransportSpec",
     "bounds",
     "choices_of",
     "default_of",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from napari_wpp.core.config.fields import MAX_SEED, field_meta
+from napari_wpp.core.config.patch_distance import patch_distance_field, projections_field
 
 __all__ = ["FALLBACK_ITERATIONS", "ReconstructSpec"]
 
@@ -18,8 +19,8 @@ PATCHNR_PATCHES = 40_000
 
 @dataclass(frozen=True)
 class ReconstructSpec:
-    """A variational reconstruction: λ (of the WPP, or of a PatchNR prior), the budgets, the
-    seed and the device.
+    """A variational reconstruction: λ and the patch distance of the WPP (or λ of a PatchNR
+    prior), the budgets, the seed and the device.
 
     The run stops at whichever budget ends first; with neither it runs
     :data:`FALLBACK_ITERATIONS` iterations.
@@ -29,6 +30,8 @@ class ReconstructSpec:
         default=0.008,
         metadata=field_meta("weight λ of the patch prior, mean data term", 0.0, 10.0),
     )
+    patch_distance: str = patch_distance_field()
+    projections: int = projections_field()
     patchnr_lam: float = field(
         default=PATCHNR_LAMBDA,
         metadata=field_meta(

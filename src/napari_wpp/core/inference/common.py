@@ -7,20 +7,17 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.intensity import Normalisation
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
@@ -127,6 +124,56 @@ def _check_tile(tile: int | None) -> int | None:
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise InputError(f"tile must be a positive integer (LR pixels) or None, got {tile!r}")
     return int(tile)
+
+
+def _check_tiling(model: nn.Module, tile: int | None, halo: int | None) -> tuple[int | None, int]:
+    """The checked ``tile`` and the halo of its tiles in LR pixels (0 when nothing is tiled)."""
+    tile = _check_tile(tile)
+    halo_px = model_halo(model, halo) if (tile is not None or halo is not None) else 0
+    return tile, halo_px
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _forward_in_tiles(
+    forward: Callable[[int, int, int, int], Tensor],
+    size: tuple[int, int],
+    scale: int,
+    tile: int | None,
+    halo: int,
+) -> Tensor:
+    """A model's ``(B, C, q·H, q·W)`` output for an LR slice of ``size`` ``(H, W)``.
+
+    ``forward(a0, a1, b0, b1)`` runs the model on LR rows ``a0:a1`` and columns ``b0:b1``. With
+    a ``tile``, the slice is cut into square tiles of ``tile`` LR pixels, each run with a
+    ``halo`` (clipped at the border) and cropped after the model; otherwise it runs once on the
+    whole slice.
+    """
+    height, width = size
+    if tile is None or (tile >= height and tile >= width):
+        return forward(0, height, 0, width)
+    q = scale
+    out: Tensor | None = None
+    for y0 in range(0, height, tile):
+        y1 = min(y0 + tile, height)
+        a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
+        for x0 in range(0, width, tile):
+            x1 = min(x0 + tile, width)
+            b0, b1 = max(0, x0 - halo), min(width, x1 + halo)
+            pred = forward(a0, a1, b0, b1)
+            if out is None:
+                out = pred.new_empty((pred.shape[0], pred.shape[1], q * height, q * width))
+            out[:, :, q * y0 : q * y1, q * x0 : q * x1] = pred[
+                :, :, q * (y0 - a0) : q * (y1 - a0), q * (x0 - b0) : q * (x1 - b0)
+            ]
+    assert out is not None
+    return out
 
 
 def _inference_copy(model: nn.Module, device: torch.device) -> nn.Module:
@@ -342,6 +389,14 @@ def _check_shape(shape: tuple[int, ...]) -> None:
             f"cannot superresolve an array of shape {tuple(shape)}: need a 2D image (Y, X) or "
             "a 3D volume (Z, Y, X)"
         )
+
+
+def _check_layout(
+    shape: tuple[int, ...], dtype: Any, axis: int, normalisation: Normalisation | None
+) -> tuple[np.dtype, int]:
+    """The output dtype and the checked slice axis of an input of ``shape`` and ``dtype``."""
+    _check_shape(shape)
+    return output_dtype(dtype, normalisation), _check_axis(axis, len(shape))
 
 
 def output_shape(shape: tuple[int, ...], scale: int, axis: int = 0) -> tuple[int, ...]:

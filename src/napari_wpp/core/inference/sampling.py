@@ -6,8 +6,8 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,25 +15,18 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
-from napari_wpp.core.events import final_result
+from napari_wpp.core.events import run_to_end
 from napari_wpp.core.inference.common import (
-    _check_axis,
+    _check_batch_size,
     _check_flow,
-    _check_shape,
-    _check_tile,
+    _check_layout,
+    _check_tiling,
+    _forward_in_tiles,
     _inference_copy,
-    model_halo,
     model_scale,
-    output_dtype,
     output_shape,
 )
-from napari_wpp.core.inference.superresolution import (
-    _check_batch_size,
-)
 from napari_wpp.core.intensity import Normalisation, check_finite
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
@@ -154,30 +147,21 @@ def _tiled_flow_forward(
     the squeeze grid of the whole slice; the latent comes from the whole slice, so tiled and
     whole-slice samples agree to float32 rounding.
     """
-    _, _, height, width = lr.shape
-    if tile is None or (tile >= height and tile >= width):
-        return net(z, lr)[0]
     q = scale
-    out: Tensor | None = None
-    for y0 in range(0, height, tile):
-        y1 = min(y0 + tile, height)
-        a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
-        for x0 in range(0, width, tile):
-            x1 = min(x0 + tile, width)
-            b0, b1 = max(0, x0 - halo), min(width, x1 + halo)
-            pred = net(z[:, :, q * a0 : q * a1, q * b0 : q * b1], lr[:, :, a0:a1, b0:b1])[0]
-            if out is None:
-                out = pred.new_empty((z.shape[0], 1, q * height, q * width))
-            out[:, :, q * y0 : q * y1, q * x0 : q * x1] = pred[
-                :, :, q * (y0 - a0) : q * (y1 - a0), q * (x0 - b0) : q * (x1 - b0)
-            ]
-    assert out is not None
-    return out
+
+    def forward(a0: int, a1: int, b0: int, b1: int) -> Tensor:
+        return net(z[:, :, q * a0 : q * a1, q * b0 : q * b1], lr[:, :, a0:a1, b0:b1])[0]
+
+    return _forward_in_tiles(forward, tuple(lr.shape[2:]), scale, tile, halo)
 
 
 @dataclass
 class _FlowRun:
-    """A checked WPPFlow run: the inference copy and the settings of every slice."""
+    """A checked WPPFlow run: the inference copy and the settings of every slice.
+
+    Slice ``i`` of the run draws its latents from the random stream ``first_stream + i`` of
+    ``seed`` (:func:`slice_generator`).
+    """
 
     net: nn.Module
     scale: int
@@ -188,6 +172,7 @@ class _FlowRun:
     tile: int | None
     halo: int
     device: torch.device
+    first_stream: int = 0
 
     @classmethod
     def prepare(
@@ -206,15 +191,14 @@ class _FlowRun:
         temperature = _check_temperature(temperature)
         seed = _check_seed(seed)
         batch_size = _check_batch_size(batch_size)
-        tile = _check_tile(tile)
-        halo_px = model_halo(model, halo) if (tile is not None or halo is not None) else 0
+        tile, halo_px = _check_tiling(model, tile, halo)
         dev = resolve_device(device)
         net = _inference_copy(model, dev)
         return cls(net, model_scale(model), k, temperature, seed, batch_size, tile, halo_px, dev)
 
     def batches(self, image: np.ndarray, slice_index: int) -> Iterator[tuple[int, int, Tensor]]:
         """``(j0, j1, samples j0..j1 of the slice)`` as ``(j1 − j0, q·h, q·w)`` float32 tensors."""
-        generator = slice_generator(self.seed, slice_index)
+        generator = slice_generator(self.seed, self.first_stream + slice_index)
         lr = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
         lr = lr.to(self.device)
         q = self.scale
@@ -319,64 +303,17 @@ def sample(
         of shape ``(q·h, q·w)`` in normalised units. Bad input raises :class:`InputError` at
         the first ``next()``.
     """
-    from napari_wpp.core.uncertainty import RunningMoments
-
     start = time.perf_counter()
     image = _check_image2d(lr)
     slice_index = _check_seed(slice_index)
     run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
-    q = run.scale
-    kept = None
-    if keep_samples:
-        kept = np.empty((run.k, q * image.shape[0], q * image.shape[1]), np.float32)
-    moments = RunningMoments()
-    batches = run.batches(image, slice_index)
-    while True:
-        if stop is not None and stop.is_set():
-            yield SamplingFinished(None, time.perf_counter() - start, True)
-            return
-        item = next(batches, None)
-        if item is None:
-            break
-        j0, j1, x = item
-        moments.update(x)
-        if kept is not None:
-            kept[j0:j1] = x.to("cpu").numpy()
-        yield SamplingProgress(j1, run.k, int(j1 == run.k), 1, time.perf_counter() - start)
-    mean, std = _moments_out(moments)
-    result = SampleResult(mean, std, kept, run.k, run.temperature, run.seed)
-    yield SamplingFinished(result, time.perf_counter() - start, False)
+    run = replace(run, first_stream=slice_index)
+    dtype = np.dtype(np.float32)
+    yield from _sample_in_memory(run, image, 0, None, dtype, keep_samples, stop, start)
 
 
-def run_sample(
-    model: nn.Module,
-    lr: np.ndarray,
-    k: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    tile: int | None = None,
-    keep_samples: bool = False,
-    device: str | torch.device = "auto",
-    halo: int | None = None,
-    slice_index: int = 0,
-) -> SampleResult:
-    """Run :func:`sample` to the end and return its :class:`SampleResult` (same parameters)."""
-    events = sample(
-        model,
-        lr,
-        k,
-        temperature,
-        seed,
-        batch_size,
-        tile,
-        keep_samples,
-        device,
-        None,
-        halo,
-        slice_index,
-    )
-    return final_result(events, SamplingFinished)
+#: :func:`sample` run to the end: its :class:`SampleResult` (same parameters).
+run_sample = run_to_end(sample, SamplingFinished, "run_sample")
 
 
 def _std_units(std: np.ndarray, normalisation: Normalisation | None) -> np.ndarray:
@@ -439,11 +376,6 @@ def _sample_slices(
         write_stats(i, mean, std)
 
 
-def _check_sampling_volume(shape: tuple[int, ...], dtype: Any, normalisation: Any) -> np.dtype:
-    _check_shape(shape)
-    return output_dtype(dtype, normalisation)
-
-
 def _sample_into_targets(
     run: _FlowRun,
     source: Any,
@@ -489,6 +421,29 @@ def _sample_into_targets(
             return
         yield event
     yield SamplingFinished(None, time.perf_counter() - start, False)
+
+
+def _sample_in_memory(
+    run: _FlowRun,
+    vol: np.ndarray,
+    ax: int,
+    normalisation: Normalisation | None,
+    out_dt: np.dtype,
+    keep_samples: bool,
+    stop: threading.Event | None,
+    start: float,
+) -> Iterator[SamplingProgress | SamplingFinished]:
+    """Sample ``vol`` into new arrays; the last event carries them as a :class:`SampleResult`."""
+    shape = output_shape(vol.shape, run.scale, ax)
+    mean_out = np.empty(shape, out_dt)
+    std_out = np.empty(shape, np.float32)
+    samples_out = np.empty((run.k, *shape), out_dt) if keep_samples else None
+    targets = (mean_out, std_out, samples_out)
+    for event in _sample_into_targets(run, vol, targets, ax, normalisation, out_dt, stop, start):
+        if isinstance(event, SamplingFinished) and not event.stopped_early:
+            result = SampleResult(mean_out, std_out, samples_out, run.k, run.temperature, run.seed)
+            event = SamplingFinished(result, event.elapsed_s, False)
+        yield event
 
 
 def sample_volume(
@@ -540,52 +495,13 @@ def sample_volume(
     """
     start = time.perf_counter()
     vol = np.asarray(volume)
-    out_dt = _check_sampling_volume(vol.shape, vol.dtype, normalisation)
-    ax = _check_axis(axis, vol.ndim)
+    out_dt, ax = _check_layout(vol.shape, vol.dtype, axis, normalisation)
     run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
-    shape = output_shape(vol.shape, run.scale, ax)
-    mean_out = np.empty(shape, out_dt)
-    std_out = np.empty(shape, np.float32)
-    samples_out = np.empty((run.k, *shape), out_dt) if keep_samples else None
-    targets = (mean_out, std_out, samples_out)
-    for event in _sample_into_targets(run, vol, targets, ax, normalisation, out_dt, stop, start):
-        if isinstance(event, SamplingFinished) and not event.stopped_early:
-            result = SampleResult(mean_out, std_out, samples_out, run.k, run.temperature, run.seed)
-            event = SamplingFinished(result, event.elapsed_s, False)
-        yield event
+    yield from _sample_in_memory(run, vol, ax, normalisation, out_dt, keep_samples, stop, start)
 
 
-def run_sample_volume(
-    model: nn.Module,
-    volume: np.ndarray,
-    k: int,
-    axis: int = 0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    tile: int | None = None,
-    keep_samples: bool = False,
-    device: str | torch.device = "auto",
-    normalisation: Normalisation | None = None,
-    halo: int | None = None,
-) -> SampleResult:
-    """Run :func:`sample_volume` to the end and return its result (same parameters)."""
-    events = sample_volume(
-        model,
-        volume,
-        k,
-        axis,
-        temperature,
-        seed,
-        batch_size,
-        tile,
-        keep_samples,
-        device,
-        normalisation,
-        None,
-        halo,
-    )
-    return final_result(events, SamplingFinished)
+#: :func:`sample_volume` run to the end: its :class:`SampleResult` (same parameters).
+run_sample_volume = run_to_end(sample_volume, SamplingFinished, "run_sample_volume")
 
 
 def sample_into(
@@ -637,8 +553,7 @@ def sample_into(
     """
     start = time.perf_counter()
     shape = tuple(int(n) for n in source.shape)
-    out_dt = _check_sampling_volume(shape, source.dtype, normalisation)
-    ax = _check_axis(axis, len(shape))
+    out_dt, ax = _check_layout(shape, source.dtype, axis, normalisation)
     run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
     out_shape = output_shape(shape, run.scale, ax)
     expected = (

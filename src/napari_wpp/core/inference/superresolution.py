@@ -13,20 +13,21 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
-from napari_wpp.core.events import final_result
+from napari_wpp.core.events import run_to_end
 from napari_wpp.core.inference.common import (
     InferenceFinished,
     InferenceProgress,
     ModelSpec,
     _cached_model,
     _check_axis,
+    _check_batch_size,
+    _check_layout,
     _check_network,
     _check_shape,
-    _check_tile,
+    _check_tiling,
+    _forward_in_tiles,
     _inference_copy,
-    model_halo,
     model_scale,
-    output_dtype,
     output_shape,
 )
 from napari_wpp.core.intensity import Normalisation, check_finite
@@ -35,27 +36,22 @@ if TYPE_CHECKING:
     import dask.array
 
 
+def _check_network_tiling(
+    model: nn.Module, tile: int | None, halo: int | None
+) -> tuple[int, int | None, int]:
+    """The scale of a network (not a flow), the checked ``tile`` and its halo (LR pixels)."""
+    _check_network(model)
+    scale = model_scale(model)
+    return (scale, *_check_tiling(model, tile, halo))
+
+
 def _tiled_forward(net: nn.Module, x: Tensor, scale: int, tile: int | None, halo: int) -> Tensor:
     """``net(x)`` for ``x`` of shape ``(B, 1, H, W)``, tile by tile when ``tile`` is set."""
-    _, _, height, width = x.shape
-    if tile is None or (tile >= height and tile >= width):
-        return net(x)
-    q = scale
-    out: Tensor | None = None
-    for y0 in range(0, height, tile):
-        y1 = min(y0 + tile, height)
-        a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
-        for x0 in range(0, width, tile):
-            x1 = min(x0 + tile, width)
-            b0, b1 = max(0, x0 - halo), min(width, x1 + halo)
-            pred = net(x[:, :, a0:a1, b0:b1])
-            if out is None:
-                out = pred.new_empty((x.shape[0], pred.shape[1], q * height, q * width))
-            out[:, :, q * y0 : q * y1, q * x0 : q * x1] = pred[
-                :, :, q * (y0 - a0) : q * (y1 - a0), q * (x0 - b0) : q * (x1 - b0)
-            ]
-    assert out is not None
-    return out
+
+    def forward(a0: int, a1: int, b0: int, b1: int) -> Tensor:
+        return net(x[:, :, a0:a1, b0:b1])
+
+    return _forward_in_tiles(forward, tuple(x.shape[2:]), scale, tile, halo)
 
 
 def _run_batch(
@@ -121,21 +117,10 @@ def superresolve_slice(
             f"superresolve_slice needs a normalised float image, got {image.dtype}: use "
             "superresolve(..., normalisation=...) for raw intensities"
         )
-    _check_network(model)
-    scale = model_scale(model)
-    tile = _check_tile(tile)
-    halo_px = model_halo(model, halo) if (tile is not None or halo is not None) else 0
+    scale, tile, halo_px = _check_network_tiling(model, tile, halo)
     dev = resolve_device(device)
     net = _inference_copy(model, dev)
     return _run_batch(net, image[None], scale, tile, halo_px, dev, None, np.dtype(np.float32))[0]
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
 
 
 def superresolve(
@@ -185,13 +170,8 @@ def superresolve(
     """
     start = time.perf_counter()
     vol = np.asarray(volume)
-    _check_shape(vol.shape)
-    out_dt = output_dtype(vol.dtype, normalisation)
-    ax = _check_axis(axis, vol.ndim)
-    _check_network(model)
-    scale = model_scale(model)
-    tile = _check_tile(tile)
-    halo_px = model_halo(model, halo) if (tile is not None or halo is not None) else 0
+    out_dt, ax = _check_layout(vol.shape, vol.dtype, axis, normalisation)
+    scale, tile, halo_px = _check_network_tiling(model, tile, halo)
     bs = _check_batch_size(batch_size)
     dev = resolve_device(device)
 
@@ -212,19 +192,8 @@ def superresolve(
     yield InferenceFinished(out, time.perf_counter() - start, False)
 
 
-def run_superresolve(
-    model: nn.Module,
-    volume: np.ndarray,
-    axis: int = 0,
-    tile: int | None = None,
-    batch_size: int = 4,
-    device: str | torch.device = "auto",
-    normalisation: Normalisation | None = None,
-    halo: int | None = None,
-) -> np.ndarray:
-    """Run :func:`superresolve` to the end and return its result (same parameters)."""
-    events = superresolve(model, volume, axis, tile, batch_size, device, normalisation, None, halo)
-    return final_result(events, InferenceFinished)
+#: :func:`superresolve` run to the end: the superresolved array (same parameters).
+run_superresolve = run_to_end(superresolve, InferenceFinished, "run_superresolve")
 
 
 # --------------------------------------------------------------------------- dask
@@ -296,13 +265,8 @@ def superresolve_dask(
 
     if not isinstance(array, da.Array):
         array = da.asarray(array)
-    _check_shape(array.shape)
-    out_dt = output_dtype(array.dtype, normalisation)
-    ax = _check_axis(axis, array.ndim)
-    _check_network(model)
-    scale = model_scale(model)
-    tile = _check_tile(tile)
-    halo_px = model_halo(model, halo) if (tile is not None or halo is not None) else 0
+    out_dt, ax = _check_layout(array.shape, array.dtype, axis, normalisation)
+    scale, tile, halo_px = _check_network_tiling(model, tile, halo)
     per_chunk = _check_batch_size(slices_per_chunk)
     if str(device) != "auto":
         resolve_device(device)  # fail early on a device this machine lacks

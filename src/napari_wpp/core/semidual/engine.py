@@ -55,6 +55,7 @@ import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -378,94 +379,96 @@ def _resolve_across_groups(
 _Leftovers = tuple[list[Tensor], list[Tensor], list[Tensor]]
 
 
-def _run_blocks(
-    engine: _Engine,
-    x: Tensor,
-    y: Tensor,
-    psi: Tensor,
-    starts: list[int],
-    rows: int,
-    out: Tensor,
-    prepared: tuple[Tensor, Tensor],
-    store: _PassTracker | None = None,
-) -> _Leftovers:
-    """Process the row blocks beginning at ``starts``; returns what is left uncertified.
+@dataclass
+class _Blocks:
+    """The row blocks of one pass: inputs, block height, output indices and pass record.
 
-    With a ``store``, each block's group minima and runner-up scores are recorded in it
-    (the baseline of pruned passes).
+    ``out`` receives the certified argmins; with a ``store``, each block's group minima and
+    runner-up scores are recorded in it (the baseline of pruned passes).
     """
-    n = x.shape[0]
-    x_aug, bound2 = prepared
-    pending: list[Tensor] = []
-    pair_rows: list[Tensor] = []
-    pair_points: list[Tensor] = []
-    # score columns of rows not certified across groups, scanned in batches (fewer small ops)
-    held: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-    n_held = 0
 
-    def flush() -> None:
-        cols, gm, th, rws = (torch.cat(t, dim) for t, dim in zip(zip(*held), (1, 1, 0, 0)))
-        ar = torch.arange(rws.shape[0], device=rws.device)
-        er, ek, ok = _cross_candidates(engine, ar, cols, gm, th)
-        pair_rows.append(rws[er])
-        pair_points.append(ek)
-        if not bool(ok.all()):
-            pending.append(rws[~ok])
-        held.clear()
+    engine: _Engine
+    x: Tensor
+    y: Tensor
+    psi: Tensor
+    rows: int
+    out: Tensor
+    prepared: tuple[Tensor, Tensor]
+    store: _PassTracker | None = None
 
-    for start in starts:
-        stop = min(n, start + rows)
-        idx, status, groups, scores, gmin, thr, second = engine.block(
-            x_aug[start:stop], bound2[start:stop], runner_up=store is not None
-        )
-        out[start:stop] = idx
-        if store is not None:
-            store.record(start, stop, gmin, second, status)  # type: ignore[arg-type]
-        if not status.any():  # the common case: every row certified
-            continue
-        multi = torch.nonzero(status == 1).squeeze(1)
-        if multi.numel():
-            out[start + multi] = _resolve_multi(engine, x[start:stop], y, psi, multi, groups[multi])
-        bad = torch.nonzero(status == 2).squeeze(1)
-        if bad.numel():
-            held.append(
-                (scores.index_select(1, bad), gmin.index_select(1, bad), thr[bad], bad + start)
+    def run(self, starts: list[int]) -> _Leftovers:
+        """Process the row blocks beginning at ``starts``; returns what is left uncertified."""
+        engine, x, y, psi, out, store = self.engine, self.x, self.y, self.psi, self.out, self.store
+        n = x.shape[0]
+        x_aug, bound2 = self.prepared
+        pending: list[Tensor] = []
+        pair_rows: list[Tensor] = []
+        pair_points: list[Tensor] = []
+        # score columns of rows not certified across groups, scanned in batches (fewer small ops)
+        held: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        n_held = 0
+
+        def flush() -> None:
+            cols, gm, th, rws = (torch.cat(t, dim) for t, dim in zip(zip(*held), (1, 1, 0, 0)))
+            ar = torch.arange(rws.shape[0], device=rws.device)
+            er, ek, ok = _cross_candidates(engine, ar, cols, gm, th)
+            pair_rows.append(rws[er])
+            pair_points.append(ek)
+            if not bool(ok.all()):
+                pending.append(rws[~ok])
+            held.clear()
+
+        for start in starts:
+            stop = min(n, start + self.rows)
+            idx, status, groups, scores, gmin, thr, second = engine.block(
+                x_aug[start:stop], bound2[start:stop], runner_up=store is not None
             )
-            n_held += bad.numel()
-            if n_held >= CROSS_BATCH:
-                flush()
-                n_held = 0
-    if held:
-        flush()
-    return pending, pair_rows, pair_points
+            out[start:stop] = idx
+            if store is not None:
+                store.record(start, stop, gmin, second, status)  # type: ignore[arg-type]
+            if not status.any():  # the common case: every row certified
+                continue
+            multi = torch.nonzero(status == 1).squeeze(1)
+            if multi.numel():
+                out[start + multi] = _resolve_multi(
+                    engine, x[start:stop], y, psi, multi, groups[multi]
+                )
+            bad = torch.nonzero(status == 2).squeeze(1)
+            if bad.numel():
+                held.append(
+                    (scores.index_select(1, bad), gmin.index_select(1, bad), thr[bad], bad + start)
+                )
+                n_held += bad.numel()
+                if n_held >= CROSS_BATCH:
+                    flush()
+                    n_held = 0
+        if held:
+            flush()
+        return pending, pair_rows, pair_points
 
+    def threaded(self, starts: list[int]) -> _Leftovers:
+        """:meth:`run` on CPU worker threads, each single-threaded (no OpenMP barriers per op)."""
+        workers = min(torch.get_num_threads(), len(starts))
+        saved = torch.get_num_threads()
 
-def _threaded_blocks(
-    engine: _Engine,
-    x: Tensor,
-    y: Tensor,
-    psi: Tensor,
-    starts: list[int],
-    rows: int,
-    out: Tensor,
-    prepared: tuple[Tensor, Tensor],
-    store: _PassTracker | None = None,
-) -> _Leftovers:
-    """Run blocks on CPU worker threads, each single-threaded (no OpenMP barriers per op)."""
-    workers = min(torch.get_num_threads(), len(starts))
-    saved = torch.get_num_threads()
+        def work(part: list[int]) -> _Leftovers:
+            torch.set_num_threads(1)
+            return self.run(part)
 
-    def work(part: list[int]) -> _Leftovers:
-        torch.set_num_threads(1)
-        return _run_blocks(engine, x, y, psi, part, rows, out, prepared, store)
+        parts = [starts[i::workers] for i in range(workers)]
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(work, parts))
+        finally:
+            torch.set_num_threads(saved)
+        return tuple([t for r in results for t in r[i]] for i in range(3))  # type: ignore[return-value]
 
-    parts = [starts[i::workers] for i in range(workers)]
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(work, parts))
-    finally:
-        torch.set_num_threads(saved)
-    return tuple([t for r in results for t in r[i]] for i in range(3))  # type: ignore[return-value]
+    def dispatch(self, starts: list[int]) -> _Leftovers:
+        """Run all blocks, on worker threads where useful; returns what is left uncertified."""
+        cpu = self.x.device.type == "cpu"
+        if THREADED and cpu and torch.get_num_threads() > 1 and len(starts) > 1:
+            return self.threaded(starts)
+        return self.run(starts)
 
 
 def _grouped_argmin(
@@ -487,9 +490,8 @@ def _grouped_argmin(
     prepared = engine.prepare_rows(x)  # O(N d) memory
     with _ieee_fp32_matmul(x.device):
         try:
-            pending, pair_rows, pair_points = _dispatch_blocks(
-                engine, x, y, psi, starts, rows, out, prepared, store
-            )
+            blocks = _Blocks(engine, x, y, psi, rows, out, prepared, store)
+            pending, pair_rows, pair_points = blocks.dispatch(starts)
         finally:
             _BUFFERS.__dict__.pop("scores", None)
         if pair_rows:
@@ -504,24 +506,6 @@ def _grouped_argmin(
             else:
                 out[bad] = _brute_force64(x[bad], y, psi)
     return out
-
-
-def _dispatch_blocks(
-    engine: _Engine,
-    x: Tensor,
-    y: Tensor,
-    psi: Tensor,
-    starts: list[int],
-    rows: int,
-    out: Tensor,
-    prepared: tuple[Tensor, Tensor],
-    store: _PassTracker | None = None,
-) -> _Leftovers:
-    """Run all blocks, on worker threads where useful; returns what is left uncertified."""
-    cpu = x.device.type == "cpu"
-    if THREADED and cpu and torch.get_num_threads() > 1 and len(starts) > 1:
-        return _threaded_blocks(engine, x, y, psi, starts, rows, out, prepared, store)
-    return _run_blocks(engine, x, y, psi, starts, rows, out, prepared, store)
 
 
 def _faiss_available() -> bool:

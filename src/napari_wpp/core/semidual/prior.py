@@ -355,6 +355,16 @@ class WassersteinPatchPrior:
             tracked = scale
         self._state["scale"] = torch.where(scale <= 0.0, first, tracked)
 
+    def _adam_step(self, grad: Tensor, t: float | Tensor, lr: float | Tensor) -> None:
+        """Adam's moment updates at step ``t`` and its ascent step of size ``lr`` on ψ."""
+        st, opt = self._state, self.options
+        b1, b2 = opt["beta1"], opt["beta2"]
+        st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        mhat = st["exp_avg"] / (1 - b1**t)
+        vhat = st["exp_avg_sq"] / (1 - b2**t)
+        self.psi.add_(lr * mhat / (vhat.sqrt() + opt["eps"]))
+
     def _step_on_device(self, grad: Tensor) -> None:
         """:meth:`_step` with the step count and scalars as device tensors (no host sync)."""
         st, opt = self._state, self.options
@@ -362,13 +372,7 @@ class WassersteinPatchPrior:
         t = st["step"]
         m = self.psi.shape[0]
         if self.solver == "adam":
-            b1, b2 = opt["beta1"], opt["beta2"]
-            st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            mhat = st["exp_avg"] / (1 - b1**t)
-            vhat = st["exp_avg_sq"] / (1 - b2**t)
-            lr = opt["lr"] * st["scale"]
-            self.psi.add_(lr * mhat / (vhat.sqrt() + opt["eps"]))
+            self._adam_step(grad, t, opt["lr"] * st["scale"])
         elif self.solver == "asgd":
             eta, mu = st["eta"], st["mu"]
             self.psi.mul_(1 - opt["lambd"] * eta).add_(grad * eta)
@@ -387,13 +391,7 @@ class WassersteinPatchPrior:
         t = float(st["step"])
         m = self.psi.shape[0]
         if self.solver == "adam":
-            b1, b2 = opt["beta1"], opt["beta2"]
-            st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            mhat = st["exp_avg"] / (1 - b1**t)
-            vhat = st["exp_avg_sq"] / (1 - b2**t)
-            lr = opt["lr"] * float(st["scale"])
-            self.psi.add_(lr * mhat / (vhat.sqrt() + opt["eps"]))
+            self._adam_step(grad, t, opt["lr"] * float(st["scale"]))
         elif self.solver == "asgd":
             eta, mu = float(st["eta"]), float(st["mu"])
             self.psi.mul_(1 - opt["lambd"] * eta).add_(grad, alpha=eta)

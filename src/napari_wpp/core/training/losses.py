@@ -2,9 +2,10 @@
 
 Both compare the generated HR batch ``x`` with its LR crops ``y`` through the forward operator
 ``f`` away from the crop border (LR pixels whose HR support leaves the crop are ignored, see
-:func:`~napari_wpp.core.training.data.data_margins`), and add the semi-dual W₂² between the
-patches of ``x`` (all crops pooled) and the reference patches of a
-:class:`~napari_wpp.core.semidual.WassersteinPatchPrior`, whose ψ ascends on the way:
+:func:`~napari_wpp.core.training.data.data_margins`), and add the W₂² between the patches of
+``x`` (all crops pooled) and the reference patches of the run's patch prior: the semi-dual
+:class:`~napari_wpp.core.semidual.WassersteinPatchPrior`, whose ψ ascends on the way, or the
+sliced :class:`~napari_wpp.core.semidual.SlicedPatchPrior`:
 
 * :class:`WPPNetLoss`: ``mean((f(x) − y)²) + λ · W₂²``;
 * :class:`FlowLoss` (backward KL per LR pixel): ``mean((f(x) − y)²)/(2σ²) + ρ · W₂² −
@@ -15,7 +16,7 @@ patches of ``x`` (all crops pooled) and the reference patches of a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -60,6 +61,7 @@ class LossTerms:
         return terms + ([self.logdet.mean()] if self.logdet is not None else [])
 
 
+@dataclass(eq=False)
 class _PatchPriorLoss:
     """What both losses share: the inner data term and the patch prior's W₂².
 
@@ -82,23 +84,13 @@ class _PatchPriorLoss:
         ascent early, the loss pass still runs.
     """
 
-    def __init__(
-        self,
-        operator: torch.nn.Module,
-        margins: tuple[int, int],
-        weight: float,
-        patch_size: int,
-        patches_per_step: int,
-        psi_passes: int,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> None:
-        self.operator = operator
-        self.should_stop = should_stop
-        self.margins = margins
-        self.weight = weight
-        self.patch_size = patch_size
-        self.patches_per_step = patches_per_step
-        self.psi_passes = psi_passes
+    operator: torch.nn.Module
+    margins: tuple[int, int]
+    weight: float
+    patch_size: int
+    patches_per_step: int
+    psi_passes: int
+    should_stop: Callable[[], bool] | None = None
 
     def data_term(self, hr: Tensor, lr: Tensor) -> Tensor:
         """``mean((f(hr) − lr)²)`` over the LR pixels away from the crop border."""
@@ -133,6 +125,7 @@ class WPPNetLoss(_PatchPriorLoss):
         return LossTerms(data_term, wpp_term, loss, loss)
 
 
+@dataclass(eq=False)
 class FlowLoss(_PatchPriorLoss):
     """Backward KL per LR pixel: ``mean((f(x) − y)²)/(2σ²) + ρ·W₂² − mean(log|det|)/n_LR``.
 
@@ -143,21 +136,12 @@ class FlowLoss(_PatchPriorLoss):
         :class:`WPPNetLoss`.
     """
 
-    def __init__(
-        self,
-        operator: torch.nn.Module,
-        margins: tuple[int, int],
-        weight: float,
-        patch_size: int,
-        patches_per_step: int,
-        psi_passes: int,
-        noise_std: float,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> None:
-        super().__init__(
-            operator, margins, weight, patch_size, patches_per_step, psi_passes, should_stop
-        )
-        self.two_sigma2 = 2.0 * noise_std**2
+    noise_std: float = field(kw_only=True)
+
+    @property
+    def two_sigma2(self) -> float:
+        """``2σ²``, the factor between the flow's loss and WPPNet loss units."""
+        return 2.0 * self.noise_std**2
 
     def __call__(
         self,
