@@ -84,14 +84,14 @@ def test_nll_prefers_likely_patches_after_fitting() -> None:
         [[1.0, 0.9, 0.0, 0.0], [0.0, 0.3, 0.0, 0.0], [0.0, 0.0, 1.0, 0.8], [0.0, 0.0, 0.0, 0.2]]
     )
     model.standardise_on(data)
-    before = float(model.nll(data).mean())
+    before = float(model.nll(data).mean().detach())
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(200):
         optimizer.zero_grad()
         loss = model.nll(data[torch.randint(2000, (256,))]).mean()
         loss.backward()
         optimizer.step()
-    assert float(model.nll(data).mean()) < before - 1.0
+    assert float(model.nll(data).mean().detach()) < before - 1.0
 
 
 def test_bad_input_is_one_line() -> None:
