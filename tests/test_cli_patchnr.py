@@ -67,6 +67,11 @@ def test_zero_shot_prior_and_resume(files, capsys) -> None:
     assert code == 0, err
     report = json.loads(out)
     assert report["steps"] == 20 and report["steps_this_run"] == 10
+    changed = [a if a != "16" else "32" for a in args]  # another --hidden
+    assert_bad_input(
+        *run_cli(capsys, *changed, "--steps", "30", "--resume", prior),
+        "--hidden 32 differs from the resumed run's 16",
+    )
 
 
 def test_bad_inputs_are_one_line(files, capsys) -> None:

@@ -306,6 +306,8 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
         ("--patch-distance", "patch_distance", args.patch_distance),
         ("--projections", "projections", args.projections),
         ("--mean-warmup", "mean_warmup", args.mean_warmup),
+        ("--hidden", "patchnr_hidden", args.hidden),
+        ("--patch-batch", "patchnr_batch", args.patch_batch),
         ("--seed", "seed", args.seed),
     )
     for flag, key, value in flags:
