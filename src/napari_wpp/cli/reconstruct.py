@@ -33,6 +33,7 @@ from napari_wpp.core.config import ReconstructSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
 
 _patch_count = number_type(int, 0, True, "e.g. --patchnr-patches 40000 (0: all patches)")
+_step = number_type(float, 0.0, False, "e.g. --patchnr-step 0.03")
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -69,6 +70,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         p, ReconstructSpec, "patchnr_lam", "--patchnr-lambda", type=lambda_type, metavar="L"
     )
     add_spec_option(p, ReconstructSpec, "patchnr_patches", type=_patch_count, metavar="N")
+    add_spec_option(p, ReconstructSpec, "patchnr_step", type=_step, metavar="S")
     add_spec_option(
         p,
         ReconstructSpec,

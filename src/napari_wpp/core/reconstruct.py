@@ -99,7 +99,7 @@ class VariationalConfig:
         Weight λ_NR of a PatchNR prior's mean patch NLL (mean data term).
     patchnr_patches
         About this many patches per iteration scored by a PatchNR prior (0: all of them).
-    patchnr_learning_rate
+    patchnr_step
         Adam step on the image with a PatchNR prior.
     """
 
@@ -120,7 +120,7 @@ class VariationalConfig:
     preview_every: int | None = None
     patchnr_lam: float = default_of(ReconstructSpec, "patchnr_lam")
     patchnr_patches: int = default_of(ReconstructSpec, "patchnr_patches")
-    patchnr_learning_rate: float = 0.03
+    patchnr_step: float = default_of(ReconstructSpec, "patchnr_step")
 
     @classmethod
     def from_spec(cls, spec: ReconstructSpec, **algorithm: Any) -> VariationalConfig:
@@ -315,7 +315,7 @@ def reconstruct_variational(
         still returned in the final event.
     prior
         A trained :class:`~napari_wpp.core.models.patchnr.PatchNR`: the learned prior replaces
-        the WPP (weight ``config.patchnr_lam``, Adam step ``config.patchnr_learning_rate``).
+        the WPP (weight ``config.patchnr_lam``, Adam step ``config.patchnr_step``).
 
     Yields
     ------
@@ -335,7 +335,7 @@ def reconstruct_variational(
         lam = DEFAULT_LAMBDA if config.lam is None else config.lam
         learning_rate = config.learning_rate
     else:
-        lam, learning_rate = config.patchnr_lam, config.patchnr_learning_rate
+        lam, learning_rate = config.patchnr_lam, config.patchnr_step
     border = p - 1 if config.border is None else config.border
 
     operator = copy.deepcopy(operator).to(device)  # Module.to would move the caller's one

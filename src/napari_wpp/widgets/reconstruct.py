@@ -42,7 +42,15 @@ __all__ = ["PRIORS", "ReconstructSettings", "ReconstructWidget", "output_name"]
 
 PRIORS = (("WPP of the session's reference", "wpp"), ("PatchNR (learned prior)", "patchnr"))
 #: The spec fields of the form.
-FORM_FIELDS = ("lam", "patchnr_lam", "patchnr_patches", "iterations", "seed", "device")
+FORM_FIELDS = (
+    "lam",
+    "patchnr_lam",
+    "patchnr_patches",
+    "patchnr_step",
+    "iterations",
+    "seed",
+    "device",
+)
 
 
 def output_name(source: str) -> str:
@@ -63,7 +71,7 @@ class ReconstructSettings:
         Where the PatchNR comes from: ``"session"`` or ``"file"`` (``model_file``).
     input_layer
         Name of the LR image layer (2D image or 3D stack: the slice shown on axis 0).
-    lam, patchnr_lam, patchnr_patches, iterations, seed, device
+    lam, patchnr_lam, patchnr_patches, patchnr_step, iterations, seed, device
         The :class:`~napari_wpp.core.config.ReconstructSpec` fields.
     """
 
@@ -74,6 +82,7 @@ class ReconstructSettings:
     lam: float = field(default_factory=spec_default(ReconstructSpec, "lam"))
     patchnr_lam: float = field(default_factory=spec_default(ReconstructSpec, "patchnr_lam"))
     patchnr_patches: int = field(default_factory=spec_default(ReconstructSpec, "patchnr_patches"))
+    patchnr_step: float = field(default_factory=spec_default(ReconstructSpec, "patchnr_step"))
     iterations: int = field(default_factory=spec_default(ReconstructSpec, "iterations"))
     seed: int = field(default_factory=spec_default(ReconstructSpec, "seed"))
     device: str = field(default_factory=spec_default(ReconstructSpec, "device"))
@@ -113,6 +122,7 @@ class ReconstructWidget(ModelDockWidget):
                 lam={"label": "WPP λ"},
                 patchnr_lam={"label": "PatchNR λ"},
                 patchnr_patches={"label": "Patches / iteration", "step": 5000},
+                patchnr_step={"label": "PatchNR step", "step": 0.005},
                 device={"choices": device_choices()},
             )
         )
@@ -128,7 +138,8 @@ class ReconstructWidget(ModelDockWidget):
         self.model_panel.setVisible(patchnr)
         for name, shown in (("lam", not patchnr), ("patchnr_lam", patchnr)):
             getattr(self.form, name).enabled = shown and self.worker is None
-        self.form.patchnr_patches.enabled = patchnr and self.worker is None
+        for name in ("patchnr_patches", "patchnr_step"):
+            getattr(self.form, name).enabled = patchnr and self.worker is None
 
     # ------------------------------------------------------------------ running
     def prepare_run(self) -> JobLaunch:

@@ -49,6 +49,15 @@ class ReconstructSpec:
             "about this many patches per iteration scored by a PatchNR prior (0: all)", 0, 10**8
         ),
     )
+    patchnr_step: float = field(
+        default=0.03,
+        metadata=field_meta(
+            "Adam step on the image with a PatchNR prior, decayed to a tenth (published 0.03; "
+            "0.01 for a zero-shot prior)",
+            0.0,
+            1.0,
+        ),
+    )
     minutes: float | None = field(
         default=None,
         metadata=field_meta(
