@@ -29,6 +29,7 @@ from napari_wpp.cli import (
     evaluate,
     predict,
     reconstruct,
+    suitability,
     train,
 )
 from napari_wpp.cli._common import (
@@ -60,7 +61,16 @@ OUT_OF_MEMORY_FIX = (
 )
 
 #: The subcommands, in the order of ``napari-wpp --help``.
-SUBCOMMANDS = (degrade, estimate_operator, reconstruct, train, predict, evaluate, demo)
+SUBCOMMANDS = (
+    degrade,
+    estimate_operator,
+    suitability,
+    reconstruct,
+    train,
+    predict,
+    evaluate,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from napari_wpp.core.config.operator import (
 )
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
+from napari_wpp.core.config.suitability import BlurCheckSpec, SuitabilitySpec
 from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
 
 __all__ = [
@@ -41,11 +42,13 @@ __all__ = [
     "MAX_SEED",
     "PADDINGS",
     "SCALES",
+    "BlurCheckSpec",
     "DegradeSpec",
     "EstimateSpec",
     "OperatorSpec",
     "PredictSpec",
     "ReconstructSpec",
+    "SuitabilitySpec",
     "TrainSpec",
     "bounds",
     "choices_of",
