@@ -22,7 +22,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "evaluate",
         parents=[common],
         help="PSNR, SSIM and blur effect of a prediction against ground truth",
-        description="Compare PRED with GT after cropping a border. Both are put on a [0, 1] "
+        description="Compare PRED with GT after cropping a border. Stacks (Z, H, W) are a "
+        "test set: the figures are means over the slices, with their std and per-slice lists "
+        "(and, with --std, the coverage of every slice). Both are put on a [0, 1] "
         "scale: integer images by their dtype range; float images as they are when GT lies "
         "in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT is taken as "
         "[0, 1] when it lies there, otherwise on GT's dtype scale).",
@@ -199,6 +201,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         figures = _uncertainty_figures(gt01, pred01, std01, args.crop)
         payload["uncertainty"] = figures
         lines += _uncertainty_lines(figures)
+    if gt.ndim == 3:
+        payload["test_set"] = _test_set_figures(pred01, gt01, std01, args.crop)
+        lines += _test_set_lines(payload["test_set"])
     if samples01 is not None:
         payload["samples"] = _sample_figures(samples01, gt01, args.crop)
         lines.append(
@@ -255,3 +260,40 @@ def _sample_figures(samples01: Any, gt01: Any, crop: int) -> dict[str, Any]:
         "psnr": psnrs,
         "ssim": ssims,
     }
+
+
+def _test_set_figures(pred01: Any, gt01: Any, std01: Any, crop: int) -> dict[str, Any]:
+    """Per-slice figures of a (Z, H, W) test set and their mean ± std (population std)."""
+    import numpy as np
+
+    from napari_wpp.core.metrics import evaluate_slices
+
+    per_slice: dict[str, list[float]] = evaluate_slices(pred01, gt01, crop=crop)
+    if std01 is not None:
+        from napari_wpp.core.uncertainty import calibration
+
+        figures = [calibration(g, p, s, crop=crop) for g, p, s in zip(gt01, pred01, std01)]
+        for k in (1, 2, 3):
+            per_slice[f"coverage_{k}sd"] = [float(f[f"coverage_{k}sd"]) for f in figures]
+    summary: dict[str, Any] = {"slices": len(per_slice["psnr"]), "per_slice": per_slice}
+    for name, values in per_slice.items():
+        summary[f"{name}_mean"] = float(np.mean(values))
+        summary[f"{name}_std"] = float(np.std(values))
+    return summary
+
+
+def _test_set_lines(figures: dict[str, Any]) -> list[str]:
+    def line(label: str, name: str, unit: str, digits: int, factor: float = 1.0) -> str:
+        mean, std = factor * figures[f"{name}_mean"], factor * figures[f"{name}_std"]
+        return f"{label}{mean:.{digits}f} ± {std:.{digits}f}{unit}"
+
+    lines = [
+        f"test set     {figures['slices']} slices, mean ± std over slices:",
+        line("  PSNR       ", "psnr", " dB", 2),
+        line("  SSIM       ", "ssim", "", 4),
+        line("  blur       ", "blur_effect", "", 4),
+    ]
+    if "coverage_1sd_mean" in figures:
+        for k in (1, 2):
+            lines.append(line(f"  within {k} std ", f"coverage_{k}sd", " %", 1, 100.0))
+    return lines
