@@ -68,6 +68,17 @@ def _as_stack(image: Tensor | np.ndarray, what: str) -> Tensor:
     return t.detach().to(torch.float32)
 
 
+def _lr_stack(lr: Tensor | np.ndarray, patch_size: int) -> Tensor:
+    """The LR data as a float32 ``(Z, h, w)`` stack of slices holding a patch."""
+    data = _as_stack(lr, "LR data")
+    if min(data.shape[-2:]) < patch_size:
+        raise InputError(
+            f"LR data {data.shape[-2]}×{data.shape[-1]} is smaller than a {patch_size}×"
+            f"{patch_size} patch: use larger LR images or a smaller patch size"
+        )
+    return data
+
+
 def degraded_patches(
     reference: Tensor | np.ndarray,
     operator: ForwardOperator,
@@ -182,12 +193,8 @@ def suitability(
     """
     if not spec.noise_std > 0:
         raise InputError(f"noise std {spec.noise_std!r} must be > 0: give the data's noise level")
-    data = _as_stack(lr, "LR data")
     p = int(spec.patch_size)
-    if min(data.shape[-2:]) < p:
-        raise InputError(
-            f"LR data {data.shape[-2]}×{data.shape[-1]} is smaller than a {p}×{p} patch"
-        )
+    data = _lr_stack(lr, p)
     generator = torch.Generator().manual_seed(int(spec.seed))
     library = degraded_patches(reference, operator, p, spec.phases)
     library = _subset(library, spec.reference_patches, generator)
@@ -262,12 +269,8 @@ def estimate_blur_sigma(
     progress
         Called with ``(σ values tried, σ values to try)``.
     """
-    data = _as_stack(lr, "LR data")
     p = int(spec.patch_size)
-    if min(data.shape[-2:]) < p:
-        raise InputError(
-            f"LR data {data.shape[-2]}×{data.shape[-1]} is smaller than a {p}×{p} patch"
-        )
+    data = _lr_stack(lr, p)
     generator = torch.Generator().manual_seed(int(spec.seed))
     patches = _subset(extract_patches(data, p), spec.data_patches, generator)
     q = int(spec.scale)
