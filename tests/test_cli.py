@@ -417,6 +417,22 @@ def test_reconstruct_three_iterations(
     assert abs(result.astype(float).mean() - low.mean()) < 10
 
 
+def test_reconstruct_with_the_sliced_patch_distance(
+    capsys: pytest.CaptureFixture, tmp_path: Path, small_pair: tuple[Path, Path], operators
+) -> None:
+    lr, ref = small_pair
+    out = tmp_path / "sliced.tif"
+    common = ("--lr", lr, "--reference", ref, "--scale", 2, "--iterations", 3, "--device", "cpu")
+    code, _, err = _run(
+        capsys, "reconstruct", *common, "--patch-distance", "sliced", "--projections", 0,
+        "--out", out,
+    )
+    assert code == 0, err
+    assert tifffile.imread(out).shape == (32, 32)
+    code, _, err = _run(capsys, "reconstruct", *common, "--projections", -1, "--out", out)
+    assert code == 2 and "--projections" in err
+
+
 def test_reconstruct_one_slice_of_a_stack(
     capsys: pytest.CaptureFixture, tmp_path: Path, small_pair: tuple[Path, Path], operators
 ) -> None:

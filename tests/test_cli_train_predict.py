@@ -142,6 +142,25 @@ def test_train_writes_a_loadable_model_file(
     assert state.history[-1]["data_term"] == pytest.approx(payload["data_term"])
 
 
+def test_train_with_the_sliced_patch_distance(
+    capsys: pytest.CaptureFixture, tmp_path: Path, files: dict[str, Path]
+) -> None:
+    out = tmp_path / "sliced.safetensors"
+    code, stdout, err = _train(
+        capsys, files, out, "--scale", 2, "--steps", 2, "--patch-distance", "sliced",
+        "--projections", 16, "--json",
+    )
+    assert code == 0, err
+    assert np.isfinite(json.loads(stdout)["wpp_term"])
+    meta = io.read_model_metadata(out)
+    assert meta["config"]["patch_distance"] == "sliced" and meta["config"]["projections"] == 16
+    code, _, err = _train(capsys, files, out, "--resume", out, "--steps", 3)
+    assert code == 0, err
+    assert io.read_model_metadata(out)["step"] == 3
+    code, _, err = _train(capsys, files, out, "--scale", 2, "--patch-distance", "near")
+    assert code == 2 and "invalid choice: 'near'" in err
+
+
 def test_train_text_output_and_progress(
     capsys: pytest.CaptureFixture, tmp_path: Path, files: dict[str, Path]
 ) -> None:
@@ -207,6 +226,7 @@ def test_resume_refusals(
         (("--steps", 2), ("already trained 2 steps", "--steps")),
         (("--steps", 4, "--batch-size", 3), ("--batch-size 3", "resumed run")),
         (("--steps", 4, "--lambda", 0.5), ("--lambda",)),
+        (("--steps", 4, "--patch-distance", "sliced"), ("--patch-distance sliced", "exact")),
     ]
     for extra, fragments in cases:
         _assert_bad_input(*_train(capsys, files, out, "--resume", model_file, *extra), *fragments)

@@ -118,26 +118,59 @@ def _parameters(state) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in state.model.parameters()])
 
 
+def _stopped_at(step: int, lr, ref, op, config):
+    """The final state of a run whose stop event is set at ``step``."""
+    stop = threading.Event()
+    first = None
+    for event in train(lr, ref, op, config, stop=stop):
+        if isinstance(event, TrainingProgress) and event.step == step:
+            stop.set()
+        if isinstance(event, TrainingFinished):
+            first = event.state
+    assert first is not None and first.step == step
+    return first
+
+
 @pytest.mark.parametrize("psi_mode", ["shared", "per_batch"])
 def test_resume_continues_the_same_run(material, psi_mode: str) -> None:
     lr, _, ref, op = material
     config = tiny_config(steps=6, psi_mode=psi_mode, n_fixed_batches=3)
     straight = run_training(lr, ref, op, config).state
-
-    stop = threading.Event()
-    first = None
-    for event in train(lr, ref, op, config, stop=stop):
-        if isinstance(event, TrainingProgress) and event.step == 3:
-            stop.set()
-        if isinstance(event, TrainingFinished):
-            first = event.state
-    assert first is not None and first.step == 3
+    first = _stopped_at(3, lr, ref, op, config)
     resumed = run_training(lr, ref, op, config, resume=first).state
     assert resumed.step == 6
     assert torch.equal(_parameters(resumed), _parameters(straight))
     for a, b in zip(resumed.priors, straight.priors, strict=True):
         assert torch.equal(a["psi"], b["psi"])
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("psi_mode", ["shared", "per_batch"])
+def test_sliced_patch_distance_trains_and_resumes_through_a_model_file(
+    material, psi_mode: str, tmp_path
+) -> None:
+    from napari_wpp import io
+
+    lr, _, ref, op = material
+    config = tiny_config(
+        steps=6, patch_distance="sliced", projections=8, psi_mode=psi_mode, n_fixed_batches=2
+    )
+    straight = run_training(lr, ref, op, config).state
+    assert all(set(p) == {"sliced.generator"} for p in straight.priors)
+    assert all(np.isfinite(h["wpp_term"]) and h["wpp_term"] > 0 for h in straight.history)
+    first = _stopped_at(3, lr, ref, op, config)
+    saved = io.load_model(io.save_model(tmp_path / "sliced.safetensors", first), device="cpu")
+    assert saved.config["patch_distance"] == "sliced"
+    resumed = run_training(lr, ref, op, config, resume=saved).state
+    assert torch.equal(_parameters(resumed), _parameters(straight))
+
+
+def test_exact_and_sliced_runs_differ_only_in_the_prior(material) -> None:
+    lr, _, ref, op = material
+    exact = run_training(lr, ref, op, tiny_config(steps=2)).state
+    sliced = run_training(lr, ref, op, tiny_config(steps=2, patch_distance="sliced")).state
+    assert "psi" in exact.priors[0] and "psi" not in sliced.priors[0]
+    assert not torch.equal(_parameters(exact), _parameters(sliced))
 
 
 def test_resume_refuses_another_operator(material) -> None:
@@ -182,6 +215,8 @@ def test_choose_lambda_scores_every_grid_value(material) -> None:
         ({"lam": -1.0}, "lambda must be"),
         ({"lam": "often"}, "lambda 'often'"),
         ({"psi_mode": "each"}, "psi mode"),
+        ({"patch_distance": "nearest"}, "patch distance 'nearest' is unknown"),
+        ({"projections": -2}, "projections must be"),
         ({"batch_size": 0}, "batch size"),
         ({"mixed_precision": "fp8"}, "mixed precision"),
         ({"model": "unet"}, "unknown model"),

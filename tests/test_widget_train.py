@@ -112,6 +112,18 @@ def test_mean_warmup_is_a_flow_setting(setup) -> None:
     assert widget.warmup_spin.value == 0.0 and widget.warmup_spin.native.text() == "none"
 
 
+def test_patch_distance_is_a_choice_of_the_form(setup) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    combo = widget.form.patch_distance
+    assert combo.value == "exact" and list(combo.choices) == ["exact", "sliced"]
+    assert widget.settings.training_config().patch_distance == "exact"
+    combo.value = "sliced"  # the combo box drives the settings and the run's spec
+    assert widget.settings.training_config().patch_distance == "sliced"
+    widget.settings.patch_distance = "exact"
+    assert combo.value == "exact"
+
+
 def test_a_spec_default_changes_the_form_and_the_run(setup, monkeypatch) -> None:
     """Editing a default of the training spec is the only edit the widget needs."""
     from cli_helpers import train_spec_with

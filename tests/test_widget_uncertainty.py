@@ -310,3 +310,19 @@ def test_truth_index_and_share_above() -> None:
     std = np.array([[0.0, 1.0], [2.0, 3.0]])
     assert share_above(std, 1.0) == 0.5 and share_above(std, -1.0) == 1.0
     assert share_above(np.zeros((0,)), 0.0) == 0.0
+
+
+def test_perception_panel_moves_the_mean(setup, qtbot, material) -> None:
+    viewer, _session, widget = setup
+    viewer.add_image(material.reference, name="REF")
+    panel = widget.transport_panel
+    panel.reference.reset_choices()
+    panel.reference.value = "REF"
+    mean_layer = _run(qtbot, widget)
+    assert panel.cache is not None, panel.readout.text()
+    before = np.array(mean_layer.data)
+    panel.slider.value = 0.0
+    assert not np.array_equal(mean_layer.data, before)
+    np.testing.assert_array_equal(np.squeeze(mean_layer.data), panel.blended(0.0))
+    panel.slider.value = 1.0
+    np.testing.assert_array_equal(mean_layer.data, before)

@@ -31,6 +31,7 @@ from napari_wpp.cli import (
     reconstruct,
     suitability,
     train,
+    transport,
 )
 from napari_wpp.cli._common import (
     EXIT_BAD_INPUT,
@@ -68,6 +69,7 @@ SUBCOMMANDS = (
     reconstruct,
     train,
     predict,
+    transport,
     evaluate,
     demo,
 )

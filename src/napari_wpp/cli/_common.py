@@ -49,7 +49,9 @@ __all__ = [
     "add_operator_flags",
     "abort_now",
     "add_output_flag",
+    "add_patch_distance_flags",
     "add_spec_option",
+    "check_array_output",
     "check_device",
     "check_output",
     "crop_type",
@@ -210,6 +212,23 @@ def add_spec_option(
     parser.add_argument(
         flag or "--" + name.replace("_", "-"), dest=name, default=default_of(spec, name), **options
     )
+
+
+projections_type = number_type(int, 0, True, "e.g. --projections 64")
+
+
+def add_patch_distance_flags(parser: Any, spec: type, spec_defaults: bool = True) -> None:
+    """``--patch-distance`` and ``--projections`` of ``spec``'s fields (``spec_defaults``
+    False: both default to ``None``, for options that only override what a run keeps)."""
+    for name, options in (
+        ("patch_distance", {"choices": choices_of(spec, "patch_distance"), "metavar": "D"}),
+        ("projections", {"type": projections_type, "metavar": "K"}),
+    ):
+        if spec_defaults:
+            add_spec_option(parser, spec, name, **options)
+        else:
+            flag = "--" + name.replace("_", "-")
+            parser.add_argument(flag, dest=name, help=help_text(spec, name), **options)
 
 
 def add_output_flag(parser: Any, metavar: str = "OUT.tif", help: str = "output TIFF") -> None:
@@ -376,6 +395,22 @@ def check_output_folder(path: Path, what: str = "output") -> None:
         )
     if not os.access(parent, os.W_OK):
         raise InputError(f"{what} folder {str(parent)!r} is not writable: choose another path")
+
+
+def check_array_output(path_text: str) -> tuple[Path, bool]:
+    """An output image path (``.tif``/``.tiff``) or zarr array, and whether it is a zarr array
+    (checked before any work)."""
+    path = Path(path_text).expanduser()
+    if path.suffix.lower() != ".zarr":
+        return check_output(path_text, suffixes=(".tif", ".tiff", ".zarr")), False
+    check_output_folder(path)
+    from napari_wpp.jobs.zarr_layout import replaceable_zarr
+
+    if path.exists() and not replaceable_zarr(path):
+        raise InputError(
+            f"output {path_text!r} exists and is not a zarr array: choose another path"
+        )
+    return path, True
 
 
 def read_input(path_text: str, what: str, ndims: Iterable[int] = (2, 3)) -> Any:

@@ -1,4 +1,5 @@
-"""``napari-wpp evaluate``: PSNR, SSIM, blur effect (and uncertainty figures) of a prediction."""
+"""``napari-wpp evaluate``: PSNR, SSIM, blur effect (and uncertainty figures) of a prediction,
+and the readouts without ground truth (data residual, patch distance to a reference)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
+    add_operator_flags,
+    add_spec_option,
     crop_type,
     emit,
+    noise_type,
+    operator_from_args,
     read_input,
     shape_text,
 )
+from napari_wpp.cli.transport import patch_type
+from napari_wpp.core.config import ReadoutSpec, help_text
 from napari_wpp.core.errors import InputError
 
 
@@ -21,16 +28,20 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "evaluate",
         parents=[common],
-        help="PSNR, SSIM and blur effect of a prediction against ground truth",
+        help="PSNR, SSIM and blur effect of a prediction; readouts without ground truth",
         description="Compare PRED with GT after cropping a border. Stacks (Z, H, W) are a "
         "test set: the figures are means over the slices, with their std and per-slice lists "
         "(and, with --std, the coverage of every slice). Both are put on a [0, 1] "
         "scale: integer images by their dtype range; float images as they are when GT lies "
         "in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT is taken as "
-        "[0, 1] when it lies there, otherwise on GT's dtype scale).",
+        "[0, 1] when it lies there, otherwise on GT's dtype scale). Without ground truth: "
+        "--lr LR with the operator flags reports the rms of f(PRED) − LR beside the noise "
+        "level (data_rms, noise), --reference REF the patch distance of PRED to the reference "
+        "beside the distances between the reference's own crops (patch_distance, "
+        "reference_band).",
     )
     p.add_argument("pred", metavar="PRED", help="predicted image (2D or 3D)")
-    p.add_argument("gt", metavar="GT", help="ground-truth image of the same shape")
+    p.add_argument("gt", metavar="GT", nargs="?", help="ground-truth image of the same shape")
     p.add_argument(
         "--crop", type=crop_type, default=40, metavar="N", help="border ignored (default 40)"
     )
@@ -47,6 +58,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="posterior samples of a 2D PRED as a (K, H, W) stack in PRED's intensity units: "
         "also report the mean PSNR and SSIM of single samples",
     )
+    free = p.add_argument_group("readouts without ground truth")
+    free.add_argument("--lr", metavar="LR", help="LR image of PRED: report data_rms and noise")
+    free.add_argument("--reference", metavar="REF", help="clean reference: patch distance")
+    free.add_argument(
+        "--noise",
+        type=noise_type,
+        metavar="SIGMA",
+        help=help_text(ReadoutSpec, "noise"),
+    )
+    add_spec_option(free, ReadoutSpec, "patch_size", type=patch_type, metavar="P")
+    add_operator_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -160,6 +182,24 @@ def _metrics(pred01: Any, gt01: Any, crop: int) -> dict[str, float]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.gt is None:
+        if args.lr is None and args.reference is None:
+            raise InputError(
+                "nothing to compare PRED with: give GT, or --lr LR (with the operator flags) "
+                "and/or --reference REF"
+            )
+        for flag, value in (("--std", args.std), ("--samples", args.samples)):
+            if value is not None:
+                raise InputError(f"{flag} needs the ground truth GT: give GT or drop {flag}")
+    readouts = _readouts(args) if args.lr is not None or args.reference is not None else None
+    if args.gt is None:
+        payload: dict[str, Any] = dict(readouts or {})
+        emit(args, payload, "\n".join(_readout_lines(payload)))
+        return EXIT_OK
+    return _evaluate_with_truth(args, readouts)
+
+
+def _evaluate_with_truth(args: argparse.Namespace, readouts: dict[str, Any] | None) -> int:
     import numpy as np
 
     pred_data = read_input(args.pred, "PRED image")
@@ -212,8 +252,58 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"(mean of {payload['samples']['count']} single samples)"
         )
     lines.append(f"(crop {args.crop} px, {how})")
+    if readouts is not None:
+        payload.update(readouts)
+        lines += _readout_lines(readouts)
     emit(args, payload, "\n".join(lines))
     return EXIT_OK
+
+
+def _readouts(args: argparse.Namespace) -> dict[str, Any]:
+    """``data_rms``/``noise`` (with --lr) and ``patch_distance``/``reference_band`` (with
+    --reference) of PRED on its [0, 1] scale."""
+    import numpy as np
+
+    from napari_wpp.jobs.transport import (
+        lr_normalisation,
+        measure_readouts,
+        transport_normalisation,
+    )
+
+    pred = np.asarray(read_input(args.pred, "PRED image").array)
+    norm = transport_normalisation(pred)
+    pred01 = norm.apply(pred)
+    lr01 = operator = ref01 = None
+    if args.lr is not None:
+        lr = np.asarray(read_input(args.lr, "--lr image").array)
+        lr01 = lr_normalisation(lr, norm).apply(lr, clip=False)
+        operator = operator_from_args(args)
+    if args.reference is not None:
+        ref = np.asarray(read_input(args.reference, "--reference image").array)
+        ref01 = transport_normalisation(ref).apply(ref)
+    spec = ReadoutSpec(patch_size=args.patch_size, noise=args.noise)
+    out = measure_readouts(spec, pred01, lr01, operator, ref01)
+    out["readout_normalisation"] = norm.to_dict()
+    return out
+
+
+def _readout_lines(r: dict[str, Any]) -> list[str]:
+    lines = []
+    if r.get("data_rms") is not None:
+        ratio = r["data_rms"] / r["noise"] if r["noise"] else float("inf")
+        lines.append(
+            f"data rms     {r['data_rms']:.4f} = {ratio:.2f}× the noise {r['noise']:.4f} "
+            f"({r['noise_source']}; [0, 1] scale)"
+        )
+    if r.get("patch_distance") is not None:
+        d, band = r["patch_distance"], r["reference_band"]
+        for key in ("gelbrich", "sliced"):
+            b = band[key]
+            lines.append(
+                f"{key + ' W2':<12} {d[key]:.4f} to the reference (reference to itself "
+                f"{b['low']:.4f}–{b['high']:.4f}, middle {b['middle']:.4f})"
+            )
+    return lines
 
 
 def _uncertainty_figures(gt01: Any, pred01: Any, std01: Any, crop: int) -> dict[str, Any]:

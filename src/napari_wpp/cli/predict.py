@@ -13,9 +13,8 @@ from napari_wpp.cli._common import (
     EXIT_OK,
     PROG,
     ProgressBar,
+    check_array_output,
     check_device,
-    check_output,
-    check_output_folder,
     drive,
     emit,
     fail,
@@ -25,6 +24,7 @@ from napari_wpp.cli._common import (
     seed_type,
     shape_text,
 )
+from napari_wpp.cli.transport import add_apply_flags, run_apply
 from napari_wpp.core.config import PredictSpec, help_text
 from napari_wpp.core.config.training import TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
@@ -83,23 +83,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="also write the samples to <OUT stem>_samples<ext> (K times the output's size)",
     )
     p.add_argument("--device", default=PredictSpec.device, help=help_text(PredictSpec, "device"))
+    moved = p.add_argument_group(
+        "perception ↔ fidelity (patch transport of the result; of the mean for a wppflow)"
+    )
+    add_apply_flags(moved)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(handler=_cmd_predict)
-
-
-def _check_predict_output(path_text: str) -> tuple[Path, bool]:
-    """The output path of ``predict`` and whether it is a zarr array (checked before work)."""
-    path = Path(path_text).expanduser()
-    if path.suffix.lower() != ".zarr":
-        return check_output(path_text, suffixes=(".tif", ".tiff", ".zarr")), False
-    check_output_folder(path)
-    from napari_wpp.jobs.zarr_layout import replaceable_zarr
-
-    if path.exists() and not replaceable_zarr(path):
-        raise InputError(
-            f"output {path_text!r} exists and is not a zarr array: choose another path"
-        )
-    return path, True
 
 
 def _model_for_prediction(path_text: str) -> tuple[dict[str, Any], Any]:
@@ -232,17 +221,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         superresolve_job,
     )
 
-    out, out_zarr = _check_predict_output(args.out)
+    out, out_zarr = check_array_output(args.out)
     device = check_device(args.device)
     meta, state = _model_for_prediction(args.model)
     _check_flow_flags(args, str(state.kind), Path(args.model).name)
+    _check_transport_flags(args)
     flow = state.kind == "wppflow"
     target = PredictTarget(
         path=out, provenance={"model_file": str(Path(args.model).expanduser().resolve())}
     )
     outputs = target.paths(bool(args.save_samples)) if flow else {"result": out}
     for path in list(outputs.values())[1:]:
-        _check_predict_output(str(path))
+        check_array_output(str(path))
     source, what = _predict_source(args, out, out_zarr)
     shape, dtype = tuple(int(n) for n in source.data.shape), np.dtype(source.data.dtype)
     ndim = len(shape)
@@ -277,6 +267,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if finished.stopped_early:
         fail(f"interrupted: {out} was not written (no partial output is kept)")
         return EXIT_INTERRUPTED
+    alpha = _transport_output(args, out if not flow else outputs["mean"], spec, ndim)
+    if alpha is None:
+        return EXIT_INTERRUPTED
     run = _PredictRun(
         spec, state, outputs, tuple(result_shape), slices, chosen["how"], device, dtype
     )
@@ -297,11 +290,54 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "device": device,
             "normalisation": run.how,
             "model": str(args.model),
+            "transport": args.transport,
+            "alpha": alpha if args.transport else None,
         },
         f"wrote {out} ({shape_text(result_shape)}, {out_dtype}, ×{q} on {axes}) in "
         f"{finished.elapsed_s:.1f} s on {device} (intensities: {run.how})",
     )
     return EXIT_OK
+
+
+def _check_transport_flags(args: argparse.Namespace) -> None:
+    """Refuse --alpha without --transport; read the transport file before any work."""
+    if args.transport is None:
+        if args.alpha is not None:
+            raise InputError("--alpha needs --transport T.json: add it or drop --alpha")
+        return
+    from napari_wpp.io import check_not_an_input
+    from napari_wpp.io.transport import read_transport
+
+    read_transport(args.transport)
+    check_not_an_input([args.out], [("transport file", args.transport)])
+
+
+def _transport_output(args: argparse.Namespace, path: Path, spec: Any, ndim: int) -> float | None:
+    """Transport the written prediction ``path`` in place with --transport at --alpha.
+
+    Returns the α used (NaN without --transport), ``None`` when interrupted (the output then
+    stays as predicted, untransported: the transported file replaces it only when complete).
+    """
+    import math
+
+    if args.transport is None:
+        return math.nan
+    from napari_wpp.cli._common import read_input
+
+    if path.suffix.lower() == ".zarr":
+        from napari_wpp.io.zarr_arrays import open_zarr_for_reading
+
+        data = open_zarr_for_reading(path)
+    else:
+        import numpy as np
+
+        data = np.asarray(read_input(str(path), "prediction").array)
+    axis = spec.axis if ndim == 3 else 0
+    finished = run_apply(args, data, path, axis=axis, label="transport")
+    if finished is None:
+        fail(f"interrupted: {path} was not transported and is left untransported")
+        return None
+    return float(finished.alpha)
 
 
 def _describe_sampling(event: Any) -> tuple[float, str] | None:

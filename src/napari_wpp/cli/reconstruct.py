@@ -13,6 +13,7 @@ from napari_wpp.cli._common import (
     add_json_flag,
     add_operator_flags,
     add_output_flag,
+    add_patch_distance_flags,
     add_spec_option,
     check_device,
     check_output,
@@ -52,6 +53,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", required=True, metavar="REF", help="HR reference image or stack")
     add_operator_flags(p)
     add_spec_option(p, ReconstructSpec, "lam", "--lambda", type=lambda_type, metavar="L")
+    add_patch_distance_flags(p, ReconstructSpec)
     add_spec_option(
         p,
         ReconstructSpec,

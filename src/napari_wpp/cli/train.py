@@ -14,6 +14,7 @@ from napari_wpp.cli._common import (
     EXIT_OK,
     ProgressBar,
     add_operator_flags,
+    add_patch_distance_flags,
     check_output,
     drive,
     emit,
@@ -44,6 +45,8 @@ SPEC_FLAGS = (
     ("--crop-size", "crop_size", "crop_size"),
     ("--reference-patches", "reference_patches", "n_reference_patches"),
     ("--psi-passes", "psi_passes", "psi_passes"),
+    ("--patch-distance", "patch_distance", "patch_distance"),
+    ("--projections", "projections", "projections"),
     ("--device", "device", "device"),
     ("--seed", "seed", "seed"),
 )
@@ -117,6 +120,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--psi-passes", type=positive_types["--psi-passes"], metavar="P", help=_help("psi_passes")
     )
+    add_patch_distance_flags(p, _spec(), spec_defaults=False)
     p.add_argument("--device", metavar="DEVICE", help=_help("device"))
     p.add_argument("--seed", type=seed_type, metavar="N", help=_help("seed"))
     p.add_argument(
@@ -254,6 +258,8 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
         ("--crop-size", "crop_size", args.crop_size),
         ("--reference-patches", "n_reference_patches", args.reference_patches),
         ("--psi-passes", "psi_passes", args.psi_passes),
+        ("--patch-distance", "patch_distance", args.patch_distance),
+        ("--projections", "projections", args.projections),
         ("--mean-warmup", "mean_warmup", args.mean_warmup),
         ("--seed", "seed", args.seed),
     )

@@ -138,6 +138,28 @@ class ForwardOperator(torch.nn.Module, ABC):
     def to_dict(self) -> dict:
         """JSON-serialisable description with a ``"kind"`` key (see :func:`operator_from_dict`)."""
 
+    @property
+    def border_margin(self) -> int:
+        """LR pixels at each side whose value the operator's padding decides, not the image.
+
+        ``⌈kernel_size / q⌉``: near the border the kernel reaches past the HR image, where
+        circular or reflected padding stands in for content an estimate cannot know.
+        """
+        return math.ceil(int(getattr(self, "kernel_size", self.scale)) / self.scale)
+
+    def interior_mask(self, lr_shape: tuple[int, ...]) -> Tensor:
+        """Boolean LR mask without :attr:`border_margin` pixels at each side.
+
+        The whole image when that would leave nothing (an LR image of at most twice the
+        margin on an axis).
+        """
+        mask = torch.ones(tuple(lr_shape[-2:]), dtype=torch.bool)
+        m = self.border_margin
+        if min(mask.shape) > 2 * m:
+            mask[:m] = mask[-m:] = False
+            mask[:, :m] = mask[:, -m:] = False
+        return mask
+
     def lr_shape(self, hr_shape: tuple[int, int]) -> tuple[int, int]:
         """LR size ``(floor(H/q), floor(W/q))`` for an HR size ``(H, W)``."""
         if len(hr_shape) != 2:

@@ -24,12 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from napari_wpp.core.budget import Budget
-from napari_wpp.core.config import FALLBACK_ITERATIONS, ReconstructSpec, default_of, spec_from
+from napari_wpp.core.config import (
+    FALLBACK_ITERATIONS,
+    PATCH_DISTANCES,
+    ReconstructSpec,
+    default_of,
+    spec_from,
+)
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import DivergenceError, InputError
 from napari_wpp.core.operators import ForwardOperator, check_operator_output, upsample_aligned
 from napari_wpp.core.patches import gaussian_pyramid, sample_reference_patches, strided_patches
-from napari_wpp.core.semidual import WassersteinPatchPrior
+from napari_wpp.core.semidual import PatchPrior, build_patch_prior
 
 #: λ with the mean data term (``ReconstructSpec.lam``); chosen by the grid search documented in
 #: docs/algorithms.md.
@@ -61,9 +67,12 @@ class VariationalConfig:
         Size of the fixed random subset of reference patches (per pyramid level).
     levels
         Number of pyramid levels of the multi-scale prior (1 = single scale).
+    patch_distance, projections
+        ``"exact"`` (semi-dual W₂²) or ``"sliced"`` (W₂² along ``projections`` random
+        directions per iteration plus the reference's principal axes), per pyramid level.
     psi_passes
         ψ ascent passes per iteration (warm-started); the last one shares its c-transform
-        with the loss.
+        with the loss (exact distance only).
     patches_per_iteration
         About this many generated patches per iteration and level, on a strided grid with a
         random offset (``None`` or 0: all of them).
@@ -86,6 +95,8 @@ class VariationalConfig:
     patch_size: int = 6
     n_reference_patches: int = 10_000
     levels: int = 2
+    patch_distance: str = default_of(ReconstructSpec, "patch_distance")
+    projections: int = default_of(ReconstructSpec, "projections")
     psi_passes: int = 1
     patches_per_iteration: int | None = 25_000
     learning_rate: float = 0.01
@@ -159,6 +170,11 @@ def _check_inputs(lr: np.ndarray, reference: np.ndarray, config: VariationalConf
         raise InputError(f"minutes must be ≥ 0, got {config.minutes}")
     if config.levels < 1:
         raise InputError(f"levels must be ≥ 1, got {config.levels}")
+    if config.patch_distance not in PATCH_DISTANCES:
+        raise InputError(
+            f"patch distance {config.patch_distance!r} is unknown: use one of "
+            f"{', '.join(PATCH_DISTANCES)}"
+        )
 
 
 def reconstruct_variational(
@@ -213,7 +229,7 @@ def reconstruct_variational(
     if ref_t.ndim == 2:
         ref_t = ref_t[None]
     ref_levels = [gaussian_pyramid(ref_slice, config.levels) for ref_slice in ref_t]
-    priors: list[WassersteinPatchPrior] = []
+    priors: list[PatchPrior] = []
     for level in range(config.levels):
         level_ref = torch.stack([levels[level] for levels in ref_levels])
         if min(level_ref.shape[-2:]) < p:
@@ -221,7 +237,14 @@ def reconstruct_variational(
         ref_patches = sample_reference_patches(
             level_ref.numpy(), config.n_reference_patches, patch_size=p, seed=config.seed + level
         )
-        priors.append(WassersteinPatchPrior(ref_patches.to(device)))
+        priors.append(
+            build_patch_prior(
+                config.patch_distance,
+                ref_patches.to(device),
+                projections=config.projections,
+                seed=config.seed + level,
+            )
+        )
 
     optimizer = torch.optim.Adam([x_ext], lr=config.learning_rate)
     budget = Budget(config.iterations, config.minutes, DEFAULT_ITERATIONS)

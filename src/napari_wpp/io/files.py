@@ -243,6 +243,25 @@ def atomic_write(path: Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """The JSON content of ``path``; a missing, unreadable or malformed file is a one-line
+    :class:`InputError` naming ``what`` (e.g. ``"operator file"``) and ``fix``."""
+    import json
+
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist: check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{what} {path.name} is not valid JSON (line {exc.lineno}, column {exc.colno}): {fix}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"cannot read {what} {path.name} ({one_line(exc)}): check the file"
+        ) from None
+
+
 def json_default(obj: Any) -> Any:
     """``json.dumps`` ``default`` for numpy and torch values and paths."""
     if isinstance(obj, np.ndarray):

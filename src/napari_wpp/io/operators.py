@@ -10,7 +10,7 @@ from napari_wpp.core.errors import InputError
 
 if TYPE_CHECKING:
     from napari_wpp.core.operators import ForwardOperator
-from napari_wpp.io.files import atomic_write, json_default, one_line
+from napari_wpp.io.files import atomic_write, json_default, one_line, read_json
 
 
 def read_operator(path: str | Path) -> ForwardOperator:
@@ -26,19 +26,7 @@ def read_operator(path: str | Path) -> ForwardOperator:
     from napari_wpp.core.operators import operator_from_dict, warn_if_questionable_kernel
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"operator file {path} does not exist: check the path")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"operator file {path.name} is not valid JSON (line {exc.lineno}, column {exc.colno}):"
-            " fix it or write it again with estimate-operator"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"cannot read operator file {path.name} ({one_line(exc)}): check the file"
-        ) from None
+    d = read_json(path, "operator file", "fix it or write it again with estimate-operator")
     if isinstance(d, dict) and isinstance(d.get("operator"), dict):
         d = d["operator"]
     if not isinstance(d, dict):

@@ -101,7 +101,7 @@ class TrainSettings:
     ----------
     lr_layer
         Name of the LR image layer (2D image or 3D stack).
-    model, mean_warmup, batch_size, crop_size, n_reference_patches, device, seed
+    model, mean_warmup, batch_size, crop_size, n_reference_patches, patch_distance, device, seed
         The :class:`~napari_wpp.core.config.TrainSpec` fields (``batch_size`` and
         ``n_reference_patches`` 0: the device's default).
     lam
@@ -126,6 +126,7 @@ class TrainSettings:
     batch_size: int = _spec_default("batch_size")
     crop_size: int = _spec_default("crop_size")
     n_reference_patches: int = _spec_default("n_reference_patches")
+    patch_distance: str = _spec_default("patch_distance")
     device: str = _spec_default("device")
     preview_every: int = DEFAULT_PREVIEW_EVERY
     save_path: str = ""
@@ -159,7 +160,15 @@ class TrainSettings:
             steps = max(1, int(round(budget))) + (resume.step if resume is not None else 0)
         else:
             minutes = budget + (resume.elapsed_s / 60.0 if resume is not None else 0.0)
-        names = ["model", "batch_size", "crop_size", "n_reference_patches", "device", "seed"]
+        names = [
+            "model",
+            "batch_size",
+            "crop_size",
+            "n_reference_patches",
+            "patch_distance",
+            "device",
+            "seed",
+        ]
         if self.model == "wppflow":
             names.append("mean_warmup")
         options = {name: spec_value(spec, name, getattr(self, name)) for name in names}

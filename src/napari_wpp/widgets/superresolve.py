@@ -49,6 +49,7 @@ from napari_wpp.widgets._layers import (
 )
 from napari_wpp.widgets._layout import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
+from napari_wpp.widgets._transport_panel import TransportPanel
 
 if TYPE_CHECKING:
     import napari
@@ -116,7 +117,12 @@ class SuperresolveWidget(ModelDockWidget):
         super().__init__(napari_viewer, SuperresolveSettings())
         self.model_panel = ModelSourcePanel(self)
         self.model_label = self.model_panel.label
-        scrolled_column(self, [self.model_panel, self._input_box(), self._output_box()])
+        self.transport_panel = TransportPanel(napari_viewer)
+        scrolled_column(
+            self,
+            [self.model_panel, self._input_box(), self._output_box(), self.transport_panel],
+        )
+        self.superresolve_finished.connect(self._attach_transport)
         self.watch_layers(self._refresh_layers)
         self.listen_settings(
             self._update_controls, "model_source", "model_file", "input_layer", "extent", "to_zarr"
@@ -316,6 +322,27 @@ class SuperresolveWidget(ModelDockWidget):
             contrast_limits=run["contrast_limits"],
             colormap="gray",
         )
+
+    def _attach_transport(self, layer: Any) -> None:
+        """Put the perception ↔ fidelity panel on a new result (prepared when a reference
+        or transport file is chosen)."""
+        run = self.current_run
+        if layer is None or "normalisation" not in run["provenance"]:
+            return
+        from napari_wpp.core.operators import operator_from_dict
+
+        try:
+            state, _ = self.model_panel.state()
+            operator = operator_from_dict(dict(state.operator))
+        except (InputError, TypeError, ValueError, AttributeError):
+            operator = None  # no operator recorded: no data residual
+        source = self.viewer.layers[run["layer_name"]]
+        axis = run["axis"] if layer.ndim == 3 else None
+        panel = self.transport_panel
+        panel.attach(layer, run["provenance"]["normalisation"], axis, source, operator)
+        if panel.transport_file.value.strip() or panel.reference.value not in (None, "(none)"):
+            if isinstance(layer.data, np.ndarray):
+                panel._guarded(panel.prepare)
 
     def done_text(self, run: dict[str, Any]) -> str:
         """``Done in 1.2 s: <layer>`` with its shape, dtype and zarr array."""

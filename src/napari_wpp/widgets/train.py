@@ -73,7 +73,14 @@ if TYPE_CHECKING:
 __all__ = ["TrainSettings", "TrainWidget", "default_model_path", "parse_lambda"]
 
 #: The spec fields of the form (the prior weight is a text: λ or ρ, see :func:`parse_lambda`).
-FORM_FIELDS = ("model", "mean_warmup", "batch_size", "crop_size", "n_reference_patches")
+FORM_FIELDS = (
+    "model",
+    "mean_warmup",
+    "batch_size",
+    "crop_size",
+    "n_reference_patches",
+    "patch_distance",
+)
 
 
 class TrainWidget(JobDockWidget):
@@ -125,6 +132,7 @@ class TrainWidget(JobDockWidget):
                 batch_size={"special_text": "device default"},
                 crop_size={"label": "Crop size (px)"},
                 n_reference_patches={"special_text": "device default", "step": 1000},
+                patch_distance={"choices": list(specs.PATCH_DISTANCES)},
             )
         )
         self.form.insert(0, self.layer_choice.combo)

@@ -74,6 +74,7 @@ from napari_wpp.widgets._layout import (
     scrolled_column,
 )
 from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
+from napari_wpp.widgets._transport_panel import TransportPanel
 
 if TYPE_CHECKING:
     import napari
@@ -172,10 +173,9 @@ class UncertaintyWidget(ModelDockWidget):
             self, "wppflow", "WPPFlow model", placeholder="flow.safetensors"
         )
         self.model_label = self.model_panel.label
-        scrolled_column(
-            self,
-            [self.model_panel, self._region_box(), self._sampling_box(), self._statistics_box()],
-        )
+        self.transport_panel = TransportPanel(napari_viewer)
+        boxes = [self.model_panel, self._region_box(), self._sampling_box()]
+        scrolled_column(self, [*boxes, self._statistics_box(), self.transport_panel])
         self.watch_layers(self._refresh_layers, "data")
         self.listen(self.viewer.dims.events.current_step, self._update_region_label)
         self.listen_settings(self._update_region_label, "input_layer", "region_shapes")
@@ -453,6 +453,11 @@ class UncertaintyWidget(ModelDockWidget):
         std_layer.blending = self._std_blending()
         self.last_maps = maps
         run["layer"] = mean_layer
+        self.transport_panel.attach(  # the mean's own region: no LR crop for a data residual
+            mean_layer, maps.normalisation, 0 if run["ndim"] == 3 else None
+        )
+        if self.transport_panel.reference.value not in (None, "(none)"):
+            self.transport_panel._guarded(self.transport_panel.prepare)
         self._show_statistics()
 
     def _remove_stale(self, name: str) -> None:

@@ -29,10 +29,12 @@ from napari_wpp.core.config.operator import (
     OperatorSpec,
     default_sigma,
 )
+from napari_wpp.core.config.patch_distance import PATCH_DISTANCES
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
 from napari_wpp.core.config.suitability import BlurCheckSpec, SuitabilitySpec
 from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
+from napari_wpp.core.config.transport import ReadoutSpec, TransportSpec
 
 __all__ = [
     "ANCHORS",
@@ -41,15 +43,18 @@ __all__ = [
     "MAX_COUNT",
     "MAX_SEED",
     "PADDINGS",
+    "PATCH_DISTANCES",
     "SCALES",
     "BlurCheckSpec",
     "DegradeSpec",
     "EstimateSpec",
     "OperatorSpec",
     "PredictSpec",
+    "ReadoutSpec",
     "ReconstructSpec",
     "SuitabilitySpec",
     "TrainSpec",
+    "TransportSpec",
     "bounds",
     "choices_of",
     "default_of",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from napari_wpp.core.config.fields import MAX_SEED, field_meta
+from napari_wpp.core.config.patch_distance import patch_distance_field, projections_field
 
 __all__ = ["FALLBACK_ITERATIONS", "ReconstructSpec"]
 
@@ -14,7 +15,8 @@ FALLBACK_ITERATIONS = 300
 
 @dataclass(frozen=True)
 class ReconstructSpec:
-    """A variational WPP reconstruction: λ, the budgets, the seed and the device.
+    """A variational WPP reconstruction: λ, the patch distance, the budgets, the seed and the
+    device.
 
     The run stops at whichever budget ends first; with neither it runs
     :data:`FALLBACK_ITERATIONS` iterations.
@@ -24,6 +26,8 @@ class ReconstructSpec:
         default=0.008,
         metadata=field_meta("weight λ of the patch prior, mean data term", 0.0, 10.0),
     )
+    patch_distance: str = patch_distance_field()
+    projections: int = projections_field()
     minutes: float | None = field(
         default=None,
         metadata=field_meta(

@@ -13,6 +13,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from napari_wpp.core.config.fields import MAX_COUNT, MAX_SEED, field_meta
+from napari_wpp.core.config.patch_distance import (
+    PATCH_DISTANCES,
+    patch_distance_field,
+    projections_field,
+)
 
 __all__ = [
     "CHECKPOINT_MINUTES",
@@ -20,6 +25,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEVICE_DEFAULTS",
     "PAPER_LAMBDA_NUMERATOR",
+    "PATCH_DISTANCES",
     "PRECISIONS",
     "PSI_MODES",
     "PUBLISHED_RHO_PER_CROP",
@@ -110,6 +116,12 @@ class TrainSpec:
         ψ solver of :class:`~napari_wpp.core.semidual.WassersteinPatchPrior` and its step
         (``None``: the solver's default). The adam/gd cost scale follows the mean assigned
         cost (``PSI_SCALE_MOMENTUM``), since early outputs are far from the reference.
+    patch_distance, projections
+        The prior's patch distance: ``"exact"`` (the semi-dual W₂² of
+        :class:`~napari_wpp.core.semidual.WassersteinPatchPrior`, with ψ and its solver) or
+        ``"sliced"`` (:class:`~napari_wpp.core.semidual.SlicedPatchPrior`: W₂² along
+        ``projections`` random directions redrawn every step plus the reference's principal
+        axes; the ψ settings are then unused).
     patches_per_step
         About this many generated patches per step and process, on a strided grid with a
         random offset (0: all of them; ``None``: the device's default).
@@ -234,6 +246,8 @@ class TrainSpec:
         default=None,
         metadata=field_meta("step of the ψ solver", 0.0, None, default_text="the solver's"),
     )
+    patch_distance: str = patch_distance_field()
+    projections: int = projections_field()
     n_fixed_batches: int = field(
         default=40, metadata=field_meta("number of fixed batches in per_batch ψ mode", 1, 10_000)
     )

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from napari_wpp.core.config.training import TrainSpec as TrainingConfig
 from napari_wpp.core.operators import ForwardOperator
-from napari_wpp.core.semidual import WassersteinPatchPrior
+from napari_wpp.core.semidual import PatchPrior
 
 __all__ = [
     "RATE_WINDOW",
@@ -148,7 +148,7 @@ def snapshot(
     step: int,
     elapsed: float,
     normalisation: dict | None,
-    priors: list[WassersteinPatchPrior],
+    priors: list[PatchPrior],
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     history: list[dict[str, float]],

@@ -7,7 +7,12 @@ import threading
 import numpy as np
 import torch
 
-from napari_wpp.core.config.training import PAPER_LAMBDA_NUMERATOR, PUBLISHED_RHO_PER_CROP
+from napari_wpp.core.config.fields import default_of
+from napari_wpp.core.config.training import (
+    PAPER_LAMBDA_NUMERATOR,
+    PUBLISHED_RHO_PER_CROP,
+    TrainSpec,
+)
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.metrics import psnr
 from napari_wpp.core.operators import ForwardOperator, add_noise
@@ -42,6 +47,8 @@ def choose_lambda(
     seed: int = 0,
     device: str = "auto",
     stop: threading.Event | None = None,
+    patch_distance: str = default_of(TrainSpec, "patch_distance"),
+    projections: int = default_of(TrainSpec, "projections"),
 ) -> tuple[float, dict[float, float]]:
     """Choose λ on the reference itself (the papers' protocol).
 
@@ -50,7 +57,7 @@ def choose_lambda(
     for every λ of ``grid`` against patches of the rest of the reference, and the λ with the
     best PSNR is returned with all scores. Because both losses use a mean data term and the
     W₂² of a pooled patch distribution, the variational λ carries over to the network
-    unchanged.
+    unchanged. ``patch_distance`` and ``projections`` choose the prior, as in training.
     """
     from napari_wpp.core.reconstruct import VariationalConfig, run_reconstruction
 
@@ -79,6 +86,8 @@ def choose_lambda(
             seed=seed,
             device=device,
             n_reference_patches=5_000,
+            patch_distance=patch_distance,
+            projections=projections,
         )
         result = run_reconstruction(lr_np, ref, operator, config)
         border = min(8, side // 8)

@@ -2,9 +2,10 @@
 
 Both compare the generated HR batch ``x`` with its LR crops ``y`` through the forward operator
 ``f`` away from the crop border (LR pixels whose HR support leaves the crop are ignored, see
-:func:`~napari_wpp.core.training.data.data_margins`), and add the semi-dual W₂² between the
-patches of ``x`` (all crops pooled) and the reference patches of a
-:class:`~napari_wpp.core.semidual.WassersteinPatchPrior`, whose ψ ascends on the way:
+:func:`~napari_wpp.core.training.data.data_margins`), and add the W₂² between the patches of
+``x`` (all crops pooled) and the reference patches of the run's patch prior: the semi-dual
+:class:`~napari_wpp.core.semidual.WassersteinPatchPrior`, whose ψ ascends on the way, or the
+sliced :class:`~napari_wpp.core.semidual.SlicedPatchPrior`:
 
 * :class:`WPPNetLoss`: ``mean((f(x) − y)²) + λ · W₂²``;
 * :class:`FlowLoss` (backward KL per LR pixel): ``mean((f(x) − y)²)/(2σ²) + ρ · W₂² −

@@ -19,6 +19,7 @@ from torch import Tensor
 from napari_wpp.core.budget import Budget, cosine_factor
 from napari_wpp.core.config.training import (
     DEFAULT_STEPS,
+    PATCH_DISTANCES,
     PRECISIONS,
     PSI_MODES,
     TRAINABLE_MODELS,
@@ -29,7 +30,7 @@ from napari_wpp.core.distributed import DataParallel, current
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.models import build_model
 from napari_wpp.core.operators import ForwardOperator
-from napari_wpp.core.semidual import WassersteinPatchPrior
+from napari_wpp.core.semidual import PatchPrior, build_patch_prior
 from napari_wpp.core.training.data import (
     CropSampler,
     as_stack,
@@ -116,6 +117,13 @@ def check_config(config: TrainingConfig) -> None:
         )
     if config.learning_rate <= 0:
         raise InputError(f"learning rate must be > 0, got {config.learning_rate}")
+    if config.patch_distance not in PATCH_DISTANCES:
+        raise InputError(
+            f"patch distance {config.patch_distance!r} is unknown: use one of "
+            f"{', '.join(PATCH_DISTANCES)}"
+        )
+    if int(config.projections) != config.projections or config.projections < 0:
+        raise InputError(f"projections must be an integer ≥ 0, got {config.projections}")
 
 
 def data_parallel_modules(
@@ -159,7 +167,7 @@ class TrainingRun:
     dp: DataParallel
     operator: ForwardOperator
     model: torch.nn.Module
-    priors: list[WassersteinPatchPrior]
+    priors: list[PatchPrior]
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     sampler: CropSampler
@@ -234,7 +242,7 @@ class TrainingRun:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate * factor
 
-    def next_batch(self) -> tuple[Tensor, WassersteinPatchPrior]:
+    def next_batch(self) -> tuple[Tensor, PatchPrior]:
         """All ranks' crops of this step and the prior they go with."""
         if self.fixed_batches:
             index = self.step % len(self.priors)
@@ -301,7 +309,14 @@ def setup_run(
 
     def chosen_lambda() -> float:
         lam_net, _ = choose_lambda(
-            regions[0], operator, config.noise_std, seed=config.seed, device=str(device), stop=stop
+            regions[0],
+            operator,
+            config.noise_std,
+            seed=config.seed,
+            device=str(device),
+            stop=stop,
+            patch_distance=config.patch_distance,
+            projections=config.projections,
         )
         return lam_net
 
@@ -334,14 +349,17 @@ def setup_run(
     momentum = None if config.psi_solver == "asgd" else PSI_SCALE_MOMENTUM
     reduce_sum = dp.all_reduce_sum if dp.active else None
     priors = [
-        WassersteinPatchPrior(
+        build_patch_prior(
+            config.patch_distance,
             patches,
-            config.psi_solver,
-            scale_momentum=momentum,
+            projections=config.projections,
+            seed=config.seed + i,
             reduce_sum=reduce_sum,
+            solver=config.psi_solver,
+            scale_momentum=momentum,
             **solver_options,
         )
-        for _ in range(n_priors)
+        for i in range(n_priors)
     ]
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     step, elapsed_before, history = 0, 0.0, []
