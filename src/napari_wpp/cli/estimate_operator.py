@@ -1,9 +1,16 @@
-"""``napari-wpp estimate-operator``: kernel and bias from a registered HR/LR pair."""
+"""``napari-wpp estimate-operator``: estimate blur kernel and bias from a registered HR/LR pair (or
+the blur σ from an unregistered HR reference).
+
+Estimate y ≈ S(k * x + b) from a registered pair: a K×K kernel k, a bias b and Fourier
+downsampling S by the scale. The LR image is either HR/scale in size or registered and resampled
+onto the HR grid (same size as HR). Without --hr, give --reference: the blur σ of a Gaussian
+blur + subsampling operator is searched under which the degraded reference's LR patches best
+match the LR data's.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
@@ -18,20 +25,11 @@ from napari_wpp.cli._common import (
 from napari_wpp.core.config import BlurCheckSpec, EstimateSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
 
+NAME = "estimate-operator"
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``estimate-operator`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "estimate-operator",
-        parents=[common],
-        help="estimate blur kernel and bias from a registered HR/LR pair (or the blur σ "
-        "from an unregistered HR reference)",
-        description="Estimate y ≈ S(k * x + b) from a registered pair: a K×K kernel k, a "
-        "bias b and Fourier downsampling S by the scale. The LR image is either HR/scale in "
-        "size or registered and resampled onto the HR grid (same size as HR). Without --hr, "
-        "give --reference: the blur σ of a Gaussian blur + subsampling operator is searched "
-        "under which the degraded reference's LR patches best match the LR data's.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp estimate-operator``."""
     p.add_argument("--hr", metavar="HR", help="HR image (2D) registered with LR")
     p.add_argument(
         "--reference",
@@ -49,7 +47,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_spec_option(p, EstimateSpec, "kernel_size", type=kernel_type, metavar="K")
     p.add_argument("--out", metavar="OP.json", help="operator JSON to write (with --hr)")
     add_json_flag(p)
-    p.set_defaults(handler=_cmd_estimate_operator)
 
 
 def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
@@ -57,7 +54,7 @@ def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
     return spec_from(args, EstimateSpec)
 
 
-def _cmd_estimate_operator(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.estimate import OperatorEstimated, estimate_job
 
     if args.hr is None:

@@ -1,5 +1,15 @@
-"""``napari-wpp evaluate``: PSNR, SSIM, blur effect (and uncertainty figures) of a prediction,
-and the readouts without ground truth (data residual, patch distance to a reference)."""
+"""``napari-wpp evaluate``: PSNR, SSIM and blur effect of a prediction; readouts without ground
+truth.
+
+Compare PRED with GT after cropping a border. Stacks (Z, H, W) are a test set: the figures are
+means over the slices, with their std and per-slice lists (and, with --std, the coverage of
+every slice). Both are put on a [0, 1] scale: integer images by their dtype range; float images
+as they are when GT lies in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT
+is taken as [0, 1] when it lies there, otherwise on GT's dtype scale). Without ground truth:
+--lr LR with the operator flags reports the rms of f(PRED) − LR beside the noise level
+(data_rms, noise), --reference REF the patch distance of PRED to the reference beside the
+distances between the reference's own crops (patch_distance, reference_band).
+"""
 
 from __future__ import annotations
 
@@ -22,24 +32,11 @@ from napari_wpp.cli.transport import patch_type
 from napari_wpp.core.config import ReadoutSpec, help_text
 from napari_wpp.core.errors import InputError
 
+NAME = "evaluate"
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``evaluate`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "evaluate",
-        parents=[common],
-        help="PSNR, SSIM and blur effect of a prediction; readouts without ground truth",
-        description="Compare PRED with GT after cropping a border. Stacks (Z, H, W) are a "
-        "test set: the figures are means over the slices, with their std and per-slice lists "
-        "(and, with --std, the coverage of every slice). Both are put on a [0, 1] "
-        "scale: integer images by their dtype range; float images as they are when GT lies "
-        "in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT is taken as "
-        "[0, 1] when it lies there, otherwise on GT's dtype scale). Without ground truth: "
-        "--lr LR with the operator flags reports the rms of f(PRED) − LR beside the noise "
-        "level (data_rms, noise), --reference REF the patch distance of PRED to the reference "
-        "beside the distances between the reference's own crops (patch_distance, "
-        "reference_band).",
-    )
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp evaluate``."""
     p.add_argument("pred", metavar="PRED", help="predicted image (2D or 3D)")
     p.add_argument("gt", metavar="GT", nargs="?", help="ground-truth image of the same shape")
     p.add_argument(
@@ -70,7 +67,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_spec_option(free, ReadoutSpec, "patch_size", type=patch_type, metavar="P")
     add_operator_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(handler=_cmd_evaluate)
 
 
 def normalise_for_evaluation(pred: Any, gt: Any) -> tuple[Any, Any, str]:
@@ -181,7 +177,7 @@ def _metrics(pred01: Any, gt01: Any, crop: int) -> dict[str, float]:
     return {k: float(v) for k, v in evaluate(pred01, gt01, crop=crop).items()}
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.gt is None:
         if args.lr is None and args.reference is None:
             raise InputError(

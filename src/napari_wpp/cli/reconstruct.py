@@ -1,10 +1,13 @@
-"""``napari-wpp reconstruct``: variational WPP superresolution of one LR image."""
+"""``napari-wpp reconstruct``: variational WPP superresolution of one LR image.
+
+Superresolve one 2D LR image with the variational Wasserstein Patch Prior, using an HR reference
+of the same material. The output TIFF has the LR image's dtype and intensity range.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
@@ -30,17 +33,11 @@ from napari_wpp.cli._common import (
 from napari_wpp.core.config import ReconstructSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
 
+NAME = "reconstruct"
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``reconstruct`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "reconstruct",
-        parents=[common],
-        help="variational WPP superresolution of one LR image",
-        description="Superresolve one 2D LR image with the variational Wasserstein Patch "
-        "Prior, using an HR reference of the same material. The output TIFF has the LR "
-        "image's dtype and intensity range.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp reconstruct``."""
     p.add_argument(
         "--lr", required=True, metavar="LR", help="LR image (2D, or a 3D stack with --slice)"
     )
@@ -67,7 +64,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_device_flag(p, ReconstructSpec)
     add_output_flag(p)
     add_json_flag(p)
-    p.set_defaults(handler=_cmd_reconstruct)
 
 
 def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
@@ -75,7 +71,7 @@ def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
     return spec_from(args, ReconstructSpec)
 
 
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.reconstruct import ReconstructResult, reconstruct_job
 
     out = check_output(args.out)

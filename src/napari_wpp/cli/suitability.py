@@ -1,4 +1,11 @@
-"""``napari-wpp suitability``: how well an HR reference explains LR data, without ground truth."""
+"""``napari-wpp suitability``: map how well an HR reference explains LR data (no ground truth
+needed).
+
+Degrade the reference with the forward operator at several sampling offsets and score every LR
+patch of the data by its squared distance to the nearest degraded reference patch, divided by
+p²σ² (σ: the data's noise std). About 1: explained up to the noise. The summary is the median
+score: ≤ 4 suits, ≤ 8 partly, above: does not suit.
+"""
 
 from __future__ import annotations
 
@@ -24,18 +31,11 @@ noise_std_type = number_type(float, 0.0, False, "the data's noise std on the [0,
 _count_type = number_type(int, 1, True, "a positive integer, e.g. 2")
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``suitability`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "suitability",
-        parents=[common],
-        help="map how well an HR reference explains LR data (no ground truth needed)",
-        description="Degrade the reference with the forward operator at several sampling "
-        "offsets and score every LR patch of the data by its squared distance to the nearest "
-        "degraded reference patch, divided by p²σ² (σ: the data's noise std). About 1: "
-        "explained up to the noise. The summary is the median score: ≤ 4 suits, ≤ 8 partly, "
-        "above: does not suit.",
-    )
+NAME = "suitability"
+
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp suitability``."""
     p.add_argument("--lr", required=True, metavar="LR", help="LR data (2D image or 3D stack)")
     p.add_argument("--reference", required=True, metavar="REF", help="HR reference (2D or 3D)")
     add_operator_flags(p)
@@ -47,10 +47,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--out", metavar="MAP.tif", help="score map to write (float32, LR grid, shaped like LR)"
     )
     add_json_flag(p)
-    p.set_defaults(handler=_cmd_suitability)
 
 
-def _cmd_suitability(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.suitability import CheckProgress, SuitabilityMapped, suitability_job
 
     out = None if args.out is None else check_output(args.out, "score map")
