@@ -599,7 +599,7 @@ def test_unexpected_error_is_one_line_and_debug_reraises(
     def boom(args):
         raise RuntimeError("kaboom\nsecond line")
 
-    monkeypatch.setattr(cli.evaluate, "_cmd_evaluate", boom)
+    monkeypatch.setattr(cli.evaluate, "run", boom)
     code, out, err = _run(capsys, "evaluate", "a.tif", "b.tif")
     lines = err.strip().splitlines()
     assert code == 1 and out == ""

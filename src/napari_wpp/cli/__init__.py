@@ -1,9 +1,10 @@
 """Command line interface: ``napari-wpp <subcommand> ...``.
 
-One module per subcommand (``add_parser`` adds its options, its handler runs it); what they
-share (exit codes, argument types, the option groups, the error contract, progress, reading) is in
-:mod:`napari_wpp.cli._common`. Every subcommand validates its input before doing any work,
-prints results on stdout (one JSON object with ``--json``), progress on stderr, and exits with
+One module per subcommand: its docstring gives the ``--help`` texts, ``NAME`` the command,
+``add_arguments`` its options and ``run`` runs it; what they share (exit codes, argument types,
+the option groups, the error contract, progress, reading) is in :mod:`napari_wpp.cli._common`.
+Every subcommand validates its input before doing any work, prints results on stdout (one JSON
+object with ``--json``), progress on stderr, and exits with
 
 * 0 on success,
 * 2 on bad input (one ``error: ...`` line on stderr that names the fix),
@@ -20,6 +21,7 @@ import argparse
 import errno
 import os
 from collections.abc import Sequence
+from types import ModuleType
 
 from napari_wpp import __version__
 from napari_wpp.cli import (
@@ -29,6 +31,7 @@ from napari_wpp.cli import (
     evaluate,
     predict,
     reconstruct,
+    suitability,
     train,
     transport,
 )
@@ -64,6 +67,7 @@ OUT_OF_MEMORY_FIX = (
 SUBCOMMANDS = (
     degrade,
     estimate_operator,
+    suitability,
     reconstruct,
     train,
     predict,
@@ -94,8 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     sub.required = True
     for command in SUBCOMMANDS:
-        command.add_parser(sub, common)
+        summary, description = command_texts(command)
+        p = sub.add_parser(command.NAME, parents=[common], help=summary, description=description)
+        command.add_arguments(p, common)
+        if hasattr(command, "run"):  # commands with actions (transport) set their own
+            p.set_defaults(handler=command.run)
     return parser
+
+
+def command_texts(command: ModuleType) -> tuple[str, str | None]:
+    r"""``--help`` summary and description of a subcommand, from its module's docstring.
+
+    The first paragraph is ``\`\`napari-wpp NAME\`\`: summary.``; the others are the
+    description (argparse wraps it again).
+    """
+    first, _, rest = (command.__doc__ or "").strip().partition("\n\n")
+    summary = " ".join(first.split()).split(": ", 1)[-1].rstrip(".")
+    return summary, " ".join(rest.split()) or None
 
 
 def _name_too_long(exc: OSError) -> str:

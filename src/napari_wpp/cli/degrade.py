@@ -1,9 +1,12 @@
-"""``napari-wpp degrade``: apply a forward operator (and noise) to an HR image or stack."""
+"""``napari-wpp degrade``: blur, downsample and add noise to an HR image or stack.
+
+Apply a forward operator (and noise) to a 2D image or, slice by slice, to a 3D stack. The output
+TIFF has the input's dtype; the pixel size is multiplied by the scale.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
@@ -22,24 +25,17 @@ from napari_wpp.cli._common import (
 )
 from napari_wpp.core.config import DegradeSpec, spec_from
 
+NAME = "degrade"
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``degrade`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "degrade",
-        parents=[common],
-        help="blur, downsample and add noise to an HR image or stack",
-        description="Apply a forward operator (and noise) to a 2D image or, slice by slice, "
-        "to a 3D stack. The output TIFF has the input's dtype; the pixel size is multiplied "
-        "by the scale.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp degrade``."""
     p.add_argument("input", metavar="INPUT", help="HR image or stack (TIFF, PNG, ...)")
     add_output_flag(p)
     add_operator_flags(p)
     add_spec_option(p, DegradeSpec, "noise", type=noise_type, metavar="SIGMA")
     add_spec_option(p, DegradeSpec, "seed", type=seed_type)
     add_json_flag(p)
-    p.set_defaults(handler=_cmd_degrade)
 
 
 def spec_from_args(args: argparse.Namespace) -> DegradeSpec:
@@ -47,7 +43,7 @@ def spec_from_args(args: argparse.Namespace) -> DegradeSpec:
     return spec_from(args, DegradeSpec)
 
 
-def _cmd_degrade(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.degrade import DegradeResult, SliceDegraded, degrade_job
 
     out = check_output(args.out)

@@ -1,4 +1,10 @@
-"""``napari-wpp demo``: the whole pipeline on a synthetic material."""
+"""``napari-wpp demo``: end-to-end demo on a synthetic material.
+
+Make a synthetic material stack and degrade it; reconstruct one slice with variational WPP,
+train a WPPNet on the LR stack and superresolve the slice with it, and compare both with bicubic
+upsampling and the truth. Writes truth/lr/bicubic/wpp/wppnet TIFFs, the model file and
+comparison.png into DIR.
+"""
 
 from __future__ import annotations
 
@@ -37,17 +43,11 @@ DEMO_CPU_MODEL: dict[str, Any] = {"features": 32, "blocks": 4, "offset": 0.5}
 DEMO_TRAINING: dict[str, Any] = {"batch_size": 4, "patches_per_step": 6000}
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``demo`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "demo",
-        parents=[common],
-        help="end-to-end demo on a synthetic material",
-        description="Make a synthetic material stack and degrade it; reconstruct one slice "
-        "with variational WPP, train a WPPNet on the LR stack and superresolve the slice with "
-        "it, and compare both with bicubic upsampling and the truth. Writes "
-        "truth/lr/bicubic/wpp/wppnet TIFFs, the model file and comparison.png into DIR.",
-    )
+NAME = "demo"
+
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp demo``."""
     p.add_argument(
         "--out",
         default="napari-wpp-demo",
@@ -72,7 +72,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_type, default=0, help="seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(handler=_cmd_demo)
 
 
 def _comparison_figure(path: Path, panels: list[tuple[str, Any]]) -> None:
@@ -90,7 +89,7 @@ def _comparison_figure(path: Path, panels: list[tuple[str, Any]]) -> None:
     figure.savefig(path, format="png")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     folder = Path(args.out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--out {args.out!r} is a file: give a folder")

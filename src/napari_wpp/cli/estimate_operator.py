@@ -1,14 +1,20 @@
-"""``napari-wpp estimate-operator``: kernel and bias from a registered HR/LR pair."""
+"""``napari-wpp estimate-operator``: estimate blur kernel and bias from a registered HR/LR pair (or
+the blur σ from an unregistered HR reference).
+
+Estimate y ≈ S(k * x + b) from a registered pair: a K×K kernel k, a bias b and Fourier
+downsampling S by the scale. The LR image is either HR/scale in size or registered and resampled
+onto the HR grid (same size as HR). Without --hr, give --reference: the blur σ of a Gaussian
+blur + subsampling operator is searched under which the degraded reference's LR patches best
+match the LR data's.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
     add_json_flag,
-    add_output_flag,
     add_spec_option,
     check_output,
     emit,
@@ -16,21 +22,21 @@ from napari_wpp.cli._common import (
     read_input,
     scale_type,
 )
-from napari_wpp.core.config import EstimateSpec, help_of, spec_from
+from napari_wpp.core.config import BlurCheckSpec, EstimateSpec, help_of, spec_from
+from napari_wpp.core.errors import InputError
+
+NAME = "estimate-operator"
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``estimate-operator`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "estimate-operator",
-        parents=[common],
-        help="estimate blur kernel and bias from a registered HR/LR pair",
-        description="Estimate y ≈ S(k * x + b) from a registered pair: a K×K kernel k, a "
-        "bias b and Fourier downsampling S by the scale. The LR image is either HR/scale in "
-        "size or registered and resampled onto the HR grid (same size as HR).",
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp estimate-operator``."""
+    p.add_argument("--hr", metavar="HR", help="HR image (2D) registered with LR")
+    p.add_argument(
+        "--reference",
+        metavar="REF",
+        help="without --hr: an HR reference of the same material (2D or 3D), not registered",
     )
-    p.add_argument("--hr", required=True, metavar="HR", help="HR image (2D)")
-    p.add_argument("--lr", required=True, metavar="LR", help="registered LR image (2D)")
+    p.add_argument("--lr", required=True, metavar="LR", help="LR image (2D; 3D without --hr)")
     p.add_argument(
         "--scale",
         required=True,
@@ -39,9 +45,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help=help_of(EstimateSpec, "scale"),
     )
     add_spec_option(p, EstimateSpec, "kernel_size", type=kernel_type, metavar="K")
-    add_output_flag(p, "OP.json", "operator JSON to write")
+    p.add_argument("--out", metavar="OP.json", help="operator JSON to write (with --hr)")
     add_json_flag(p)
-    p.set_defaults(handler=_cmd_estimate_operator)
 
 
 def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
@@ -49,9 +54,16 @@ def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
     return spec_from(args, EstimateSpec)
 
 
-def _cmd_estimate_operator(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.estimate import OperatorEstimated, estimate_job
 
+    if args.hr is None:
+        return _cmd_blur_check(args)
+    if args.reference is not None or args.out is None:
+        raise InputError(
+            "with --hr give --out OP.json and no --reference (--reference is for the σ search "
+            "without a registered pair)"
+        )
     out = check_output(args.out, "operator file", suffixes=(".json",))
     hr_data = read_input(args.hr, "HR image", ndims=(2,))
     lr_data = read_input(args.lr, "LR image", ndims=(2,))
@@ -70,5 +82,35 @@ def _cmd_estimate_operator(args: argparse.Namespace) -> int:
         f"bias          {results['bias']:.5f}\n"
         f"residual rms  {results['residual_rms']:.4f}\n"
         f"wrote {out}",
+    )
+    return EXIT_OK
+
+
+def _cmd_blur_check(args: argparse.Namespace) -> int:
+    """``--lr --reference --scale`` without ``--hr``: the blur σ that best matches the data."""
+    from napari_wpp.jobs.suitability import BlurChecked, blur_check_job
+
+    if args.reference is None:
+        raise InputError(
+            "give --hr HR (a registered pair: kernel and bias) or --reference REF (the blur σ "
+            "without a registered pair)"
+        )
+    if args.out is not None:
+        raise InputError(
+            "--out writes the operator of a registered pair (--hr); the σ search prints σ: "
+            "use it with --scale Q --sigma S"
+        )
+    lr = read_input(args.lr, "LR image")
+    reference = read_input(args.reference, "reference")
+    spec = spec_from(args, BlurCheckSpec)
+    events = list(blur_check_job(spec, lr.array, reference.array))
+    summary = next(e.summary for e in events if isinstance(e, BlurChecked))
+    bound = " (at the end of the searched range: only a bound)" if summary["at_bound"] else ""
+    emit(
+        args,
+        summary,
+        f"sigma         {summary['sigma']:.3f} HR px{bound}\n"
+        f"(Gaussian blur + ×{spec.scale} subsampling, kernel {spec.kernel_size}: the σ under "
+        "which the degraded reference's LR patches best match the data's)",
     )
     return EXIT_OK

@@ -1,5 +1,15 @@
-"""``napari-wpp evaluate``: PSNR, SSIM, blur effect (and uncertainty figures) of a prediction,
-and the readouts without ground truth (data residual, patch distance to a reference)."""
+"""``napari-wpp evaluate``: PSNR, SSIM and blur effect of a prediction; readouts without ground
+truth.
+
+Compare PRED with GT after cropping a border. Stacks (Z, H, W) are a test set: the figures are
+means over the slices, with their std and per-slice lists (and, with --std, the coverage of
+every slice). Both are put on a [0, 1] scale: integer images by their dtype range; float images
+as they are when GT lies in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT
+is taken as [0, 1] when it lies there, otherwise on GT's dtype scale). Without ground truth:
+--lr LR with the operator flags reports the rms of f(PRED) − LR beside the noise level
+(data_rms, noise), --reference REF the patch distance of PRED to the reference beside the
+distances between the reference's own crops (patch_distance, reference_band).
+"""
 
 from __future__ import annotations
 
@@ -22,22 +32,11 @@ from napari_wpp.cli.transport import patch_type
 from napari_wpp.core.config import ReadoutSpec, help_text
 from napari_wpp.core.errors import InputError
 
+NAME = "evaluate"
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``evaluate`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "evaluate",
-        parents=[common],
-        help="PSNR, SSIM and blur effect of a prediction; readouts without ground truth",
-        description="Compare PRED with GT after cropping a border. Both are put on a [0, 1] "
-        "scale: integer images by their dtype range; float images as they are when GT lies "
-        "in [0, 1], otherwise by GT's min/max (a float PRED with an integer GT is taken as "
-        "[0, 1] when it lies there, otherwise on GT's dtype scale). Without ground truth: "
-        "--lr LR with the operator flags reports the rms of f(PRED) − LR beside the noise "
-        "level (data_rms, noise), --reference REF the patch distance of PRED to the reference "
-        "beside the distances between the reference's own crops (patch_distance, "
-        "reference_band).",
-    )
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp evaluate``."""
     p.add_argument("pred", metavar="PRED", help="predicted image (2D or 3D)")
     p.add_argument("gt", metavar="GT", nargs="?", help="ground-truth image of the same shape")
     p.add_argument(
@@ -68,7 +67,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_spec_option(free, ReadoutSpec, "patch_size", type=patch_type, metavar="P")
     add_operator_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(handler=_cmd_evaluate)
 
 
 def normalise_for_evaluation(pred: Any, gt: Any) -> tuple[Any, Any, str]:
@@ -179,7 +177,7 @@ def _metrics(pred01: Any, gt01: Any, crop: int) -> dict[str, float]:
     return {k: float(v) for k, v in evaluate(pred01, gt01, crop=crop).items()}
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.gt is None:
         if args.lr is None and args.reference is None:
             raise InputError(
@@ -239,6 +237,9 @@ def _evaluate_with_truth(args: argparse.Namespace, readouts: dict[str, Any] | No
         figures = _uncertainty_figures(gt01, pred01, std01, args.crop)
         payload["uncertainty"] = figures
         lines += _uncertainty_lines(figures)
+    if gt.ndim == 3:
+        payload["test_set"] = _test_set_figures(pred01, gt01, std01, args.crop)
+        lines += _test_set_lines(payload["test_set"])
     if samples01 is not None:
         payload["samples"] = _sample_figures(samples01, gt01, args.crop)
         lines.append(
@@ -345,3 +346,40 @@ def _sample_figures(samples01: Any, gt01: Any, crop: int) -> dict[str, Any]:
         "psnr": psnrs,
         "ssim": ssims,
     }
+
+
+def _test_set_figures(pred01: Any, gt01: Any, std01: Any, crop: int) -> dict[str, Any]:
+    """Per-slice figures of a (Z, H, W) test set and their mean ± std (population std)."""
+    import numpy as np
+
+    from napari_wpp.core.metrics import evaluate_slices
+
+    per_slice: dict[str, list[float]] = evaluate_slices(pred01, gt01, crop=crop)
+    if std01 is not None:
+        from napari_wpp.core.uncertainty import calibration
+
+        figures = [calibration(g, p, s, crop=crop) for g, p, s in zip(gt01, pred01, std01)]
+        for k in (1, 2, 3):
+            per_slice[f"coverage_{k}sd"] = [float(f[f"coverage_{k}sd"]) for f in figures]
+    summary: dict[str, Any] = {"slices": len(per_slice["psnr"]), "per_slice": per_slice}
+    for name, values in per_slice.items():
+        summary[f"{name}_mean"] = float(np.mean(values))
+        summary[f"{name}_std"] = float(np.std(values))
+    return summary
+
+
+def _test_set_lines(figures: dict[str, Any]) -> list[str]:
+    def line(label: str, name: str, unit: str, digits: int, factor: float = 1.0) -> str:
+        mean, std = factor * figures[f"{name}_mean"], factor * figures[f"{name}_std"]
+        return f"{label}{mean:.{digits}f} ± {std:.{digits}f}{unit}"
+
+    lines = [
+        f"test set     {figures['slices']} slices, mean ± std over slices:",
+        line("  PSNR       ", "psnr", " dB", 2),
+        line("  SSIM       ", "ssim", "", 4),
+        line("  blur       ", "blur_effect", "", 4),
+    ]
+    if "coverage_1sd_mean" in figures:
+        for k in (1, 2):
+            lines.append(line(f"  within {k} std ", f"coverage_{k}sd", " %", 1, 100.0))
+    return lines

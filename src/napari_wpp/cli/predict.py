@@ -1,4 +1,13 @@
-"""``napari-wpp predict``: superresolve an image, stack or zarr volume with a model file."""
+"""``napari-wpp predict``: superresolve an image, stack or zarr volume with a trained model.
+
+Superresolve a 2D image or, slice by slice, a 3D stack (TIFF/PNG) or a zarr array with a model
+file written by 'train'. Integer inputs are normalised by their dtype range; float inputs by the
+model's recorded float range, else by their own 0.1/99.9 percentiles. The output has the input's
+dtype and intensity range. With a wppflow model, OUT is the pixelwise mean of --samples
+posterior samples, <OUT stem>_std<ext> their standard deviation (float32, in the input's
+intensity units: grey levels for integer inputs) and, with --save-samples, <OUT
+stem>_samples<ext> the samples (sample axis first, the input's dtype).
+"""
 
 from __future__ import annotations
 
@@ -32,21 +41,11 @@ from napari_wpp.core.errors import InputError
 _temperature = number_type(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``predict`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "predict",
-        parents=[common],
-        help="superresolve an image, stack or zarr volume with a trained model",
-        description="Superresolve a 2D image or, slice by slice, a 3D stack (TIFF/PNG) or a "
-        "zarr array with a model file written by 'train'. Integer inputs are normalised by "
-        "their dtype range; float inputs by the model's recorded float range, else by their "
-        "own 0.1/99.9 percentiles. The output has the input's dtype and intensity range. "
-        "With a wppflow model, OUT is the pixelwise mean of --samples posterior samples, "
-        "<OUT stem>_std<ext> their standard deviation (float32, in the input's intensity "
-        "units: grey levels for integer inputs) and, with --save-samples, "
-        "<OUT stem>_samples<ext> the samples (sample axis first, the input's dtype).",
-    )
+NAME = "predict"
+
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp predict``."""
     p.add_argument("model", metavar="MODEL", help="model file (.safetensors) from 'train'")
     p.add_argument("input", metavar="INPUT", help="LR image or stack (TIFF, PNG) or a .zarr array")
     p.add_argument(
@@ -88,7 +87,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     add_apply_flags(moved)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(handler=_cmd_predict)
 
 
 def _model_for_prediction(path_text: str) -> tuple[dict[str, Any], Any]:
@@ -210,7 +208,7 @@ def _predict_spec(args: argparse.Namespace, ndim: int, what: str) -> Any:
     )
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_wpp.core.inference import InferenceFinished, SamplingFinished, output_shape

@@ -1,11 +1,14 @@
-"""``napari-wpp reconstruct``: variational superresolution of one LR image, with the WPP of an
-HR reference or with a trained PatchNR prior (``--prior``)."""
+"""``napari-wpp reconstruct``: variational superresolution of one LR image (WPP or PatchNR).
+
+Superresolve one 2D LR image with the variational Wasserstein Patch Prior, using an HR reference
+of the same material, or with a learned PatchNR prior (--prior, from `napari-wpp train --model
+patchnr`). The output TIFF has the LR image's dtype and intensity range.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
 
 from napari_wpp.cli._common import (
     EXIT_OK,
@@ -35,18 +38,11 @@ from napari_wpp.core.errors import InputError
 _patch_count = number_type(int, 0, True, "e.g. --patchnr-patches 40000 (0: all patches)")
 _step = number_type(float, 0.0, False, "e.g. --patchnr-step 0.03")
 
+NAME = "reconstruct"
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``reconstruct`` subcommand to ``sub``."""
-    p = sub.add_parser(
-        "reconstruct",
-        parents=[common],
-        help="variational superresolution of one LR image (WPP or a PatchNR prior)",
-        description="Superresolve one 2D LR image with the variational Wasserstein Patch "
-        "Prior, using an HR reference of the same material, or with a learned PatchNR prior "
-        "(--prior, from `napari-wpp train --model patchnr`). The output TIFF has the LR "
-        "image's dtype and intensity range.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp reconstruct``."""
     p.add_argument(
         "--lr", required=True, metavar="LR", help="LR image (2D, or a 3D stack with --slice)"
     )
@@ -84,7 +80,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_device_flag(p, ReconstructSpec)
     add_output_flag(p)
     add_json_flag(p)
-    p.set_defaults(handler=_cmd_reconstruct)
 
 
 def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
@@ -92,7 +87,7 @@ def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
     return spec_from(args, ReconstructSpec)
 
 
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.reconstruct import ReconstructResult, load_prior, reconstruct_job
 
     out = check_output(args.out)

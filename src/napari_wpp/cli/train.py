@@ -1,4 +1,12 @@
-"""``napari-wpp train``: train a WPPNet or a WPPFlow on LR data, or a PatchNR prior."""
+"""``napari-wpp train``: train a WPPNet or a WPPFlow on LR data, or a PatchNR prior.
+
+Train a WPPNet (or, with --model wppflow, a conditional normalizing flow that draws posterior
+samples) on a 2D LR image or a 3D LR stack with the Wasserstein Patch Prior of an HR reference
+of the same material. The model file records the operator, the LR data's intensity normalisation
+and the training state; it is written every --checkpoint-minutes and at the end, also when
+Ctrl-C stops the run. --model patchnr trains a learned patch prior for `reconstruct --prior` on
+the reference's patches, or without --reference on the LR data's own (zero-shot).
+"""
 
 from __future__ import annotations
 
@@ -74,21 +82,11 @@ _checkpoint_minutes = number_type(
 )
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``train`` subcommand to ``sub`` (defaults and help from the training spec)."""
-    p = sub.add_parser(
-        "train",
-        parents=[common],
-        help="train a WPPNet or a WPPFlow on LR data (no paired HR data needed), or a PatchNR "
-        "prior",
-        description="Train a WPPNet (or, with --model wppflow, a conditional normalizing flow "
-        "that draws posterior samples) on a 2D LR image or a 3D LR stack with the Wasserstein "
-        "Patch Prior of an HR reference of the same material. The model file records the "
-        "operator, the LR data's intensity normalisation and the training state; it is "
-        "written every --checkpoint-minutes and at the end, also when Ctrl-C stops the run. "
-        "--model patchnr trains a learned patch prior for `reconstruct --prior` on the "
-        "reference's patches, or without --reference on the LR data's own (zero-shot).",
-    )
+NAME = "train"
+
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp train``."""
     p.add_argument(
         "--lr-data",
         metavar="LR",
@@ -157,7 +155,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         f"{CHECKPOINT_MINUTES:g}; 0: only at the end)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(handler=_cmd_train)
 
 
 def _mean_warmup(text: str) -> float:
@@ -424,7 +421,7 @@ def _run_job(
     return final, written[0]
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``napari-wpp train``; under ``torchrun`` one data-parallel rank of the run."""
     from napari_wpp.jobs.train import data_parallel
 

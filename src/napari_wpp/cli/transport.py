@@ -1,4 +1,5 @@
-"""``napari-wpp transport fit|apply``: move predictions along the perception–fidelity trade-off.
+"""``napari-wpp transport``: move predictions between fidelity and the reference's look (patch
+transport).
 
 ``fit`` summarises the patches of superresolved images (the source) and of a clean reference
 (the target) by Gaussians and writes them to a JSON transport file; ``apply`` transports a
@@ -63,14 +64,11 @@ def patch_type(text: str) -> int:
     return value
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the ``transport`` subcommand (``fit``, ``apply``) to ``sub``."""
-    p = sub.add_parser(
-        "transport",
-        parents=[common],
-        help="move predictions between fidelity and the reference's look (patch transport)",
-        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
-    )
+NAME = "transport"
+
+
+def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """The options of ``napari-wpp transport``."""
     actions = p.add_subparsers(dest="action", metavar="<action>", parser_class=Parser)
     actions.required = True
     fit = actions.add_parser(
@@ -278,4 +276,4 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-__all__ = ["add_apply_flags", "add_parser", "alpha_type", "patch_type", "run_apply"]
+__all__ = ["add_apply_flags", "add_arguments", "alpha_type", "patch_type", "run_apply"]

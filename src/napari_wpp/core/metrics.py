@@ -15,7 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from napari_wpp.core.errors import InputError
 
-__all__ = ["evaluate", "psnr", "ssim", "blur_effect"]
+__all__ = ["evaluate", "evaluate_slices", "psnr", "ssim", "blur_effect"]
 
 _MIN_SSIM_SIDE = 7
 
@@ -135,4 +135,22 @@ def evaluate(pred: np.ndarray, truth: np.ndarray, crop: int = 40) -> dict[str, f
         "psnr": _per_slice(_psnr2d, p, t),
         "ssim": _per_slice(_ssim2d, p, t),
         "blur_effect": float(np.mean([_sk_blur_effect(s) for s in p])),
+    }
+
+
+def evaluate_slices(pred: np.ndarray, truth: np.ndarray, crop: int = 40) -> dict[str, list[float]]:
+    """PSNR, SSIM and blur effect of every slice of a test set (same crop rule as
+    :func:`evaluate`, whose figures are the means of these lists).
+
+    Returns
+    -------
+    dict
+        ``{"psnr": [...], "ssim": [...], "blur_effect": [...]}``, one entry per slice of
+        ``(..., H, W)`` stacks (one for a 2D image).
+    """
+    p, t = _pair(pred, truth, crop)
+    return {
+        "psnr": [_psnr2d(ps, ts) for ps, ts in zip(p, t)],
+        "ssim": [_ssim2d(ps, ts) for ps, ts in zip(p, t)],
+        "blur_effect": [float(_sk_blur_effect(ps)) for ps in p],
     }

@@ -206,6 +206,8 @@ class ReferenceOperatorSettings:
         The :class:`~napari_wpp.core.config.OperatorSpec` fields (σ follows the scale).
     pair_hr_layer, pair_lr_layer, pair_hr_shapes, pair_lr_shapes
         The registered HR/LR pair for estimation and their optional rectangles.
+    check_lr_layer
+        The LR data layer of the checks without ground truth (suitability, σ).
     pair_scale, pair_kernel_size
         The :class:`~napari_wpp.core.config.EstimateSpec` fields.
     """
@@ -223,6 +225,7 @@ class ReferenceOperatorSettings:
     pair_lr_layer: str = NO_LAYER
     pair_hr_shapes: str = NO_LAYER
     pair_lr_shapes: str = NO_LAYER
+    check_lr_layer: str = NO_LAYER
     pair_scale: int = field(default_factory=spec_default(EstimateSpec, "scale"))
     pair_kernel_size: int = field(default_factory=spec_default(EstimateSpec, "kernel_size"))
 

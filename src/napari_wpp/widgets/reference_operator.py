@@ -65,6 +65,7 @@ from napari_wpp.widgets._regions import (
     world_box_to_slices,
 )
 from napari_wpp.widgets._settings import ReferenceOperatorSettings
+from napari_wpp.widgets._suitability_panel import SuitabilityPanel
 
 if TYPE_CHECKING:
     import napari
@@ -124,7 +125,8 @@ class ReferenceOperatorWidget(JobDockWidget):
         self.last_estimate: OperatorEstimate | None = None
         self._last_fit: dict[str, Any] = {}
         boxes = [self._reference_box(), self._parametric_box(), self._estimation_box()]
-        scrolled_column(self, [*boxes, self._session_box()], spacing=10)
+        self.checks = SuitabilityPanel(self)
+        scrolled_column(self, [*boxes, self.checks.box, self._session_box()], spacing=10)
         self.watch_layers(self._refresh_layers)
         self.watch_layers(self._update_patch_label, "data", "scale", "translate", "affine")
         events = self.settings.events
@@ -270,6 +272,7 @@ class ReferenceOperatorWidget(JobDockWidget):
             getattr(self, f"{name}_choice").refresh()
         self.pair_lr_layer_choice.refresh()
         self.pair_lr_shapes_choice.refresh()
+        self.checks.lr_choice.refresh()
         self._update_patch_label()
 
     def _layer(self, name: str, what: str) -> Any:

@@ -32,6 +32,7 @@ from napari_wpp.core.config.operator import (
 from napari_wpp.core.config.patch_distance import PATCH_DISTANCES
 from napari_wpp.core.config.predict import PredictSpec
 from napari_wpp.core.config.reconstruct import FALLBACK_ITERATIONS, ReconstructSpec
+from napari_wpp.core.config.suitability import BlurCheckSpec, SuitabilitySpec
 from napari_wpp.core.config.training import CHECKPOINT_MINUTES, TrainSpec
 from napari_wpp.core.config.transport import ReadoutSpec, TransportSpec
 
@@ -44,12 +45,14 @@ __all__ = [
     "PADDINGS",
     "PATCH_DISTANCES",
     "SCALES",
+    "BlurCheckSpec",
     "DegradeSpec",
     "EstimateSpec",
     "OperatorSpec",
     "PredictSpec",
     "ReadoutSpec",
     "ReconstructSpec",
+    "SuitabilitySpec",
     "TrainSpec",
     "TransportSpec",
     "bounds",
