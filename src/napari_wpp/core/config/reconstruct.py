@@ -16,7 +16,7 @@ FALLBACK_ITERATIONS = 300
 #: here; docs/algorithms.md, PatchNR).
 PATCHNR_LAMBDA = 5e-6
 #: Patches per iteration scored by a PatchNR prior.
-PATCHNR_PATCHES = 20_000
+PATCHNR_PATCHES = 40_000
 
 
 @dataclass(frozen=True)
