@@ -54,6 +54,10 @@ def test_reference_prior_then_reconstruct(files, capsys) -> None:
     assert report["prior"] == "patchnr" and report["iterations"] == 3
     image = tifffile.imread(sr)
     assert image.shape == (96, 96) and image.dtype == np.uint8
+    assert_bad_input(
+        *run_cli(capsys, "predict", prior, lr, "--out", folder / "p.tif"),
+        "is a PatchNR prior, not a superresolution network",
+    )
 
 
 def test_zero_shot_prior_and_resume(files, capsys) -> None:

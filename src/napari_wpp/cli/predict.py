@@ -35,7 +35,7 @@ from napari_wpp.cli._common import (
 )
 from napari_wpp.cli.transport import add_apply_flags, run_apply
 from napari_wpp.core.config import PredictSpec, help_text
-from napari_wpp.core.config.training import TRAINABLE_MODELS
+from napari_wpp.core.config.training import PREDICTION_MODELS
 from napari_wpp.core.errors import InputError
 
 _temperature = number_type(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
@@ -96,10 +96,15 @@ def _model_for_prediction(path_text: str) -> tuple[dict[str, Any], Any]:
     meta = read_model_metadata(path_text)
     kind = meta.get("kind")
     name = Path(path_text).name
-    if kind not in TRAINABLE_MODELS:
+    if kind == "patchnr":
+        raise InputError(
+            f"{name} is a PatchNR prior, not a superresolution network: use it with "
+            f"`napari-wpp reconstruct --prior {name}`"
+        )
+    if kind not in PREDICTION_MODELS:
         raise InputError(
             f"{name} holds a model of unknown kind {kind!r}: update napari-wpp or use a "
-            f"{' or '.join(TRAINABLE_MODELS)} model"
+            f"{' or '.join(PREDICTION_MODELS)} model"
         )
     return meta, load_model(path_text, device="cpu")
 
