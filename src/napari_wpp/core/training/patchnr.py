@@ -224,8 +224,8 @@ def train_patchnr(
     torch.manual_seed(config.seed)  # initial weights
     pool = PatchPool(images, config.patch_size, config.seed)
     options = {"patch_size": config.patch_size, "hidden": config.patchnr_hidden}
-    options.update(config.model_options)
-    model = build_model("patchnr", seed=config.seed, **options)
+    options.update({"seed": config.seed, **config.model_options})
+    model = build_model("patchnr", **options)
     model.standardise_on(pool.train)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
