@@ -30,14 +30,22 @@ def dock(make_napari_viewer):
     return viewer, widget
 
 
-def test_suitability_layer_over_the_lr_layer(dock) -> None:
+def finished(qtbot, panel, worker) -> object:
+    """The result of the panel's worker, once the GUI thread has shown it."""
+    assert worker is not None
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=120_000)
+    assert panel.map_button.enabled and panel.sigma_button.enabled
+    assert len(panel.results) == 1
+    return panel.results[0]
+
+
+def test_suitability_layer_over_the_lr_layer(dock, qtbot) -> None:
     viewer, widget = dock
     assert widget.checks.map_suitability() is None  # no reference, no operator yet
     widget.use_as_reference()
     widget.settings.scale, widget.settings.sigma = 4, 2.0
     widget.use_parametric_operator()
-    result = widget.checks.map_suitability()
-    assert result is not None
+    result = finished(qtbot, widget.checks, widget.checks.map_suitability())
     layer = viewer.layers["lr suitability"]
     assert layer.data.shape == (60, 60)
     assert np.array_equal(layer.data, result.score_map[0])
@@ -46,13 +54,15 @@ def test_suitability_layer_over_the_lr_layer(dock) -> None:
     assert f"{result.median_score:.2f}" in widget.checks.label.text()
 
 
-def test_sigma_check_warns_about_a_far_sigma(dock) -> None:
+def test_sigma_check_warns_about_a_far_sigma(dock, qtbot) -> None:
     _, widget = dock
     widget.use_as_reference()
     widget.settings.scale, widget.settings.sigma = 4, 4.0
-    fit = widget.checks.check_sigma()
-    assert fit is not None and abs(fit.sigma - 2.0) < 0.5
+    worker = widget.checks.check_sigma()
+    assert not widget.checks.sigma_button.enabled  # busy while the worker runs
+    fit = finished(qtbot, widget.checks, worker)
+    assert abs(fit.sigma - 2.0) < 0.5
     assert "far from" in widget.checks.label.text()
     widget.settings.sigma = round(fit.sigma, 2)
-    widget.checks.check_sigma()
+    finished(qtbot, widget.checks, widget.checks.check_sigma())
     assert "far from" not in widget.checks.label.text()

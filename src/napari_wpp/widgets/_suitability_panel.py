@@ -4,11 +4,14 @@ With the session's reference and operator and an LR layer, it maps how well the 
 explains the LR data (:func:`napari_wpp.core.suitability.suitability`, a layer over the LR
 layer, the summary in a label) and searches the blur σ under which the reference best matches
 the data (:func:`napari_wpp.core.suitability.estimate_blur_sigma`), warning when the typed σ
-is far from it. Both run on the LR slice shown, in the GUI thread (seconds on a 150² slice).
+is far from it. Both run on the LR slice shown, in a thread worker (seconds to tens of seconds
+on a 150² slice): napari stays responsive, and the buttons wait until the check has ended.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,8 @@ from napari_wpp.widgets._base import LayerChoice, or_notify
 from napari_wpp.widgets._forms import read_spec, spec_form
 from napari_wpp.widgets._layers import greyscale_images, pair_lr_default, shown_plane
 from napari_wpp.widgets._layout import group_box, note_label
+from napari_wpp.widgets._notify import notify_error, notify_warning
+from napari_wpp.widgets._workers import StoppableWorker, WorkerFailure, start_job
 
 __all__ = ["SuitabilityPanel"]
 
@@ -34,6 +39,8 @@ class SuitabilityPanel:
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
+        self.worker: StoppableWorker | None = None
+        self.results: list[Any] = []
         self.lr_choice = LayerChoice(
             owner, "check_lr_layer", greyscale_images, pair_lr_default, label="LR data"
         )
@@ -66,14 +73,49 @@ class SuitabilityPanel:
         reference = max(session.reference.regions, key=lambda region: region.size)
         return layer, lr, reference
 
-    def _map(self) -> Any:
+    def _start(
+        self, compute: Callable[[], Any], show: Callable[[Any], None], what: str
+    ) -> StoppableWorker:
+        """Run ``compute()`` in a worker; ``show(result)`` in the GUI thread when it is done."""
+        self.map_button.enabled = self.sigma_button.enabled = False
+        self.label.setText(f"{what}…")
+        self.results: list[Any] = []
+
+        def job() -> Any:
+            yield compute()
+
+        def on_yield(value: Any) -> None:
+            if isinstance(value, WorkerFailure):
+                self.label.setText(f"{what} failed.")
+                notify_error(value.error)
+            else:
+                self.results.append(value)
+                or_notify(show, value)
+
+        def on_finish() -> None:
+            self.worker = None
+            self.map_button.enabled = self.sigma_button.enabled = True
+
+        self.worker = start_job(
+            job, stop=threading.Event(), on_yield=on_yield, on_finish=on_finish, name=what
+        )
+        return self.worker
+
+    def _start_map(self) -> StoppableWorker:
         from napari_wpp.core.suitability import suitability
 
-        if self.owner.session.operator is None:
+        operator = self.owner.session.operator
+        if operator is None:
             raise InputError("no operator yet: use the parametric or an estimated operator first")
         layer, lr, reference = self._inputs()
         spec = read_spec(self.form, SuitabilitySpec())
-        result = suitability(lr, reference, self.owner.session.operator, spec)
+        return self._start(
+            lambda: suitability(lr, reference, operator, spec),
+            lambda result: self._show_map(layer, result),
+            "Mapping suitability",
+        )
+
+    def _show_map(self, layer: Any, result: Any) -> None:
         name = f"{layer.name} suitability"
         viewer = self.owner.viewer
         scale, translate = tuple(layer.scale)[-2:], tuple(layer.translate)[-2:]
@@ -88,29 +130,38 @@ class SuitabilityPanel:
             f"Median score {result.median_score:.2f}: {result.verdict} (≤ 4 suits, ≤ 8 partly); "
             f"{100 * result.unexplained:.0f} % of LR pixels above 8"
         )
-        return result
 
-    def map_suitability(self, *_args: Any) -> Any:
-        """Map the suitability of the session's reference for the shown LR slice."""
-        return or_notify(self._map)
+    def map_suitability(self, *_args: Any) -> StoppableWorker | None:
+        """Start mapping the suitability of the session's reference for the shown LR slice.
 
-    def _check_sigma(self) -> Any:
+        Returns the worker (its result lands in :attr:`results`), or ``None`` after a
+        notification on bad input.
+        """
+        return or_notify(self._start_map)
+
+    def _start_sigma(self) -> StoppableWorker:
         from napari_wpp.core.suitability import estimate_blur_sigma
 
         _, lr, reference = self._inputs()
         settings = self.owner.settings
         spec = BlurCheckSpec(scale=int(settings.scale), kernel_size=int(settings.kernel_size))
-        fit = estimate_blur_sigma(lr, reference, spec)
         typed = settings.operator_spec().resolved_sigma
+        return self._start(
+            lambda: estimate_blur_sigma(lr, reference, spec),
+            lambda fit: self._show_sigma(fit, typed),
+            "Searching the blur σ",
+        )
+
+    def _show_sigma(self, fit: Any, typed: float) -> None:
         warning = sigma_warning(typed, fit.sigma)
         text = f"σ best matching the data: {fit.sigma:.2f} px (typed {typed:g} px)"
         self.label.setText(text + (f" — {warning}" if warning else ""))
         if warning:
-            from napari_wpp.widgets._notify import notify_warning
-
             notify_warning(warning)
-        return fit
 
-    def check_sigma(self, *_args: Any) -> Any:
-        """Search the blur σ of the parametric operator's scale on the shown LR slice."""
-        return or_notify(self._check_sigma)
+    def check_sigma(self, *_args: Any) -> StoppableWorker | None:
+        """Start the search of the blur σ of the parametric operator's scale (shown LR slice).
+
+        Returns the worker, or ``None`` after a notification on bad input.
+        """
+        return or_notify(self._start_sigma)
