@@ -74,6 +74,15 @@ def test_slider_moves_the_result_live_and_exports(make_napari_viewer, qtbot, tmp
     at_0, at_1 = panel.readouts(0.0), panel.readouts(1.0)
     assert at_0["patch_distance"] < at_1["patch_distance"]
     assert at_0["data_rms"] is not None and at_0["noise"] > 0
+    # the panel's data rms is the readouts' (away from the border the padding decides)
+    from napari_wpp.core.patch_distance import data_rms
+    from napari_wpp.jobs.transport import lr_normalisation
+
+    lr = np.asarray(viewer.layers["LR"].data)
+    lr01 = lr_normalisation(lr, panel.cache["norm"]).apply(lr, clip=False)
+    fully = panel.cache["x"] + panel.cache["delta"]
+    expected = data_rms(fully, lr01, panel.target["operator"])
+    assert at_0["data_rms"] == pytest.approx(expected, rel=1e-3)
     assert "patch distance" in panel.readout.text() and "data rms" in panel.readout.text()
     alpha = panel.use_default_alpha()
     assert 0.0 <= alpha <= 1.0 and panel.slider.value == pytest.approx(alpha)

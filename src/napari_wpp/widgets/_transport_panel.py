@@ -214,7 +214,8 @@ class TransportPanel(QGroupBox):
         self.set_alpha(self.slider.value)
 
     def _residual_parts(self, x01: np.ndarray, delta: np.ndarray, where: Any, norm: Any) -> dict:
-        """``f(x) − y`` and ``A·D`` of the slice (empty without the LR layer or operator)."""
+        """``f(x) − y`` and ``A·D`` of the slice away from the LR border (empty without the LR
+        layer or operator)."""
         lr_layer, operator = self.target["lr_layer"], self.target["operator"]
         if lr_layer is None or operator is None or lr_layer.ndim != self.target["layer"].ndim:
             return {}
@@ -230,7 +231,12 @@ class TransportPanel(QGroupBox):
             moved = operator(torch.from_numpy(x01 + delta)).numpy() - fx
         if fx.shape != lr01.shape:
             return {}
-        return {"residual": fx - lr01, "moved": moved, "noise": estimate_noise(lr01)}
+        inside = operator.interior_mask(fx.shape).numpy()  # as data_rms: no padded border
+        return {
+            "residual": (fx - lr01)[inside],
+            "moved": moved[inside],
+            "noise": estimate_noise(lr01),
+        }
 
     # ------------------------------------------------------------------ moving
     def blended(self, alpha: float) -> np.ndarray:
