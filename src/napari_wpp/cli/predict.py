@@ -220,8 +220,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.predict import (
         NormalisationChosen,
         PredictTarget,
-        sample_job,
-        superresolve_job,
+        predict_job,
     )
 
     out, out_zarr = check_array_output(args.out)
@@ -259,9 +258,8 @@ def run(args: argparse.Namespace) -> int:
             chosen["how"] = event.how
         return describe_run(event)
 
-    job = sample_job if flow else superresolve_job
     finished = drive(
-        lambda stop: job(spec, state.model, recorded, source, target, stop, inputs),
+        lambda stop: predict_job(spec, state.model, recorded, source, target, stop, inputs),
         ProgressBar("predict"),
         describe=describe,
         finished=SamplingFinished if flow else InferenceFinished,
