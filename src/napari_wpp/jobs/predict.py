@@ -246,6 +246,20 @@ def _remove(paths: Mapping[str, Path]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _partial_zarrs(paths: Mapping[str, Path], zarr: bool) -> Iterator[dict[str, Path]]:
+    """The ``.partial.zarr`` path of each output (none unless ``zarr``), removed on the way out.
+
+    A partial array moved into place is popped from the dict, so only unfinished ones go.
+    """
+    tmps = {name: partial_path(path) for name, path in paths.items()} if zarr else {}
+    _remove(tmps)
+    try:
+        yield tmps
+    finally:
+        _remove(tmps)
+
+
 # --------------------------------------------------------------------------- superresolution
 def _checked_and_locked(
     outputs: Sequence[Path],
@@ -345,9 +359,7 @@ def _superresolve_events(run: _PredictRun) -> Iterator[Any]:
         )
         return
     out = target.path
-    tmps = {"result": partial_path(out)} if target.zarr else {}
-    _remove(tmps)
-    try:
+    with _partial_zarrs({"result": out}, target.zarr) as tmps:
         if target.zarr and source.zarr_path is not None:
             events = superresolve_zarr(
                 model,
@@ -390,8 +402,6 @@ def _superresolve_events(run: _PredictRun) -> Iterator[Any]:
             _write_tiff(out, finished.result, source, scale, grow)
             yield finished
         yield OutputWritten({"result": out})
-    finally:
-        _remove(tmps)
 
 
 def _stream_into_zarr(
@@ -443,9 +453,7 @@ def _sample_events(run: _PredictRun) -> Iterator[Any]:
         "stop": run.stop,
     }
     paths = {} if target.path is None else target.paths(spec.keep_samples)
-    tmps = {name: partial_path(path) for name, path in paths.items()} if target.zarr else {}
-    _remove(tmps)
-    try:
+    with _partial_zarrs(paths, target.zarr) as tmps:
         if target.zarr and source.zarr_path is not None:
             events = sample_zarr(
                 model,
@@ -500,8 +508,6 @@ def _sample_events(run: _PredictRun) -> Iterator[Any]:
                 _write_tiff(path, arrays[name], source, scale, grow)
             yield finished
         yield OutputWritten(dict(paths))
-    finally:
-        _remove(tmps)
 
 
 def _write_statistic_zarr(

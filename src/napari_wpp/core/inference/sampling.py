@@ -179,12 +179,12 @@ class _FlowRun:
         cls,
         model: nn.Module,
         k: int,
-        temperature: float,
-        seed: int,
-        batch_size: int,
-        tile: int | None,
-        halo: int | None,
-        device: str | torch.device,
+        temperature: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 4,
+        tile: int | None = None,
+        halo: int | None = None,
+        device: str | torch.device = "auto",
     ) -> _FlowRun:
         _check_flow(model)
         k = _check_count(k)
@@ -243,71 +243,24 @@ def _check_image2d(lr: np.ndarray) -> np.ndarray:
 
 
 def sample(
-    model: nn.Module,
-    lr: np.ndarray,
-    k: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    tile: int | None = None,
-    keep_samples: bool = False,
-    device: str | torch.device = "auto",
-    stop: threading.Event | None = None,
-    halo: int | None = None,
-    slice_index: int = 0,
+    model: nn.Module, lr: np.ndarray, k: int, *, slice_index: int = 0, **options: Any
 ) -> Iterator[SamplingProgress | SamplingFinished]:
     """Draw ``k`` posterior samples of a WPPFlow for one 2D image (a generator of events).
 
-    Samples are drawn in batches and folded into streaming moments
-    (:class:`~napari_wpp.core.uncertainty.RunningMoments`), so the ``k`` samples are held
-    in memory only with ``keep_samples``.
-
-    Parameters
-    ----------
-    model
-        A WPPFlow; it is copied to ``device``, the caller's model is not modified.
-    lr
-        ``(h, w)`` float image normalised to ``[0, 1]``; never modified.
-    k
-        Number of samples (≥ 1; the std is 0 for one sample).
-    temperature
-        Latent ``temperature · N(0, I)`` (1: the trained posterior; 0: every sample is the
-        mode).
-    seed
-        Seed of the latents; the same seed on the same device gives the same samples,
-        whatever ``batch_size`` and ``tile``.
-    batch_size
-        Samples per forward pass.
-    tile, halo
-        ``None``: the whole slice at once. Otherwise square tiles of ``tile`` LR pixels, cut
-        with a halo (default :func:`flow_receptive_radius`) from the slice and its latent,
-        which is drawn for the whole slice first; results agree with untiled runs to float32
-        rounding.
-    keep_samples
-        Also return the ``(k, q·h, q·w)`` samples.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-    stop
-        Checked before every batch; when set the run ends with
-        ``SamplingFinished(result=None, stopped_early=True)``.
-    slice_index
-        Which random stream of ``seed`` to use: slice ``i`` of :func:`sample_volume` uses
-        stream ``i``, so ``sample(volume[i], …, slice_index=i)`` reproduces it.
-
-    Yields
-    ------
-    SamplingProgress
-        After every batch (``done``/``total`` count samples).
-    SamplingFinished
-        Last event; ``result`` is a :class:`SampleResult` with float32 ``mean`` and ``std``
-        of shape ``(q·h, q·w)`` in normalised units. Bad input raises :class:`InputError` at
-        the first ``next()``.
+    ``lr`` is an ``(h, w)`` float image normalised to ``[0, 1]`` (never modified); the
+    ``options`` (``temperature``, ``seed``, ``batch_size``, ``tile``, ``halo``,
+    ``keep_samples``, ``device``, ``stop``) and the events are those of
+    :func:`sample_volume`, whose result this is for a normalised image, with float32 ``mean``
+    and ``std`` of shape ``(q·h, q·w)`` in normalised units. ``slice_index`` chooses the
+    random stream of ``seed``: slice ``i`` of :func:`sample_volume` uses stream ``i``, so
+    ``sample(volume[i], …, slice_index=i)`` reproduces it.
     """
     start = time.perf_counter()
     image = _check_image2d(lr)
     slice_index = _check_seed(slice_index)
-    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
-    run = replace(run, first_stream=slice_index)
+    keep_samples = bool(options.pop("keep_samples", False))
+    stop = options.pop("stop", None)
+    run = replace(_FlowRun.prepare(model, k, **options), first_stream=slice_index)
     dtype = np.dtype(np.float32)
     yield from _sample_in_memory(run, image, 0, None, dtype, keep_samples, stop, start)
 
@@ -470,9 +423,24 @@ def sample_volume(
     volume
         ``(H, W)`` image or 3D volume; raw dtype with ``normalisation``, else normalised
         floats. Never modified.
-    k, temperature, seed, batch_size, tile, halo, device
-        As in :func:`sample`; slice ``i`` along ``axis`` uses the random stream ``i`` of
-        ``seed`` (a 2D image is slice 0).
+    k
+        Number of samples (≥ 1; the std is 0 for one sample).
+    temperature
+        Latent ``temperature · N(0, I)`` (1: the trained posterior; 0: every sample is the
+        mode).
+    seed
+        Seed of the latents; the same seed on the same device gives the same samples,
+        whatever ``batch_size`` and ``tile``. Slice ``i`` along ``axis`` uses the random
+        stream ``i`` of ``seed`` (a 2D image is slice 0).
+    batch_size
+        Samples per forward pass.
+    tile, halo
+        ``None``: the whole slice at once. Otherwise square tiles of ``tile`` LR pixels, cut
+        with a halo (default :func:`flow_receptive_radius`) from the slice and its latent,
+        which is drawn for the whole slice first; results agree with untiled runs to float32
+        rounding.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ...
     axis
         Axis of a volume cut into slices (it keeps its size, the two others grow ``q`` times).
     keep_samples
