@@ -28,7 +28,8 @@ def spec_from_args(args: argparse.Namespace) -> DegradeSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_wpp.jobs.degrade import DegradeResult, SliceDegraded, degrade_job
+    from napari_wpp.jobs.degrade import DegradeResult, degrade_job
+    from napari_wpp.jobs.notices import JobProgress
 
     out = _common.check_output(args.out)
     operator = _common.operator_from_args(args)
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     bar = _common.ProgressBar("degrade") if data.array.ndim == 3 and len(data.array) > 1 else None
     result = None
     for event in degrade_job(spec, operator, data, out=out):
-        if isinstance(event, SliceDegraded) and bar is not None:
+        if isinstance(event, JobProgress) and bar is not None:
             bar.update(event.done / event.total, f"slice {event.done}/{event.total}")
         elif isinstance(event, DegradeResult):
             result = event

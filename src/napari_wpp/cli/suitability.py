@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_wpp.jobs.suitability import CheckProgress, SuitabilityMapped, suitability_job
+    from napari_wpp.jobs.notices import JobProgress
+    from napari_wpp.jobs.suitability import SuitabilityMapped, suitability_job
 
     out = None if args.out is None else _common.check_output(args.out, "score map")
     operator = _common.operator_from_args(args)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     bar = _common.ProgressBar("suitability") if lr.array.ndim == 3 and len(lr.array) > 1 else None
     summary: dict[str, Any] = {}
     for event in suitability_job(spec, operator, lr.array, reference.array, out, inputs):
-        if isinstance(event, CheckProgress) and bar is not None:
+        if isinstance(event, JobProgress) and bar is not None:
             bar.update(event.done / event.total, f"slice {event.done}/{event.total}")
         elif isinstance(event, SuitabilityMapped):
             summary = event.summary

@@ -127,7 +127,8 @@ def _read_array(path_text: str, what: str) -> tuple[Any, Path | None]:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from napari_wpp.io import check_not_an_input
-    from napari_wpp.jobs.transport import TransportFitted, TransportProgress, fit_transport_job
+    from napari_wpp.jobs.notices import JobProgress
+    from napari_wpp.jobs.transport import TransportFitted, fit_transport_job
 
     out = _common.check_output(args.out, "--out", suffixes=(".json",))
     check_not_an_input(
@@ -142,7 +143,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     }
 
     def describe(event: Any) -> tuple[float, str] | None:
-        if isinstance(event, TransportProgress):
+        if isinstance(event, JobProgress):
             return event.done / event.total, f"{event.what} {event.done}/{event.total}"
         return None
 
@@ -188,7 +189,8 @@ def run_apply(
     """Run :func:`~napari_wpp.jobs.transport.apply_transport_job` with a progress bar; returns
     the finished event (``None`` when stopped)."""
     from napari_wpp.io.transport import read_transport
-    from napari_wpp.jobs.transport import TransportApplied, TransportProgress, apply_transport_job
+    from napari_wpp.jobs.notices import JobProgress
+    from napari_wpp.jobs.transport import TransportApplied, apply_transport_job
 
     content = read_transport(args.transport)
     spec = TransportSpec(
@@ -199,7 +201,7 @@ def run_apply(
     )
 
     def describe(event: Any) -> tuple[float, str] | None:
-        if isinstance(event, TransportProgress):
+        if isinstance(event, JobProgress):
             return event.done / event.total, f"slice {event.done}/{event.total}"
         return None
 
