@@ -49,7 +49,7 @@ def degrade_job(
     source: ImageData,
     out: Path | None = None,
     inputs: Sequence[tuple[str, Path | str | None]] = (),
-) -> Iterator[Any]:
+) -> Iterator[JobProgress | DegradeResult | OutputWritten]:
     """Degrade ``source`` with ``operator`` and ``spec``'s noise (a generator of events).
 
     Yields :class:`JobProgress` after each slice, then :class:`DegradeResult` and, when

@@ -31,7 +31,6 @@ from napari_wpp.io import PROVENANCE_ATTR
 from napari_wpp.jobs.notices import JobProgress
 
 __all__ = [
-    "ReadoutsMeasured",
     "TransportApplied",
     "TransportFitted",
     "apply_transport_job",
@@ -67,13 +66,6 @@ class TransportApplied:
     path: Path | None
     elapsed_s: float
     stopped_early: bool = False
-
-
-@dataclass(frozen=True)
-class ReadoutsMeasured:
-    """The readouts of :func:`measure_readouts` as a plain dict."""
-
-    readouts: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- intensities
@@ -426,14 +418,3 @@ def measure_readouts(
         band = reference_band(reference01, p, spec.projections, spec.samples, spec.seed)
         out["reference_band"] = band.to_dict()
     return out
-
-
-def readouts_job(
-    spec: ReadoutSpec,
-    image01: np.ndarray,
-    lr01: np.ndarray | None = None,
-    operator: Any = None,
-    reference01: np.ndarray | None = None,
-) -> Iterator[Any]:
-    """:func:`measure_readouts` as a job: yields one :class:`ReadoutsMeasured`."""
-    yield ReadoutsMeasured(measure_readouts(spec, image01, lr01, operator, reference01))

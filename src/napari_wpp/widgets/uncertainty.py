@@ -127,12 +127,14 @@ class UncertaintySettings:
         Name of a Shapes layer whose rectangle cuts the slice; ``""``: the whole slice.
     truth_layer
         Name of a ground-truth layer on the superresolved grid; ``""``: none.
-    k, temperature, seed, batch_size, tile, device, keep_samples
-        The spec's ``samples`` ... ``keep_samples`` (``tile`` 0: the whole region).
+    k, temperature, seed, keep_samples
+        The spec's ``samples``, ``temperature``, ``seed`` and ``keep_samples``.
     overlay_std
         Blend the std layer additively over the mean.
     threshold_percent
         Threshold of the "share above" statistic, in percent of the intensity range.
+    batch_size, tile, device
+        The spec's fields of the same names (``tile`` 0: the whole region).
     """
 
     model_source: str = "session"
@@ -140,15 +142,16 @@ class UncertaintySettings:
     input_layer: str = NO_LAYER
     region_shapes: str = NO_LAYER
     truth_layer: str = NO_LAYER
+    # what is drawn and kept, how it is shown, how it is computed
     k: int = _spec_setting("samples")
     temperature: float = _spec_setting("temperature")
     seed: int = _spec_setting("seed")
-    batch_size: int = _spec_setting("batch_size")
-    tile: int = _spec_setting("tile")
-    device: str = _spec_setting("device")
     keep_samples: bool = _spec_setting("keep_samples")
     overlay_std: bool = True
     threshold_percent: float = 5.0
+    batch_size: int = _spec_setting("batch_size")
+    tile: int = _spec_setting("tile")
+    device: str = _spec_setting("device")
 
 
 class UncertaintyWidget(ModelDockWidget):
