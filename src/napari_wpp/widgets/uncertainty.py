@@ -49,7 +49,13 @@ from napari_wpp.jobs.uncertainty import (
     statistics_texts,
     uncertainty_job,
 )
-from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
+from napari_wpp.widgets._base import (
+    NO_LAYER,
+    JobLaunch,
+    LayerChoice,
+    job_finished_alias,
+    rectangle_choice,
+)
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     MIN_REGION,
@@ -58,11 +64,10 @@ from napari_wpp.widgets._layers import (
     checked_image,
     chosen_layer,
     crop_geometry,
-    current_index,
     full_resolution,
     greyscale_images,
     layer_with_role,
-    region_slices,
+    slice_region,
     superresolved_provenance,
     truth_index,
 )
@@ -190,8 +195,6 @@ class UncertaintyWidget(ModelDockWidget):
 
     # ------------------------------------------------------------------ UI
     def _region_box(self) -> QGroupBox:
-        from napari.layers import Shapes
-
         self.layer_choice = LayerChoice(
             self,
             "input_layer",
@@ -200,16 +203,7 @@ class UncertaintyWidget(ModelDockWidget):
             label="LR layer",
             tooltip="LR image or stack; a stack is sampled at the current slice",
         )
-        self.shapes_choice = LayerChoice(
-            self,
-            "region_shapes",
-            lambda viewer: [layer for layer in viewer.layers if isinstance(layer, Shapes)],
-            lambda _layers: NO_LAYER,
-            empty_text="(whole slice)",
-            optional=True,
-            label="Rectangle",
-            tooltip="A Shapes layer whose rectangle cuts the slice",
-        )
+        self.shapes_choice = rectangle_choice(self)
         self.truth_choice = LayerChoice(
             self,
             "truth_layer",
@@ -282,11 +276,7 @@ class UncertaintyWidget(ModelDockWidget):
 
     def _region(self, layer: Any) -> tuple[int | None, slice, slice]:
         """Slice index (``None`` for 2D) and the rows and columns of the region."""
-        shapes_name = self.settings.region_shapes
-        shapes = chosen_layer(self.viewer, shapes_name, "Shapes layer") if shapes_name else None
-        rows, cols = region_slices(layer, shapes)
-        index = current_index(layer, self.viewer, 0) if layer.ndim == 3 else None
-        return index, rows, cols
+        return slice_region(self.viewer, layer, self.settings.region_shapes)
 
     def _update_region_label(self, *_args: Any) -> None:
         try:
