@@ -55,8 +55,10 @@ def _setup(make_napari_viewer, lr: np.ndarray):
 
 
 def _run(qtbot, widget: SuperresolveWidget):
+    """Superresolve, and wait for the panel's preparation (a thread worker) to end."""
     with qtbot.waitSignal(widget.superresolve_finished, timeout=TIMEOUT_MS) as blocker:
         assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.transport_panel.preparing is None, timeout=TIMEOUT_MS)
     return blocker.args[0]
 
 
@@ -132,3 +134,28 @@ def test_without_reference_the_panel_asks_for_one(make_napari_viewer, qtbot) -> 
     assert panel.cache is None and panel.prepare_button.enabled
     assert panel._guarded(panel.prepare) is None  # a notification, not an exception
     assert panel.cache is None
+
+
+def test_prepare_button_works_in_a_worker(make_napari_viewer, qtbot) -> None:
+    viewer, widget = _setup(make_napari_viewer, texture((3, 30, 32), 1.5, 4))
+    layer = _run(qtbot, widget)
+    panel = widget.transport_panel
+    before = np.array(layer.data)
+    viewer.dims.set_point(0, 2)
+    panel.prepare_button.native.click()  # returns at once; the controls wait for the worker
+    assert panel.preparing is not None and panel.cache is None
+    assert not panel.slider.enabled and not panel.prepare_button.enabled
+    assert "Preparing" in panel.readout.text()
+    qtbot.waitUntil(lambda: panel.preparing is None, timeout=TIMEOUT_MS)
+    assert panel.cache is not None and panel.slider.enabled
+    assert panel.cache["where"][0] == 2
+    panel.slider.value = 0.0
+    assert not np.array_equal(layer.data[2], before[2])
+    np.testing.assert_array_equal(layer.data[:2], before[:2])
+    # detached while preparing: the late result is dropped, nothing is written
+    panel.prepare_button.native.click()
+    panel.detach()
+    qtbot.wait(50)
+    qtbot.waitUntil(lambda: not panel._workers, timeout=TIMEOUT_MS)
+    assert panel.cache is None and panel.target is None
+    np.testing.assert_array_equal(layer.data, before)

@@ -53,22 +53,30 @@ def flow_state(material):
     )
     reference = (material.reference[:48, :48] / 255.0).astype(np.float32)
     final = run_training(
-        norm.apply(material.lr), reference, material.operator, config,
+        norm.apply(material.lr),
+        reference,
+        material.operator,
+        config,
         normalisation=norm.to_dict(),
     )
     return final.state
-
 
 
 @pytest.fixture
 def setup(make_napari_viewer, material, flow_state):
     viewer = make_napari_viewer()
     viewer.add_image(
-        material.lr, name=LR_NAME, scale=LR_SCALE, translate=LR_TRANSLATE,
-        contrast_limits=(0, 255), metadata={"napari_wpp": {"role": "lr"}},
+        material.lr,
+        name=LR_NAME,
+        scale=LR_SCALE,
+        translate=LR_TRANSLATE,
+        contrast_limits=(0, 255),
+        metadata={"napari_wpp": {"role": "lr"}},
     )
     viewer.add_image(
-        material.hr, name="truth", translate=TRUTH_TRANSLATE,
+        material.hr,
+        name="truth",
+        translate=TRUTH_TRANSLATE,
         metadata={"napari_wpp": {"role": "truth"}},
     )
     session = session_for(viewer)
@@ -90,8 +98,13 @@ def _run(qtbot, widget: UncertaintyWidget):
 def _expected(flow_state, lr_region: np.ndarray, k: int, slice_index: int, seed: int = 0):
     norm = Normalisation.from_array(lr_region)
     return norm, run_sample(
-        flow_state.model, norm.apply(lr_region), k, seed=seed, device="cpu",
-        keep_samples=True, slice_index=slice_index,
+        flow_state.model,
+        norm.apply(lr_region),
+        k,
+        seed=seed,
+        device="cpu",
+        keep_samples=True,
+        slice_index=slice_index,
     )
 
 
@@ -235,8 +248,14 @@ def _a_wppnet(viewer, session, widget) -> None:
 
     net = build_model("wppnet", scale=Q, features=8, blocks=2)
     session.model = TrainingState(
-        kind="wppnet", model=net, model_config=net.config(), operator={}, lam=0.02,
-        config={}, step=1, elapsed_s=0.0,
+        kind="wppnet",
+        model=net,
+        model_config=net.config(),
+        operator={},
+        lam=0.02,
+        config={},
+        step=1,
+        elapsed_s=0.0,
     )
     assert "not a WPPFlow" in widget.model_label.text()
 
@@ -244,7 +263,8 @@ def _a_wppnet(viewer, session, widget) -> None:
 def _tiny_rectangle(viewer, session, widget) -> None:
     viewer.add_shapes(
         [np.array([[0.0, 0.0], [0.0, 6.0], [6.0, 6.0], [6.0, 0.0]])],
-        shape_type="rectangle", name="tiny",
+        shape_type="rectangle",
+        name="tiny",
     )
     widget.settings.region_shapes = "tiny"
     assert "smaller than 4×4" in widget.region_label.text()
@@ -305,7 +325,8 @@ def test_truth_index_and_share_above() -> None:
     with pytest.raises(InputError, match="3D but the LR layer is 2D"):
         truth_index(truth, (1.0, 1.0), (0.0, 0.0), (8, 6))
     assert truth_index(plane, (1.0, 1.0, 1.0), (7.0, 1.0, 2.0), (8, 6)) == (
-        slice(1, 9), slice(2, 8)
+        slice(1, 9),
+        slice(2, 8),
     )
     std = np.array([[0.0, 1.0], [2.0, 3.0]])
     assert share_above(std, 1.0) == 0.5 and share_above(std, -1.0) == 1.0
@@ -319,6 +340,7 @@ def test_perception_panel_moves_the_mean(setup, qtbot, material) -> None:
     panel.reference.reset_choices()
     panel.reference.value = "REF"
     mean_layer = _run(qtbot, widget)
+    qtbot.waitUntil(lambda: panel.preparing is None, timeout=TIMEOUT_MS)  # in a worker
     assert panel.cache is not None, panel.readout.text()
     before = np.array(mean_layer.data)
     panel.slider.value = 0.0

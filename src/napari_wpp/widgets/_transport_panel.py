@@ -1,7 +1,8 @@
 """The "Perception ↔ fidelity" panel: move a superresolved layer along α, live.
 
 After a superresolution the panel is attached to the output layer. :meth:`TransportPanel.
-prepare` caches, for the slice on screen, the result ``x`` and ``D = T(x) − x`` on the [0, 1]
+prepare` (in a thread worker from the button and after a run, so the viewer stays responsive)
+caches, for the slice on screen, the result ``x`` and ``D = T(x) − x`` on the [0, 1]
 scale (``T``: the Gaussian patch transport of :mod:`napari_wpp.core.transport`, from a
 transport file or fitted on that slice and the reference layer), the patch distance of the
 blend on a grid of α, and, when the LR layer and operator are known, the data residual of
@@ -43,6 +44,7 @@ class TransportPanel(QGroupBox):
         self.target: dict[str, Any] | None = None
         self.cache: dict[str, Any] | None = None
         self._workers: list[Any] = []
+        self.preparing: Any = None  # the worker preparing a slice, if any
         self._reference_cache: dict[str, Any] = {}
         self.reference = shrinkable(ComboBox(label="Reference", choices=self._reference_names))
         self.transport_file = LineEdit(label="Transport file")
@@ -55,7 +57,7 @@ class TransportPanel(QGroupBox):
         self.default_button = PushButton(text="Default α")
         self.export_button = PushButton(text="Export at α…")
         self.readout = note_label("Superresolve first; the slider then moves the result.")
-        self.prepare_button.changed.connect(lambda *_: self._guarded(self.prepare))
+        self.prepare_button.changed.connect(lambda *_: self._guarded(self.prepare, True))
         self.default_button.changed.connect(lambda *_: self._guarded(self.use_default_alpha))
         self.export_button.changed.connect(lambda *_: self._guarded(self._ask_export))
         self.slider.changed.connect(lambda value: self._guarded(self.set_alpha, value))
@@ -83,8 +85,8 @@ class TransportPanel(QGroupBox):
 
     def _update_controls(self) -> None:
         attached = self.target is not None
-        ready = self.cache is not None
-        self.prepare_button.enabled = attached
+        ready = self.cache is not None and self.preparing is None
+        self.prepare_button.enabled = attached and self.preparing is None
         self.slider.enabled = self.default_button.enabled = ready
         self.export_button.enabled = ready
 
@@ -123,6 +125,7 @@ class TransportPanel(QGroupBox):
         """Put the prepared slice back as it was and forget the layer."""
         self._restore()
         self.target = self.cache = None
+        self.preparing = None  # a running preparation finds the target gone and is dropped
         self._update_controls()
 
     def _restore(self) -> None:
@@ -130,40 +133,54 @@ class TransportPanel(QGroupBox):
             self._write(self.cache["original"])
 
     # ------------------------------------------------------------------ preparing
-    def _content(self, x01: np.ndarray, norm: Any) -> Any:
-        """The transport: the chosen file, or fitted on ``x01`` and the reference layer."""
+    def _transport_source(self) -> dict[str, Any]:
+        """What the transport comes from: the chosen file, or the reference layer's data."""
         path = self.transport_file.value.strip()
         if path:
-            from napari_wpp.io.transport import read_transport
-
-            return read_transport(path)
+            return {"file": path}
         name = self.reference.value
         if not name or name == NO_REFERENCE or name not in self.viewer.layers:
             raise InputError(
                 "no reference for the transport: choose a reference layer or a transport file"
             )
+        source = full_resolution(self.viewer.layers[name])
+        key = (name, id(source), default_of(TransportSpec, "patch_size"))
+        if self._reference_cache.get("key") == key:
+            return {"name": name, "reference": self._reference_cache}
+        return {"name": name, "key": key, "data": source}
+
+    @staticmethod
+    def _content(source: dict[str, Any], x01: np.ndarray, norm: Any) -> tuple[Any, dict]:
+        """The transport (the file, or fitted on ``x01`` and the reference) and the
+        reference's statistics and band (computed once per reference layer)."""
+        if "file" in source:
+            from napari_wpp.io.transport import read_transport
+
+            return read_transport(source["file"]), {}
         from napari_wpp.core.patch_distance import reference_band
         from napari_wpp.core.transport import GaussianTransport, patch_statistics
         from napari_wpp.io.transport import TransportFile
         from napari_wpp.jobs.transport import transport_normalisation
 
         p = default_of(TransportSpec, "patch_size")
-        source = full_resolution(self.viewer.layers[name])
-        key = (name, id(source), p)
-        if self._reference_cache.get("key") != key:  # the reference's statistics and band
-            data = np.asarray(source)
+        ref = source.get("reference")
+        if ref is None:  # the reference's statistics and band
+            data = np.asarray(source["data"])
             if data.ndim == 3:
                 picks = np.linspace(0, len(data) - 1, min(4, len(data))).astype(int)
                 data = data[np.unique(picks)]
             ref01 = transport_normalisation(data).apply(data)
-            self._reference_cache = {
-                "key": key,
+            ref = {
+                "key": source["key"],
                 "stats": patch_statistics(ref01, p),
                 "band": reference_band(ref01, p).to_dict(),
             }
-        ref = self._reference_cache
         transport = GaussianTransport.fit(patch_statistics(x01, p), ref["stats"])
-        return TransportFile(transport, norm.to_dict(), ref["band"], {"reference": f"layer {name}"})
+        name = source["name"]
+        content = TransportFile(
+            transport, norm.to_dict(), ref["band"], {"reference": f"layer {name}"}
+        )
+        return content, ref
 
     def _slice_index(self) -> tuple[Any, ...]:
         assert self.target is not None
@@ -174,14 +191,19 @@ class TransportPanel(QGroupBox):
         index[axis] = current_index(layer, self.viewer, axis)
         return tuple(index)
 
-    def prepare(self) -> None:
-        """Cache the shown slice, its transport and readouts; show it at the slider's α."""
+    def prepare(self, background: bool = False) -> Any:
+        """Cache the shown slice, its transport and readouts; show it at the slider's α.
+
+        With ``background`` the work runs in a thread worker (returned; the controls wait
+        for it), else here.
+        """
         from napari_wpp.core.intensity import Normalisation
-        from napari_wpp.core.patch_distance import blend_distances
         from napari_wpp.jobs.transport import transport_normalisation
 
         if self.target is None:
             raise InputError("nothing to transport: superresolve an image first")
+        if self.preparing is not None:
+            raise InputError("the shown slice is being prepared: wait for it")
         layer = self.target["layer"]
         if not isinstance(layer.data, np.ndarray):
             raise InputError(
@@ -194,8 +216,58 @@ class TransportPanel(QGroupBox):
         original = np.array(layer.data[where])
         recorded = Normalisation.from_dict(self.target["normalisation"])
         norm = transport_normalisation(original, recorded.to_dict())
+        source = self._transport_source()
+        residual = self._residual_inputs(where)
+        target = self.target
+
+        def compute() -> tuple[dict[str, Any], dict[str, Any]]:
+            return self._prepared(where, original, norm, source, residual)
+
+        def install(result: tuple[dict[str, Any], dict[str, Any]]) -> None:
+            self.preparing = None
+            if self.target is not target:  # detached or re-attached meanwhile
+                self._update_controls()
+                return
+            cache, reference = result
+            if reference:
+                self._reference_cache = reference
+            self.cache = cache
+            self._update_controls()
+            self.set_alpha(self.slider.value)
+
+        if not background:
+            install(compute())
+            return None
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(compute)
+        worker.returned.connect(install)
+        worker.errored.connect(self._prepare_failed)
+        worker.finished.connect(lambda: self._workers.remove(worker))
+        self._workers.append(worker)
+        self.preparing = worker
+        self.readout.setText("Preparing the shown slice (transport and patch distances)…")
+        self._update_controls()
+        worker.start()
+        return worker
+
+    def _prepare_failed(self, exc: BaseException) -> None:
+        from napari_wpp.widgets._notify import notify_error
+
+        self.preparing = None
+        self._update_controls()
+        self.readout.setText("Preparing failed; see the notification.")
+        notify_error(exc)
+
+    @classmethod
+    def _prepared(
+        cls, where: Any, original: np.ndarray, norm: Any, source: dict, residual: dict
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cache of a slice (no Qt: runs in a worker) and the reference's statistics."""
+        from napari_wpp.core.patch_distance import blend_distances
+
         x01 = norm.apply(original)
-        content = self._content(x01, norm)
+        content, reference = cls._content(source, x01, norm)
         delta = content.transport.apply(x01) - x01
         distances = blend_distances(x01, x01 + delta, content.transport.target, ALPHA_GRID)
         cache = {
@@ -208,23 +280,29 @@ class TransportPanel(QGroupBox):
             "distances": distances,
             "middle": ((content.band or {}).get("gelbrich") or {}).get("middle"),
         }
-        cache.update(self._residual_parts(x01, delta, where, norm))
-        self.cache = cache
-        self._update_controls()
-        self.set_alpha(self.slider.value)
+        cache.update(cls._residual_parts(x01, delta, norm, **residual))
+        return cache, reference
 
-    def _residual_parts(self, x01: np.ndarray, delta: np.ndarray, where: Any, norm: Any) -> dict:
-        """``f(x) − y`` and ``A·D`` of the slice away from the LR border (empty without the LR
-        layer or operator)."""
+    def _residual_inputs(self, where: Any) -> dict[str, Any]:
+        """The LR slice and operator of the data residual (empty without them)."""
         lr_layer, operator = self.target["lr_layer"], self.target["operator"]
         if lr_layer is None or operator is None or lr_layer.ndim != self.target["layer"].ndim:
+            return {}
+        return {"lr": np.asarray(full_resolution(lr_layer)[where]), "operator": operator}
+
+    @staticmethod
+    def _residual_parts(
+        x01: np.ndarray, delta: np.ndarray, norm: Any, lr: Any = None, operator: Any = None
+    ) -> dict:
+        """``f(x) − y`` and ``A·D`` of the slice away from the LR border (empty without the LR
+        slice or operator)."""
+        if lr is None or operator is None:
             return {}
         import torch
 
         from napari_wpp.core.patch_distance import estimate_noise
         from napari_wpp.jobs.transport import lr_normalisation
 
-        lr = np.asarray(full_resolution(lr_layer)[where])
         lr01 = lr_normalisation(lr, norm).apply(lr, clip=False)
         with torch.no_grad():
             fx = operator(torch.from_numpy(x01)).numpy()

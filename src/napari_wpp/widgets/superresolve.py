@@ -331,7 +331,7 @@ class SuperresolveWidget(ModelDockWidget):
         panel.attach(layer, run["provenance"]["normalisation"], axis, source, operator)
         if panel.transport_file.value.strip() or panel.reference.value not in (None, "(none)"):
             if isinstance(layer.data, np.ndarray):
-                panel._guarded(panel.prepare)
+                panel._guarded(panel.prepare, True)
 
     def done_text(self, run: dict[str, Any]) -> str:
         """``Done in 1.2 s: <layer>`` with its shape, dtype and zarr array."""

@@ -450,7 +450,7 @@ class UncertaintyWidget(ModelDockWidget):
             mean_layer, maps.normalisation, 0 if run["ndim"] == 3 else None
         )
         if self.transport_panel.reference.value not in (None, "(none)"):
-            self.transport_panel._guarded(self.transport_panel.prepare)
+            self.transport_panel._guarded(self.transport_panel.prepare, True)
         self._show_statistics()
 
     def _remove_stale(self, name: str) -> None:
