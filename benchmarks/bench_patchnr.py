@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", default="0")
     parser.add_argument("--keep", metavar="DIR", help="keep the prior and the result here")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     budget = ZERO_SHOT_BUDGET if args.zero_shot else BUDGET
     train_minutes = args.train_minutes or budget["train_minutes"]
@@ -123,6 +124,15 @@ def main() -> int:
         f"  PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  blur "
         f"{metrics['blur_effect']:.4f}  (crop 40)   total {(train_s + reco_s) / 60:.1f} min"
     )
+    if args.json:
+        figures = {
+            "train_minutes": train_s / 60,
+            "reconstruct_minutes": reco_s / 60,
+            "steps": trained["steps"],
+            "iterations": reconstructed["iterations"],
+            **{name: metrics[name] for name in ("psnr", "ssim", "blur_effect")},
+        }
+        print(json.dumps(figures))
     return 0
 
 
