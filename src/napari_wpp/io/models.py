@@ -143,6 +143,7 @@ def save_model(path: str | Path, state: TrainingState, include_training_state: b
         "history": _thin_history(history),
         "history_length": len(history),
         "mean_frozen": bool(state.mean_frozen),
+        "calibration": getattr(state, "calibration", None),
     }
     text = json.dumps(_plain_json(meta), allow_nan=False, separators=(",", ":"))
 
@@ -465,4 +466,5 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
         rng=rng,
         history=list(history),
         mean_frozen=meta.get("mean_frozen") is True,
+        calibration=meta.get("calibration") if isinstance(meta.get("calibration"), dict) else None,
     )

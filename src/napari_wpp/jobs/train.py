@@ -356,7 +356,13 @@ def _network_events(
         warning = reference_warning(reference, int(getattr(spec, "patch_size", 6)))
         if warning is not None:
             yield warning
-    yield from train(
+    strips: list[np.ndarray] = []
+    if (resume.kind if resume is not None else spec.model) == "wppflow":
+        from napari_wpp.core.calibration import split_heldout
+
+        saved = resume.config if resume is not None else spec.to_dict()
+        reference, strips = split_heldout(reference, float(saved.get("calibration_holdout", 0)))
+    events = train(
         lr,
         reference,
         operator,
@@ -367,6 +373,14 @@ def _network_events(
         preview_input=preview,
         data_parallel=group,
     )
+    if not strips or (group is not None and not group.is_main):
+        yield from events
+        return
+    from napari_wpp.jobs.calibration import calibrated_training
+
+    noise = float(saved.get("noise_std", spec.noise_std))
+    seed = int(saved.get("seed", spec.seed))
+    yield from calibrated_training(events, strips, operator, noise, seed, spec.device, stop)
 
 
 def _self_normalised(reference: Any) -> Any:

@@ -20,7 +20,9 @@ from napari_wpp.core.config.patch_distance import (
 )
 
 __all__ = [
+    "CALIBRATION_SAMPLES",
     "CHECKPOINT_MINUTES",
+    "DEFAULT_CALIBRATION_HOLDOUT",
     "DEFAULT_MEAN_WARMUP",
     "DEFAULT_STEPS",
     "DEVICE_DEFAULTS",
@@ -53,6 +55,11 @@ PUBLISHED_RHO_PER_CROP = 100.0
 #: WPPFlow: share of the budget that trains the mean network alone before it is frozen
 #: (docs/algorithms.md, "Mean first, then the spread").
 DEFAULT_MEAN_WARMUP = 0.3
+#: WPPFlow: share of the reference's columns (the right-most) kept out of the patch prior to
+#: calibrate the std on (docs/algorithms.md, "Calibrated std").
+DEFAULT_CALIBRATION_HOLDOUT = 0.15
+#: Posterior samples per pixel when the std calibration is fitted (predict's usual count).
+CALIBRATION_SAMPLES = 16
 #: Minutes between two writes of the model file by the faces (CLI, Train widget).
 CHECKPOINT_MINUTES = 5.0
 
@@ -97,6 +104,11 @@ class TrainSpec:
         WPPNet (data term plus λ·W₂², λ from ``lam`` as for WPPNet), before it is frozen and
         the rest of the flow learns the spread around it with the loss above (0: everything
         trained together from the start). Each phase decays its own learning rate.
+    calibration_holdout
+        WPPFlow: share of the reference's columns (the right-most of every image) kept out
+        of the patch prior. After training, the train job degrades them with the operator
+        and σ, samples the flow on them and fits the std calibration
+        (:mod:`napari_wpp.core.calibration`) stored in the model file.
     steps, minutes
         Budgets; training stops at whichever comes first. With neither, :data:`DEFAULT_STEPS`.
     batch_size
@@ -195,6 +207,14 @@ class TrainSpec:
         "everything together)",
         0.0,
         0.9,
+    )
+    calibration_holdout: float = spec_field(
+        DEFAULT_CALIBRATION_HOLDOUT,
+        "wppflow: share of the reference's columns (the right-most) kept out of the patch "
+        "prior; after training the flow is sampled on them, degraded, and its std is "
+        "calibrated against the actual error there (0: no calibration)",
+        0.0,
+        0.5,
     )
     steps: int | None = spec_field(
         None,

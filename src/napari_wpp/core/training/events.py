@@ -62,6 +62,8 @@ class TrainingState:
     rng: Tensor | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     mean_frozen: bool = False
+    #: A WPPFlow's std calibration (:meth:`napari_wpp.core.calibration.StdCalibration.to_dict`).
+    calibration: dict | None = None
 
 
 def saved_config(state: TrainingState) -> TrainingConfig:
@@ -70,6 +72,7 @@ def saved_config(state: TrainingState) -> TrainingConfig:
     config = TrainingConfig(
         **{
             "mean_warmup": 0.0,  # runs saved before the warm-up existed trained jointly
+            "calibration_holdout": 0.0,  # and before the held-out strip: the whole reference
             **state.config,
             "model_options": state.config.get("model_options", {}),
         }
