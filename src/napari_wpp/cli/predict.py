@@ -5,8 +5,9 @@ file written by 'train'. Integer inputs are normalised by their dtype range; flo
 model's recorded float range, else by their own 0.1/99.9 percentiles. The output has the input's
 dtype and intensity range. With a wppflow model, OUT is the pixelwise mean of --samples
 posterior samples, <OUT stem>_std<ext> their standard deviation (float32, in the input's
-intensity units: grey levels for integer inputs) and, with --save-samples, <OUT
-stem>_samples<ext> the samples (sample axis first, the input's dtype).
+intensity units: grey levels for integer inputs; calibrated when the model carries a std
+calibration from training, the samples' own std then in <OUT stem>_raw_std<ext>) and, with
+--save-samples, <OUT stem>_samples<ext> the samples (sample axis first, the input's dtype).
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_wpp.core.inference import InferenceFinished, SamplingFinished, output_shape
+    from napari_wpp.jobs.calibration import model_calibration
     from napari_wpp.jobs.predict import (
         NormalisationChosen,
         PredictTarget,
@@ -207,10 +209,15 @@ def run(args: argparse.Namespace) -> int:
     target = PredictTarget(
         path=out, provenance={"model_file": str(Path(args.model).expanduser().resolve())}
     )
-    outputs = target.paths(bool(args.save_samples)) if flow else {"result": out}
+    calibration = model_calibration(state) if flow else None
+    outputs = target.paths(bool(args.save_samples), calibration is not None) if flow else {}
+    outputs = outputs or {"result": out}
     for path in list(outputs.values())[1:]:
         _common.check_array_output(str(path))
     source, what = _predict_source(args, out, out_zarr)
+    if out_zarr and source.zarr_path is not None and outputs.pop("raw_std", None):
+        calibration = None  # streamed into zarr slice by slice: the raw std only
+        sys.stderr.write("note: the std calibration is not applied when zarr streams into zarr\n")
     shape, dtype = tuple(int(n) for n in source.data.shape), np.dtype(source.data.dtype)
     ndim = len(shape)
     spec = _predict_spec(args, ndim, what)
@@ -234,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
         return describe_run(event)
 
     finished = _common.drive(
-        lambda stop: predict_job(spec, state.model, recorded, source, target, stop, inputs),
+        lambda stop: predict_job(
+            spec, state.model, recorded, source, target, stop, inputs, calibration
+        ),
         _common.ProgressBar("predict"),
         describe=describe,
         finished=SamplingFinished if flow else InferenceFinished,
@@ -355,7 +364,11 @@ def _report_flow(args: argparse.Namespace, run: _PredictRun, finished: Any) -> i
     std_units = (
         f"grey levels of {mean_dtype}" if mean_dtype.kind in "ui" else "input intensity units"
     )
+    from napari_wpp.jobs.calibration import model_calibration
+
     written = ", ".join(f"{name} {path}" for name, path in outputs.items())
+    calibration = model_calibration(run.state) if "raw_std" in outputs else None
+    promise = "" if calibration is None else f"; {calibration.promise_text()}"
     axes = "both axes" if ndim == 2 else f"the axes other than {axis}"
     _common.emit(
         args,
@@ -378,11 +391,13 @@ def _report_flow(args: argparse.Namespace, run: _PredictRun, finished: Any) -> i
             "normalisation": run.how,
             "model": str(args.model),
             "kind": run.state.kind,
+            "raw_std": str(outputs["raw_std"]) if "raw_std" in outputs else None,
+            "calibration": None if calibration is None else calibration.to_dict(),
         },
         f"wrote the mean and std of {spec.samples} posterior samples (temperature "
         f"{spec.temperature:g}, seed {spec.seed}): {written} "
         f"({_common.shape_text(run.result_shape)}, "
         f"×{q} on {axes}; std float32 in {std_units}) in {finished.elapsed_s:.1f} s on "
-        f"{run.device} (intensities: {run.how})",
+        f"{run.device} (intensities: {run.how}){promise}",
     )
     return _common.EXIT_OK

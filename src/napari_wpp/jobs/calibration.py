@@ -19,13 +19,25 @@ from typing import Any
 
 import numpy as np
 
+from napari_wpp.core.inference.sampling import SampleResult
+
 __all__ = [
+    "CalibratedSampleResult",
     "CalibrationFitted",
     "calibrate_std",
+    "calibrated_finished",
     "calibrated_training",
     "fit_model_calibration",
     "model_calibration",
 ]
+
+
+@dataclass(frozen=True, eq=False)
+class CalibratedSampleResult(SampleResult):
+    """A sampling result whose ``std`` is calibrated; ``raw_std`` is the samples' own std."""
+
+    raw_std: np.ndarray | None = None
+    calibration: Any = None
 
 
 @dataclass(frozen=True)
@@ -125,3 +137,21 @@ def calibrate_std(
         )
         return np.moveaxis(out, 0, axis)
     return calibration.calibrated_std(std, mean, unit)
+
+
+def calibrated_finished(finished: Any, calibration: Any, unit: float, axis: int = 0) -> Any:
+    """``finished`` (a ``SamplingFinished``) with its result's std calibrated.
+
+    The result becomes a :class:`CalibratedSampleResult` (the raw std kept as ``raw_std``);
+    without a calibration or a result ``finished`` is returned as it is.
+    """
+    result = getattr(finished, "result", None)
+    if calibration is None or result is None:
+        return finished
+    std = calibrate_std(calibration, result.std, result.mean, unit, axis)
+    calibrated = CalibratedSampleResult(
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+        raw_std=result.std,
+        calibration=calibration,
+    )
+    return dataclasses.replace(finished, result=dataclasses.replace(calibrated, std=std))

@@ -118,10 +118,13 @@ class PredictTarget:
         """Whether the output is a zarr array."""
         return self.path is not None and self.path.suffix.lower() == ".zarr"
 
-    def paths(self, keep_samples: bool) -> dict[str, Path]:
-        """A WPPFlow's outputs: ``mean`` (the path), ``std`` and, if kept, ``samples``."""
+    def paths(self, keep_samples: bool, calibrated: bool = False) -> dict[str, Path]:
+        """A WPPFlow's outputs: ``mean`` (the path), ``std`` (calibrated with ``calibrated``,
+        the raw one then in ``raw_std``) and, if kept, ``samples``."""
         assert self.path is not None
         paths = {"mean": self.path, "std": suffixed_path(self.path, "std")}
+        if calibrated:
+            paths["raw_std"] = suffixed_path(self.path, "raw_std")
         if keep_samples:
             paths["samples"] = suffixed_path(self.path, "samples")
         return paths
@@ -285,6 +288,7 @@ def predict_job(
     target: PredictTarget,
     stop: threading.Event | None = None,
     inputs: Sequence[tuple[str, Path | str | None]] = (),
+    calibration: Any = None,
 ) -> Iterator[Any]:
     """Superresolve (WPPNet) or sample (WPPFlow) ``source`` into ``target`` (a generator of events).
 
@@ -296,19 +300,27 @@ def predict_job(
     (``result``; for a flow ``mean``, ``std``, ``samples``: the mean and samples in the input's
     dtype, the std float32 in the input's intensity units). Bad input raises ``InputError``.
 
+    A flow's ``calibration`` (:func:`napari_wpp.jobs.calibration.model_calibration`) makes
+    ``std`` the calibrated std and keeps the raw one as ``raw_std`` (not for zarr streamed into
+    zarr).
+
     No output may be an input (``source``'s zarr array or a file of ``inputs``, ``(what,
     path)`` pairs); the outputs' locks are held while they are written.
     """
     from napari_wpp.core.inference import is_flow
 
     flow = is_flow(model)
+    if not flow or (target.zarr and source.zarr_path is not None):
+        calibration = None  # streamed slice by slice: the raw std only
     if target.path is None:
         outputs: list[Path] = []
     elif flow:
-        outputs = list(target.paths(spec.keep_samples).values())
+        outputs = list(target.paths(spec.keep_samples, calibration is not None).values())
     else:
         outputs = [target.path]
-    events = _prediction_events(spec, model, recorded_normalisation, source, target, stop, flow)
+    events = _prediction_events(
+        spec, model, recorded_normalisation, source, target, stop, flow, calibration
+    )
     yield from _checked_and_locked(outputs, source, inputs, events)
 
 
@@ -325,6 +337,7 @@ class _PredictRun:
     axis: int | None
     grow: list[bool]
     norm: Any
+    calibration: Any = None
 
 
 def _prediction_events(
@@ -335,6 +348,7 @@ def _prediction_events(
     target: PredictTarget,
     stop: threading.Event | None,
     flow: bool,
+    calibration: Any = None,
 ) -> Iterator[Any]:
     """The events of :func:`predict_job` (outputs checked and locked)."""
     data = source.data
@@ -342,7 +356,8 @@ def _prediction_events(
     axis = int(spec.axis) % 3 if ndim == 3 else None
     norm, how = source.normalisation(recorded_normalisation)
     yield NormalisationChosen(norm.to_dict(), how)
-    run = _PredictRun(spec, model, source, target, stop, data, axis, grown_axes(ndim, axis), norm)
+    grow = grown_axes(ndim, axis)
+    run = _PredictRun(spec, model, source, target, stop, data, axis, grow, norm, calibration)
     yield from (_sample_events if flow else _superresolve_events)(run)
 
 
@@ -439,6 +454,7 @@ def _stream_into_zarr(
 def _sample_events(run: _PredictRun) -> Iterator[Any]:
     """A WPPFlow's events: posterior sampling, then the mean, std (and samples) written."""
     from napari_wpp.core import inference
+    from napari_wpp.jobs.calibration import calibrated_finished
 
     spec, model, source, target = run.spec, run.model, run.source, run.target
     data, axis, grow, norm = run.data, run.axis, run.grow, run.norm
@@ -452,7 +468,8 @@ def _sample_events(run: _PredictRun) -> Iterator[Any]:
         "device": spec.device,
         "stop": run.stop,
     }
-    paths = {} if target.path is None else target.paths(spec.keep_samples)
+    calibrated = run.calibration is not None
+    paths = {} if target.path is None else target.paths(spec.keep_samples, calibrated)
     with _partial_zarrs(paths, target.zarr) as tmps:
         if target.zarr and source.zarr_path is not None:
             events = sample_zarr(
@@ -471,6 +488,8 @@ def _sample_events(run: _PredictRun) -> Iterator[Any]:
                 model, _in_memory(data), spec.samples, keep_samples=keep, **common
             )
         finished = yield from forward_until_finished(events, inference.SamplingFinished, "sampling")
+        unit = float(norm.high) - float(norm.low)
+        finished = calibrated_finished(finished, run.calibration, unit, axis or 0)
         if finished.stopped_early or target.path is None:
             yield finished
             return
@@ -483,6 +502,7 @@ def _sample_events(run: _PredictRun) -> Iterator[Any]:
                 "mean": result.mean,
                 "std": result.std,
                 "samples": result.samples,
+                "raw_std": getattr(result, "raw_std", None),
             }
         )
         if target.zarr:
