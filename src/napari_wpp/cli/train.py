@@ -30,6 +30,7 @@ SPEC_FLAGS = (
     ("--lambda", "lam", "lam"),
     ("--rho", "rho", "rho"),
     ("--mean-warmup", "mean_warmup", "mean_warmup"),
+    ("--calibration-holdout", "calibration_holdout", "calibration_holdout"),
     ("--noise", "noise", "noise_std"),
     ("--batch-size", "batch_size", "batch_size"),
     ("--crop-size", "crop_size", "crop_size"),
@@ -87,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     p.add_argument("--rho", type=_train_rho, metavar="R", help=_help("rho"))
     p.add_argument("--mean-warmup", type=_mean_warmup, metavar="F", help=_help("mean_warmup"))
     p.add_argument(
+        "--calibration-holdout",
+        type=_calibration_holdout,
+        metavar="F",
+        help=_help("calibration_holdout"),
+    )
+    p.add_argument(
         "--noise",
         "--noise-std",
         dest="noise",
@@ -138,6 +145,15 @@ def _mean_warmup(text: str) -> float:
     return value
 
 
+def _calibration_holdout(text: str) -> float:
+    """``--calibration-holdout`` of ``train``: a share of the reference's columns in [0, 0.5]."""
+    hint = "a share of the reference's columns in [0, 0.5], e.g. 0.15 (0: no calibration)"
+    value = parsed(float, text, f"expected {hint}, got {text!r}")
+    if not 0.0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be {hint}, got {text}")
+    return value
+
+
 def _number_or_auto(number: Callable[[str], float], example: str) -> Callable[[str], float | str]:
     """An argparse ``type``: ``auto``, or a number ≥ 0 that ``number`` reads."""
 
@@ -185,6 +201,7 @@ def _check_prior_weight_flags(args: argparse.Namespace, kind: str) -> None:
         ("--lambda", args.lam),
         ("--rho", args.rho),
         ("--mean-warmup", args.mean_warmup),
+        ("--calibration-holdout", args.calibration_holdout),
     )
     if kind == "patchnr":
         for flag, value in network_flags:
@@ -212,6 +229,10 @@ def _check_prior_weight_flags(args: argparse.Namespace, kind: str) -> None:
         raise InputError("--rho is the prior weight of wppflow: use --lambda with wppnet")
     if kind == "wppnet" and args.mean_warmup is not None:
         raise InputError("--mean-warmup belongs to wppflow: drop it, or add --model wppflow")
+    if kind == "wppnet" and args.calibration_holdout is not None:
+        raise InputError(
+            "--calibration-holdout belongs to wppflow: drop it, or add --model wppflow"
+        )
     if kind == "wppflow" and args.lam is not None:
         raise InputError("--lambda is the prior weight of wppnet: use --rho with wppflow")
     if kind == "wppflow" and args.noise is not None and not args.noise > 0:
@@ -275,6 +296,7 @@ def _check_resume_settings(args: argparse.Namespace, state: Any, name: str) -> N
         ("--patch-distance", "patch_distance", args.patch_distance),
         ("--projections", "projections", args.projections),
         ("--mean-warmup", "mean_warmup", args.mean_warmup),
+        ("--calibration-holdout", "calibration_holdout", args.calibration_holdout),
         ("--hidden", "patchnr_hidden", args.hidden),
         ("--patch-batch", "patchnr_batch", args.patch_batch),
         ("--seed", "seed", args.seed),
@@ -358,17 +380,20 @@ def _run_job(
     group: Any = None,
     label: str = "train",
     inputs: Sequence[tuple[str, Any]] = (),
-) -> tuple[Any, int]:
+) -> tuple[Any, int, Any]:
     """Run :func:`napari_wpp.jobs.train.train_job`, showing progress on rank 0.
 
     The model file is written in the worker thread, so Ctrl-C (which stops training after the
     current step) still ends with the file written; a file that cannot be written stops the
-    run. Returns the final event and the number of checkpoints written.
+    run. Returns the final event, the number of checkpoints written and the std calibration
+    fitted at the end of a WPPFlow run (its :class:`CalibrationFitted` event, or ``None``).
     """
     from napari_wpp.core.training import TrainingFinished
+    from napari_wpp.jobs.calibration import CalibrationFitted
     from napari_wpp.jobs.train import ModelFileFailed, ModelFileWritten, train_job
 
     written = [0]
+    fitted: list[Any] = [None]  # the std calibration fitted at the end of a WPPFlow run
     kept_step: list[int | None] = [None]  # step of the last state written to `out`
     main_rank = group is None or group.is_main
 
@@ -377,6 +402,8 @@ def _run_job(
             if isinstance(event, ModelFileWritten):
                 written[0] += 0 if event.final else 1
                 kept_step[0] = event.step
+            elif isinstance(event, CalibrationFitted):
+                fitted[0] = event
             elif isinstance(event, ModelFileFailed):
                 if isinstance(event.error, OSError):
                     raise InputError(_write_failure(event, kept_step[0])) from event.error
@@ -390,7 +417,7 @@ def _run_job(
         finished=TrainingFinished,
         stopping="stopping after this step; the model file will still be written",
     )
-    return final, written[0]
+    return final, written[0], fitted[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -481,7 +508,7 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         sys.stderr.flush()
     first_step = resume.step if resume is not None else 0
     inputs = [("LR data", args.lr_data), ("reference", args.reference)]
-    final, checkpoints = _run_job(spec, source, operator, out, resume, group, inputs=inputs)
+    final, checkpoints, fitted = _run_job(spec, source, operator, out, resume, group, inputs=inputs)
     if not main_rank:  # rank 0 reports for all
         return _common.EXIT_OK
     if group is not None and group.active:
@@ -515,9 +542,13 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
             "stopped_early": stopped,
             "resumed_from": args.resume,
             "checkpoints": checkpoints,
+            "calibration": None if fitted is None else fitted.calibration.to_dict(),
+            "calibration_seconds": None if fitted is None else float(fitted.seconds),
         },
         f"wrote {out} ({state.kind} ×{q}) after {state.step} steps in {state.elapsed_s:.1f} s "
-        f"({weight_text}, {device}){loss_text}" + (" [stopped early]" if stopped else ""),
+        f"({weight_text}, {device}){loss_text}"
+        + (" [stopped early]" if stopped else "")
+        + ("" if fitted is None else f"\n{fitted.text()}"),
     )
     return _common.EXIT_OK
 

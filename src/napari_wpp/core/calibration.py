@@ -36,6 +36,7 @@ __all__ = [
     "fit_std_calibration",
     "gradient_magnitude",
     "heldout_errors",
+    "heldout_min_size",
     "split_heldout",
 ]
 
@@ -257,24 +258,30 @@ def fit_std_calibration(
     )
 
 
-def split_heldout(reference: Any, share: float) -> tuple[Any, list[np.ndarray]]:
+def heldout_min_size(scale: int, margin: int = CALIBRATION_MARGIN) -> int:
+    """The smallest held-out strip side (HR pixels) that leaves pixels to fit and check."""
+    return 2 * margin + 2 * int(scale)
+
+
+def split_heldout(reference: Any, share: float, min_size: int = 1) -> tuple[Any, list[np.ndarray]]:
     """Split the right-most ``share`` of every reference image's columns off.
 
     ``reference`` is a 2D image, a 3D volume (each slice split) or a list of them. Returns
     what trains the patch prior (the same kind as ``reference``) and the held-out strips (2D
-    arrays). ``share`` 0 holds nothing out.
+    arrays; not copies). ``share`` 0 holds nothing out, nor does an image whose strip would
+    be narrower or lower than ``min_size`` pixels (it is kept whole).
     """
     if not 0.0 <= share < 1.0:
         raise InputError(f"held-out share must be in [0, 1), got {share}")
     if isinstance(reference, list):
-        parts = [split_heldout(region, share) for region in reference]
+        parts = [split_heldout(region, share, min_size) for region in reference]
         return [p[0] for p in parts], [s for p in parts for s in p[1]]
     data = np.asarray(reference)
     if share == 0.0:
         return reference, []
     width = data.shape[-1]
     cut = int(round(width * share))
-    if cut < 1 or width - cut < 1:
+    if cut < max(1, min_size) or data.shape[-2] < min_size or width - cut < 1:
         return reference, []
     kept = data[..., : width - cut]
     strips = data[..., width - cut :]
@@ -290,8 +297,6 @@ class HeldoutErrors:
     gradient: np.ndarray
     error: np.ndarray
     fit: np.ndarray
-    mean: np.ndarray | None = None
-    truth: np.ndarray | None = None
 
 
 def heldout_errors(

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from napari_wpp.core.errors import InputError
 from napari_wpp.core.inference.sampling import SampleResult
+from napari_wpp.jobs.notices import JobWarning
 
 __all__ = [
     "CalibratedSampleResult",
@@ -99,19 +101,25 @@ def calibrated_training(
 
     for event in events:
         if isinstance(event, TrainingFinished) and strips and not (stop and stop.is_set()):
-            fitted = fit_model_calibration(
-                event.state.model,
-                strips,
-                operator,
-                noise_std,
-                CALIBRATION_SAMPLES,
-                seed=seed,
-                device=device,
-                stop=stop,
-            )
-            yield fitted
-            state = dataclasses.replace(event.state, calibration=fitted.calibration.to_dict())
-            event = dataclasses.replace(event, state=state)
+            try:
+                fitted = fit_model_calibration(
+                    event.state.model,
+                    strips,
+                    operator,
+                    noise_std,
+                    CALIBRATION_SAMPLES,
+                    seed=seed,
+                    device=device,
+                    stop=stop,
+                )
+            except InputError as exc:
+                yield JobWarning(f"std calibration skipped: {exc}")
+            else:
+                yield fitted
+                record = fitted.calibration.to_dict()
+                event = dataclasses.replace(
+                    event, state=dataclasses.replace(event.state, calibration=record)
+                )
         yield event
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS, TrainSpec
 from napari_wpp.core.errors import InputError
-from napari_wpp.jobs.notices import reference_warning
+from napari_wpp.jobs.notices import JobWarning, reference_warning
 
 __all__ = [
     "ModelFileFailed",
@@ -358,10 +358,17 @@ def _network_events(
             yield warning
     strips: list[np.ndarray] = []
     if (resume.kind if resume is not None else spec.model) == "wppflow":
-        from napari_wpp.core.calibration import split_heldout
+        from napari_wpp.core.calibration import heldout_min_size, split_heldout
 
         saved = resume.config if resume is not None else spec.to_dict()
-        reference, strips = split_heldout(reference, float(saved.get("calibration_holdout", 0)))
+        share = float(saved.get("calibration_holdout", 0))
+        min_size = heldout_min_size(operator.scale)
+        reference, strips = split_heldout(reference, share, min_size)
+        if share > 0 and not strips and (group is None or group.is_main):
+            yield JobWarning(
+                f"the reference is too small to hold out {share:.0%} of its columns for the std "
+                f"calibration (at least {min_size} pixels each way): the std stays uncalibrated"
+            )
     events = train(
         lr,
         reference,
