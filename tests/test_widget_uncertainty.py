@@ -348,3 +348,28 @@ def test_perception_panel_moves_the_mean(setup, qtbot, material) -> None:
     np.testing.assert_array_equal(np.squeeze(mean_layer.data), panel.blended(0.0))
     panel.slider.value = 1.0
     np.testing.assert_array_equal(mean_layer.data, before)
+
+
+def test_a_calibrated_model_shows_the_calibrated_std_and_its_promise(
+    make_napari_viewer, qtbot, material, flow_state
+) -> None:
+    import dataclasses
+
+    from napari_wpp.core.calibration import StdCalibration
+
+    viewer = make_napari_viewer()
+    viewer.add_image(material.lr[0], name="plane")
+    session = session_for(viewer)
+    calibration = StdCalibration(2.0, 0.5, 0.01, 1.2, (0.69, 0.95, 0.99), (0.3, 0.5, 0.6), 500, 16)
+    session.model = dataclasses.replace(flow_state, calibration=calibration.to_dict())
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-wpp", "Uncertainty")
+    widget.settings.device = "cpu"
+    widget.settings.k = 2
+    mean = _run(qtbot, widget)
+    calibrated, raw = viewer.layers["plane calibrated std"], viewer.layers["plane raw std"]
+    assert calibrated.visible and not raw.visible and "plane std" not in viewer.layers
+    spread = widget.last_maps.intensity_range
+    expected = calibration.calibrated_std(raw.data, mean.data.astype(np.float64), unit=spread)
+    # the mean layer is rounded to the input's integers: its gradient differs a little
+    np.testing.assert_allclose(calibrated.data, expected, rtol=0.1, atol=0.01 * spread)
+    assert "69.0 / 95.0 / 99.0 %" in widget.promise_label.text()

@@ -67,6 +67,10 @@ class UncertaintyMaps:
         [0, 1] scale of the normalisation), or ``None`` without a ground truth.
     figures_error
         Why the figures could not be computed (one line), or ``None``.
+    raw_std
+        With a calibration: the samples' own std (``std`` is then calibrated), else ``None``.
+    calibration
+        The model's :class:`~napari_wpp.core.calibration.StdCalibration`, or ``None``.
     """
 
     mean: np.ndarray
@@ -78,6 +82,8 @@ class UncertaintyMaps:
     max_std: float
     figures: dict[str, float] | None
     figures_error: str | None
+    raw_std: np.ndarray | None = None
+    calibration: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +139,7 @@ def uncertainty_job(
     recorded_normalisation: dict[str, Any] | None,
     where: SamplingRegion,
     stop: threading.Event,
+    calibration: Any = None,
 ) -> Iterator[Any]:
     """Worker body: normalise the region, draw the samples, compute the statistics.
 
@@ -149,6 +156,9 @@ def uncertainty_job(
         The region, its layer, its slice and its ground truth.
     stop
         Set to cancel after the current batch of samples.
+    calibration
+        The model's std calibration (:func:`napari_wpp.jobs.calibration.model_calibration`):
+        ``std`` and the figures are then of the calibrated std, ``raw_std`` keeps the raw one.
 
     Yields
     ------
@@ -181,11 +191,16 @@ def uncertainty_job(
             return
         result = event.result
         spread = norm.high - norm.low
-        std = (result.std.astype(np.float64) * spread).astype(np.float32)
+        std01 = result.std
+        raw_std = None
+        if calibration is not None:
+            std01 = calibration.calibrated_std(result.std, result.mean)
+            raw_std = (result.std.astype(np.float64) * spread).astype(np.float32)
+        std = (std01.astype(np.float64) * spread).astype(np.float32)
         figures = figures_error = None
         if truth is not None:
             try:
-                figures = _figures(np.asarray(truth), result.mean, result.std, norm)
+                figures = _figures(np.asarray(truth), result.mean, std01, norm)
             except InputError as exc:
                 figures_error = str(exc)
         samples = None if result.samples is None else norm.invert(result.samples)
@@ -199,6 +214,8 @@ def uncertainty_job(
             max_std=float(std.max()) if std.size else 0.0,
             figures=figures,
             figures_error=figures_error,
+            raw_std=raw_std,
+            calibration=calibration,
         )
         yield UncertaintyFinished(maps, event.elapsed_s, False)
 

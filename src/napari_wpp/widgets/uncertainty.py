@@ -13,7 +13,9 @@ appear as the layers
 
 * ``"<source> mean"`` (grey, the source's contrast limits),
 * ``"<source> std"`` (colormap magma; with "overlay std on mean" it is blended additively over
-  the mean),
+  the mean) or, when the model carries a std calibration (fitted on a held-out part of its
+  reference, :mod:`napari_wpp.core.calibration`), ``"<source> calibrated std"`` and the hidden
+  ``"<source> raw std"``, with the coverage the calibration promises under "Std calibration",
 * ``"<source> samples"`` (optional; sample axis first),
 
 with the superresolved geometry of :mod:`napari_wpp.widgets._layers` placed over the region,
@@ -30,6 +32,7 @@ actual error and the edge/flat std ratio.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +43,7 @@ from qtpy.QtWidgets import QGroupBox, QLabel
 
 from napari_wpp.core.config import PredictSpec
 from napari_wpp.core.errors import InputError
+from napari_wpp.jobs.calibration import model_calibration
 from napari_wpp.jobs.uncertainty import (
     SamplingRegion,
     UncertaintyFinished,
@@ -106,9 +110,13 @@ SPEC_SETTINGS = {
 }
 
 
-def output_names(source: str) -> dict[str, str]:
-    """Names of the layers computed from the layer ``source`` (``mean``, ``std``, ``samples``)."""
-    return {what: f"{source} {what}" for what in ("mean", "std", "samples")}
+def output_names(source: str, calibrated: bool = False) -> dict[str, str]:
+    """Names of the layers computed from the layer ``source`` (``mean``, ``std``, ``samples``;
+    ``calibrated``: ``std`` is "<source> calibrated std", ``raw std`` the samples' own)."""
+    names = {what: f"{source} {what}" for what in ("mean", "std", "samples")}
+    if calibrated:
+        names.update({"std": f"{source} calibrated std", "raw std": f"{source} raw std"})
+    return names
 
 
 def _spec_setting(name: str) -> Any:
@@ -263,6 +271,8 @@ class UncertaintyWidget(ModelDockWidget):
         rows.setContentsMargins(0, 0, 0, 0)
         rows.addRow("Max std", self.max_std_label)
         rows.addRow("Area above", self.share_label)
+        self.promise_label = note_label(selectable=True)
+        rows.addRow("Std calibration", self.promise_label)
         box.layout().addWidget(figures)
         box.layout().addWidget(self.calibration_box)
         return box
@@ -378,14 +388,15 @@ class UncertaintyWidget(ModelDockWidget):
             where = f"slice {index}, {where}"
         what = f"{layer.name} ({where})"
         sampled = SamplingRegion(region, data, 0 if index is None else int(index), truth)
+        calibration = model_calibration(state)
         return JobLaunch(
-            uncertainty_job,
+            functools.partial(uncertainty_job, calibration=calibration),
             (spec, state.model, state.normalisation, sampled),
             total=spec.samples,
             activity="Posterior samples",
             status=f"Drawing {spec.samples} samples of {what}…",
             context={
-                "names": output_names(layer.name),
+                "names": output_names(layer.name, calibration is not None),
                 "spec": spec,
                 "truth_name": s.truth_layer,
                 "ndim": ndim,
@@ -444,6 +455,14 @@ class UncertaintyWidget(ModelDockWidget):
         )
         std_layer.colormap = "magma"
         std_layer.blending = self._std_blending()
+        if maps.raw_std is not None:
+            show("raw std", maps.raw_std, {"units": "input intensity"}, colormap="magma")
+            self.viewer.layers[names["raw std"]].visible = False
+        self.promise_label.setText(
+            "none: the raw std of the samples (the model holds no calibration)"
+            if maps.calibration is None
+            else maps.calibration.promise_text()
+        )
         self.last_maps = maps
         run["layer"] = mean_layer
         self.transport_panel.attach(  # the mean's own region: no LR crop for a data residual
