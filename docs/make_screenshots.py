@@ -6,7 +6,10 @@ models small, so the pictures show the workflow, not the quality a real run reac
     xvfb-run -a .venv/bin/python docs/make_screenshots.py
 
 It opens the synthetic sample data, drives the dock widgets through their public methods
-(as a user clicking them would) and writes one PNG per step into ``docs/images/``.
+(as a user clicking them would) and writes one PNG per step into ``docs/images/``. With
+``--sic-flow FLOW.safetensors`` (a WPPFlow trained on SiC ×4) it also shoots its calibrated
+std against hr_SiC and the suitability map of lr_SiC_x4 on the real SiC data
+(``--only-sic``: those two alone).
 """
 
 from __future__ import annotations
@@ -172,8 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--net-steps", type=int, default=150, help="WPPNet training steps")
     parser.add_argument("--flow-steps", type=int, default=40, help="WPPFlow training steps")
     parser.add_argument("--samples", type=int, default=16, help="posterior samples K")
+    parser.add_argument(
+        "--sic-flow",
+        type=Path,
+        help="a WPPFlow trained on SiC ×4 (docs/benchmarks.md, 'WPPFlow'): also shoot its "
+        "calibrated std and the suitability map on the real SiC data",
+    )
+    parser.add_argument(
+        "--only-sic", action="store_true", help="only the SiC pictures (with --sic-flow)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only_sic:
+        if args.sic_flow is None:
+            parser.error("--only-sic needs --sic-flow FLOW.safetensors")
+        return take_sic_screenshots(Session(args.out), args.sic_flow, args.samples)
     with tempfile.TemporaryDirectory(prefix="napari-wpp-shots-") as folder:
         return take_screenshots(args, Path(folder))
 
@@ -258,6 +274,63 @@ def take_screenshots(args: argparse.Namespace, models: Path) -> int:
     session.fit_plane(f"{LR} std")
     session.shoot("05_uncertainty.png", uncertainty)
 
+    if args.sic_flow is not None:
+        return take_sic_screenshots(session, args.sic_flow, args.samples)
+    viewer.close()
+    return 0
+
+
+def take_sic_screenshots(session: Session, flow: Path, samples: int) -> int:
+    """The calibrated std of a SiC ×4 WPPFlow against hr_SiC, and the suitability map of
+    lr_SiC_x4 against ref_SiC (real data from ``benchmarks/shared_data.py``'s folder)."""
+    import imageio.v3 as iio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from shared_data import DATA_ROOT
+
+    sic = DATA_ROOT / "sic"
+    viewer = session.viewer
+    viewer.layers.clear()
+    viewer.dims.ndisplay = 2
+    viewer.add_image(iio.imread(sic / "ref_SiC.png"), name="ref_SiC")
+    viewer.add_image(iio.imread(sic / "hr_SiC.png"), name="hr_SiC")
+    # the ×4 LR grid over hr_SiC: the flow's output pixel j is hr_SiC's pixel j
+    viewer.add_image(
+        iio.imread(sic / "lr_SiC_x4.png"), name="lr_SiC_x4", scale=(4, 4), translate=(1.5, 1.5)
+    )
+
+    # 6. posterior mean and calibrated std of the whole LR image, against hr_SiC
+    uncertainty = session.widget("Uncertainty")
+    if uncertainty.load_model(flow) is None:
+        raise SystemExit(f"could not load {flow}")
+    uncertainty.settings.input_layer = "lr_SiC_x4"
+    uncertainty.settings.truth_layer = "hr_SiC"
+    uncertainty.settings.k = samples
+    uncertainty.settings.keep_samples = False
+    uncertainty.settings.overlay_std = False
+    run_and_wait(uncertainty.run, uncertainty.uncertainty_finished, timeout_s=1800)
+    std = next(name for name in viewer.layers if name.name.startswith("lr_SiC_x4 calibrated"))
+    session.show_only(["lr_SiC_x4 mean", std.name])
+    session.fit_plane(std.name)
+    session.shoot("06_uncertainty_sic.png", uncertainty)
+
+    # 7. how well ref_SiC explains lr_SiC_x4 (the suitability layer over the LR image)
+    reference = session.widget("Reference & operator")
+    s = reference.settings
+    s.reference_layer = "ref_SiC"
+    s.scale, s.sigma, s.kernel_size, s.anchor, s.padding = 4, 2.0, 16, "corner", "circular"
+    s.check_lr_layer = "lr_SiC_x4"
+    if reference.use_as_reference() is None or reference.use_parametric_operator() is None:
+        raise SystemExit("could not set the SiC reference or the operator")
+    worker = reference.checks.map_suitability()
+    if worker is None:
+        raise SystemExit("could not start the suitability map")
+    deadline = time.monotonic() + 1800
+    while reference.checks.worker is not None and time.monotonic() < deadline:
+        process_events(200)
+    session.show_only(["lr_SiC_x4", "lr_SiC_x4 suitability"])
+    session.fit_plane("lr_SiC_x4")
+    session.shoot("07_suitability_sic.png", reference)
     viewer.close()
     return 0
 
