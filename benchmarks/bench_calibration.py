@@ -53,7 +53,7 @@ def _sampled(model_path: Path, lr_path: Path) -> tuple[np.ndarray, np.ndarray, n
     from napari_wpp.core.config import PredictSpec
     from napari_wpp.io import load_model
     from napari_wpp.jobs.calibration import model_calibration
-    from napari_wpp.jobs.predict import PredictSource, PredictTarget, sample_job
+    from napari_wpp.jobs.predict import PredictSource, PredictTarget, predict_job
 
     state = load_model(model_path)
     calibration = model_calibration(state)
@@ -63,7 +63,7 @@ def _sampled(model_path: Path, lr_path: Path) -> tuple[np.ndarray, np.ndarray, n
     spec = PredictSpec(samples=16, seed=0, device="cpu")
     start = time.perf_counter()
     events = list(
-        sample_job(
+        predict_job(
             spec,
             state.model,
             state.normalisation,

@@ -32,7 +32,7 @@ from napari_wpp.jobs.calibration import (
     model_calibration,
 )
 from napari_wpp.jobs.notices import JobWarning
-from napari_wpp.jobs.predict import OutputWritten, PredictSource, PredictTarget, sample_job
+from napari_wpp.jobs.predict import OutputWritten, PredictSource, PredictTarget, predict_job
 from napari_wpp.jobs.train import TrainSource, train_job
 
 GAUSS = [gaussian_coverage(k) for k in (1, 2, 3)]
@@ -220,7 +220,7 @@ def test_predict_writes_the_calibrated_and_the_raw_std(calibrated_model, tmp_pat
     spec = PredictSpec(samples=3, device="cpu")
     source = PredictSource(lr, "lr")
     events = list(
-        sample_job(spec, state.model, state.normalisation, source, target, calibration=calibration)
+        predict_job(spec, state.model, state.normalisation, source, target, calibration=calibration)
     )
     written = [e for e in events if isinstance(e, OutputWritten)][0].paths
     assert set(written) == {"mean", "std", "raw_std"}
@@ -228,10 +228,10 @@ def test_predict_writes_the_calibrated_and_the_raw_std(calibrated_model, tmp_pat
     expected = calibration.calibrated_std(raw, mean.astype(np.float64), unit=255.0)
     np.testing.assert_allclose(std, expected, rtol=1e-4, atol=1e-4)
     in_memory = list(
-        sample_job(
+        predict_job(
             spec, state.model, state.normalisation, source, PredictTarget(), calibration=calibration
         )
     )[-1].result
     assert isinstance(in_memory, CalibratedSampleResult) and in_memory.raw_std is not None
-    plain = list(sample_job(spec, state.model, state.normalisation, source, PredictTarget()))
+    plain = list(predict_job(spec, state.model, state.normalisation, source, PredictTarget()))
     assert not isinstance(plain[-1].result, CalibratedSampleResult)

@@ -148,7 +148,7 @@ def _mean_warmup(text: str) -> float:
 def _calibration_holdout(text: str) -> float:
     """``--calibration-holdout`` of ``train``: a share of the reference's columns in [0, 0.5]."""
     hint = "a share of the reference's columns in [0, 0.5], e.g. 0.15 (0: no calibration)"
-    value = parsed(float, text, f"expected {hint}, got {text!r}")
+    value = _common.parsed(float, text, f"expected {hint}, got {text!r}")
     if not 0.0 <= value <= 0.5:
         raise argparse.ArgumentTypeError(f"must be {hint}, got {text}")
     return value
