@@ -32,6 +32,7 @@ from napari_wpp.core import config as specs
 from napari_wpp.core.config.training import DEFAULT_STEPS, TRAINABLE_MODELS
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import check_not_an_input
+from napari_wpp.jobs.calibration import CalibrationFitted
 from napari_wpp.jobs.train import (
     ModelFileFailed,
     ModelFileWritten,
@@ -398,6 +399,8 @@ class TrainWidget(JobDockWidget):
                 self.session.model_path = str(item.path)
         elif isinstance(item, ModelFileFailed):
             self.fail(item.error)  # training goes on
+        elif isinstance(item, CalibrationFitted):
+            run["calibration"] = item  # its line ends the done text
         elif isinstance(item, TrainingFinished):
             self.last_state = run["layer"] = item.state
             run["finished"] = item
@@ -440,7 +443,9 @@ class TrainWidget(JobDockWidget):
         how = "Stopped" if run["finished"].stopped_early else "Finished"
         held = [r["heldout_nll"] for r in state.history if r.get("heldout_nll") is not None]
         nll = f" (held-out NLL {held[-1]:.4g})" if held else ""
-        return f"{how} after {state.step} steps{nll}{where}"
+        fitted = run.get("calibration")
+        calibrated = "" if fitted is None else f"\n{fitted.text()}"
+        return f"{how} after {state.step} steps{nll}{where}{calibrated}"
 
     # ------------------------------------------------------------------ files
     def save_model(self, path: str | Path) -> Path | None:
