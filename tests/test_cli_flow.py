@@ -358,3 +358,34 @@ def test_stopped_sampling_writes_nothing(
         ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.tif", "lr.zarr", "lr2d.tif",
                                                           "ref.tif"]
+
+
+def test_train_calibrates_the_std_and_predict_writes_both(
+    capsys, tmp_path: Path, files: dict[str, Path], material, tiny_training: None
+) -> None:
+    reference = tmp_path / "wide_ref.tif"
+    wide = np.tile(material.reference, (2, 5))[:96, :240]  # room for a 36-column strip at ×2
+    tifffile.imwrite(reference, wide, photometric="minisblack")
+    out = tmp_path / "flow.safetensors"
+    wide_files = {**files, "ref": reference}
+    code, stdout, err = _train(
+        capsys, wide_files, out, "--model", "wppflow", "--scale", 2, "--steps", 1,
+        "--calibration-holdout", 0.2, "--json",
+    )
+    assert code == 0, err
+    payload = json.loads(stdout)
+    assert payload["calibration"]["samples"] == 16 and payload["calibration_seconds"] > 0
+    assert io.read_model_metadata(out)["config"]["calibration_holdout"] == 0.2
+    result = _predict(capsys, out, files["lr2d"], tmp_path / "sr.tif", "--samples", 2)
+    assert result["raw_std"].endswith("sr_raw_std.tif") and result["calibration"] is not None
+    raw, calibrated = tifffile.imread(result["raw_std"]), tifffile.imread(result["std"])
+    assert raw.shape == calibrated.shape and not np.array_equal(raw, calibrated)
+    code, stdout, err = _train(
+        capsys, files, tmp_path / "net.safetensors", "--model", "wppnet", "--scale", 2,
+        "--calibration-holdout", 0.1,
+    )
+    assert_bad_input(code, stdout, err, "--calibration-holdout belongs to wppflow")
+    code, stdout, err = _train(
+        capsys, files, out, "--model", "wppflow", "--scale", 2, "--calibration-holdout", 0.9
+    )
+    assert code == 2 and "[0, 0.5]" in err
