@@ -11,6 +11,10 @@ Reading the inputs is the faces' business; the job owns the rest alike for both:
 * **Model files**: every checkpoint and the final state are written (atomically, by
   :func:`napari_wpp.io.save_model`) on rank 0; a failed write is an event
   (:class:`ModelFileFailed`), so each face decides whether training goes on.
+* **Std calibration** (a WPPFlow): the right-most ``calibration_holdout`` share of the
+  reference's columns stays out of the patch prior; after the last step the flow's std is
+  calibrated on it (:mod:`napari_wpp.jobs.calibration`, a ``CalibrationFitted`` event before
+  the final one) and stored with the final state.
 * **Data parallelism** (:func:`data_parallel`): under ``torchrun`` the job joins the
   process group on the rank's device and leaves it at the end.
 """
