@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         **DEMO_TRAINING,
     )
     source = TrainSource(lr_stack, reference, reference_normalised=True, lr_normalised=True)
-    trained, _ = _run_job(train_config, source, operator, None, label="train")
+    trained, _, _ = _run_job(train_config, source, operator, None, label="train")
     state = trained.state
     wppnet = run_superresolve(state.model, lr, device=device).astype(np.float32)
 
