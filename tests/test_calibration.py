@@ -161,20 +161,16 @@ def test_held_out_errors_split_bands_between_fit_and_check() -> None:
         heldout_errors(_flow(), [strip[:10]], operator, 0.01, samples=2, margin=8)
 
 
+#: The smallest flow training that still runs every part of the train job (tiny model, no
+#: warm-up, no checkpoints, one ψ pass over 200 reference patches).
+FAST_FLOW = dict(
+    model="wppflow", mean_warmup=0.0, steps=2, checkpoint_every=None, device="cpu",
+    batch_size=2, crop_size=12, n_reference_patches=200, psi_passes=1, model_options=TINY_FLOW,
+)  # fmt: skip
+
+
 def _flow_spec(**overrides) -> TrainSpec:
-    options = dict(
-        model="wppflow",
-        steps=2,
-        batch_size=2,
-        crop_size=12,
-        n_reference_patches=200,
-        psi_passes=1,
-        checkpoint_every=None,
-        device="cpu",
-        mean_warmup=0.0,
-        model_options=TINY_FLOW,
-    )
-    return TrainSpec(**{**options, **overrides})
+    return TrainSpec(**{**FAST_FLOW, **overrides})
 
 
 @pytest.fixture(scope="module")
