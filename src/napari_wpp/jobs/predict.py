@@ -318,10 +318,18 @@ def predict_job(
         outputs = list(target.paths(spec.keep_samples, calibration is not None).values())
     else:
         outputs = [target.path]
-    events = _prediction_events(
-        spec, model, recorded_normalisation, source, target, stop, flow, calibration
-    )
-    yield from _checked_and_locked(outputs, source, inputs, events)
+
+    def events() -> Iterator[Any]:
+        data = source.data
+        ndim = len(data.shape)
+        axis = int(spec.axis) % 3 if ndim == 3 else None
+        norm, how = source.normalisation(recorded_normalisation)
+        yield NormalisationChosen(norm.to_dict(), how)
+        grow = grown_axes(ndim, axis)
+        run = _PredictRun(spec, model, source, target, stop, data, axis, grow, norm, calibration)
+        yield from (_sample_events if flow else _superresolve_events)(run)
+
+    yield from _checked_and_locked(outputs, source, inputs, events())
 
 
 @dataclass(frozen=True)
@@ -338,27 +346,6 @@ class _PredictRun:
     grow: list[bool]
     norm: Any
     calibration: Any = None
-
-
-def _prediction_events(
-    spec: PredictSpec,
-    model: Any,
-    recorded_normalisation: Mapping[str, Any] | None,
-    source: PredictSource,
-    target: PredictTarget,
-    stop: threading.Event | None,
-    flow: bool,
-    calibration: Any = None,
-) -> Iterator[Any]:
-    """The events of :func:`predict_job` (outputs checked and locked)."""
-    data = source.data
-    ndim = len(data.shape)
-    axis = int(spec.axis) % 3 if ndim == 3 else None
-    norm, how = source.normalisation(recorded_normalisation)
-    yield NormalisationChosen(norm.to_dict(), how)
-    grow = grown_axes(ndim, axis)
-    run = _PredictRun(spec, model, source, target, stop, data, axis, grow, norm, calibration)
-    yield from (_sample_events if flow else _superresolve_events)(run)
 
 
 def _superresolve_events(run: _PredictRun) -> Iterator[Any]:
