@@ -51,7 +51,7 @@ DEFAULT_PREVIEW_EVERY = 25
 BUDGET_UNITS = ("steps", "minutes")
 #: Placeholder and tooltip of the prior weight, per model kind.
 PRIOR_WEIGHT_HINTS = {
-    "wppnet": ("λ", "12.5 · gain² / crop² (gain: kernel sum)", "lam"),
+    "wppnet": ("λ", "12.5 · gain² / crop²", "lam"),
     "wppflow": ("ρ", "published: 100 / (σ² · crop²)", "rho"),
 }
 
