@@ -10,7 +10,9 @@ Every step is the command line's, run in this process:
    (``train_lr_SiC_x4.tif``, ``ref_SiC.png``, seed 0; ``--steps`` caps it for smoke tests);
 3. the model superresolves the LR stack (``napari-wpp predict``), and with ``--wpp-minutes``
    or ``--wpp-iterations`` variational WPP reconstructs every slice (``napari-wpp
-   reconstruct --slice i``: 100 slices × 10 minutes is 17 CPU hours);
+   reconstruct --slice i``: 100 slices × 10 minutes is 17 CPU hours); with ``--prior P``
+   variational PatchNR does the same with the prior ``P`` (``--prior-iterations``, default
+   150 as in ``bench_patchnr.py``);
 4. ``napari-wpp evaluate PRED HR --json`` gives the per-slice figures (40-pixel border
    cropped) and their mean ± std.
 
@@ -72,19 +74,29 @@ def train(work: Path, minutes: float, steps: int | None) -> Path:
     return model
 
 
-def wpp_stack(work: Path, lr_path: Path, slices: int, budget: list[str]) -> Path:
-    """Variational WPP of every LR slice, stacked."""
+def reconstruct_stack(
+    work: Path, lr_path: Path, slices: int, name: str, prior: list[str], budget: list[str]
+) -> Path:
+    """Variational reconstruction of every LR slice with ``prior`` (its flags), stacked."""
     planes = []
     for i in range(slices):
-        out = work / f"wpp_{i:03d}.tif"
+        out = work / f"{name}_{i:03d}.tif"
         run(
-            "reconstruct", "--lr", lr_path, "--slice", i, "--reference", SIC / "ref_SiC.png",
+            "reconstruct", "--lr", lr_path, *(["--slice", i] if slices > 1 else []), *prior,
             *OPERATOR, *budget, "--seed", "0", "--out", out,
         )  # fmt: skip
         planes.append(tifffile.imread(out))
-    path = work / "wpp.tif"
+        print(f"{name}: slice {i + 1}/{slices} reconstructed", file=sys.stderr, flush=True)
+    path = work / f"{name}.tif"
     tifffile.imwrite(path, np.stack(planes))
     return path
+
+
+def budget_flags(minutes: float | None, iterations: int | None) -> list[str]:
+    """``--minutes`` and ``--iterations`` as given."""
+    return (["--minutes", str(minutes)] if minutes else []) + (
+        ["--iterations", str(iterations)] if iterations else []
+    )
 
 
 def summary(name: str, figures: dict) -> dict:
@@ -106,14 +118,16 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100, help="test slices (default 100)")
     parser.add_argument("--wpp-minutes", type=float, help="also variational WPP, per slice")
     parser.add_argument("--wpp-iterations", type=int, help="also variational WPP, per slice")
+    parser.add_argument("--prior", help="also variational PatchNR with this prior, per slice")
+    parser.add_argument("--prior-iterations", type=int, default=150, help="(default 150)")
     parser.add_argument("--work", help="folder for the stacks (default: a temporary one)")
     args = parser.parse_args()
     if (
         args.model is None
         and args.train_minutes is None
-        and not (args.wpp_minutes or args.wpp_iterations)
+        and not (args.wpp_minutes or args.wpp_iterations or args.prior)
     ):
-        parser.error("give --model, --train-minutes or --wpp-minutes/--wpp-iterations")
+        parser.error("give --model, --train-minutes, --wpp-minutes/--wpp-iterations or --prior")
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
@@ -128,11 +142,16 @@ def main() -> None:
             run("predict", model, lr_path, "--out", pred)
             results.append(summary("wppnet", run("evaluate", pred, hr_path)))
         if args.wpp_minutes or args.wpp_iterations:
-            budget = (["--minutes", str(args.wpp_minutes)] if args.wpp_minutes else []) + (
-                ["--iterations", str(args.wpp_iterations)] if args.wpp_iterations else []
-            )
-            pred = wpp_stack(work, lr_path, slices, budget)
+            budget = budget_flags(args.wpp_minutes, args.wpp_iterations)
+            reference = ["--reference", SIC / "ref_SiC.png"]
+            pred = reconstruct_stack(work, lr_path, slices, "wpp", reference, budget)
             results.append(summary("wpp", run("evaluate", pred, hr_path)))
+        if args.prior:
+            budget = budget_flags(None, args.prior_iterations)
+            pred = reconstruct_stack(
+                work, lr_path, slices, "patchnr", ["--prior", args.prior], budget
+            )
+            results.append(summary("patchnr", run("evaluate", pred, hr_path)))
     print(json.dumps({"slices": slices, "results": results}))
 
 

@@ -25,8 +25,9 @@ from napari_wpp.core.config import (
 )
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import ImageData
-from napari_wpp.jobs.degrade import DegradeResult, SliceDegraded, degrade_job
+from napari_wpp.jobs.degrade import DegradeResult, degrade_job
 from napari_wpp.jobs.estimate import OperatorEstimated, estimate_job
+from napari_wpp.jobs.notices import JobProgress
 from napari_wpp.jobs.operator import build_operator, scaled_pixel_size
 from napari_wpp.jobs.predict import OutputWritten
 from napari_wpp.jobs.reconstruct import ReconstructResult, reconstruct_job
@@ -155,7 +156,7 @@ def test_degrade_job_keeps_dtype_and_scales_the_pixel_size(tmp_path: Path) -> No
     out = tmp_path / "lr.tif"
     operator = build_operator(OperatorSpec(scale=4))
     events = list(degrade_job(DegradeSpec(noise=0.01, seed=1), operator, source, out=out))
-    assert [e.done for e in events if isinstance(e, SliceDegraded)] == [1, 2, 3]
+    assert [e.done for e in events if isinstance(e, JobProgress)] == [1, 2, 3]
     result = next(e for e in events if isinstance(e, DegradeResult))
     assert result.image.shape == (3, 8, 8) and result.image.dtype == np.uint8
     assert result.pixel_size == (6.0, 6.0) and result.unit == "µm"

@@ -96,6 +96,28 @@ def test_zero_shot_prior_then_reconstruct_the_current_slice(setup, qtbot, tmp_pa
     assert tuple(layer.translate)[0] == pytest.approx(1.0)
     assert not errors
 
+    # a rectangle: LR pixel centres 4·i inside y ∈ [8, 40], x ∈ [16, 40] are rows 2..9 and
+    # columns 4..9; the result covers exactly their world extent, on the same layer
+    rectangle = np.array([[8.0, 16.0], [8.0, 40.0], [40.0, 40.0], [40.0, 16.0]])
+    viewer.add_shapes([rectangle], shape_type="rectangle", name="roi")
+    assert "roi" in widget.shapes_choice.combo.choices
+    s.region_shapes = "roi"
+    with qtbot.waitSignal(widget.reconstruct_finished, timeout=TIMEOUT_MS) as blocker:
+        assert widget.run() is not None
+    cropped = blocker.args[0]
+    assert cropped.name == layer.name and cropped.data.shape == (1, 32, 24)
+    assert getattr(cropped, "__wrapped__", cropped) is getattr(layer, "__wrapped__", layer)
+    meta = cropped.metadata["napari_wpp"]
+    assert meta["rows"] == [2, 10] and meta["cols"] == [4, 10] and meta["slice"] == 1
+    lr_layer = viewer.layers[LR_NAME]
+    np.testing.assert_allclose(
+        cropped.data_to_world([0, -0.5, -0.5]), lr_layer.data_to_world([1, 1.5, 3.5])
+    )
+    np.testing.assert_allclose(
+        cropped.data_to_world([0, 31.5, 23.5]), lr_layer.data_to_world([1, 9.5, 9.5])
+    )
+    assert not errors
+
     # the WPP prior needs a reference: one line naming the fix
     s.prior = "wpp"
     assert widget.run() is None

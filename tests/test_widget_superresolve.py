@@ -45,7 +45,6 @@ def _state(model: torch.nn.Module | None = None, normalisation=UINT8_NORM) -> Tr
     )
 
 
-
 @pytest.fixture
 def stack() -> np.ndarray:
     rng = np.random.default_rng(0)
@@ -272,15 +271,34 @@ def test_cli_and_widget_give_the_same_prediction(
     model_file = save_model(tmp_path / "m.safetensors", state)
     if as_zarr:
         source = tmp_path / "in.zarr"
-        array = create_zarr_array(source, stack.shape, stack.dtype, (1, 10, 12),
-                                  {"pixel_size": [2.0, 0.5, 0.5], "unit": "µm"})
+        array = create_zarr_array(
+            source,
+            stack.shape,
+            stack.dtype,
+            (1, 10, 12),
+            {"pixel_size": [2.0, 0.5, 0.5], "unit": "µm"},
+        )
         array[...] = stack
     else:
         source = tmp_path / "in.tif"
         tifffile.imwrite(source, stack)
     cli_out = tmp_path / "cli.zarr"
-    code = main(["predict", str(model_file), str(source), "--out", str(cli_out),
-                 "--axis", "1", "--batch-size", "2", "--device", "cpu", "--json"])
+    code = main(
+        [
+            "predict",
+            str(model_file),
+            str(source),
+            "--out",
+            str(cli_out),
+            "--axis",
+            "1",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
 
@@ -306,10 +324,20 @@ def test_cli_and_widget_give_the_same_prediction(
     assert meta["normalisation"] == cli_attrs["napari_wpp"]["normalisation"]
     assert meta["normalisation_from"] == payload["normalisation"]
     assert "percentiles" in payload["normalisation"]
-    assert np.array_equal(np.asarray(open_zarr_array(cli_out)[...]),
-                          np.asarray(open_zarr_array(tmp_path / "widget.zarr")[...]))
-    for key in ("scale", "axis", "model", "tile", "normalisation", "version", "complete",
-                "slices_done"):
+    assert np.array_equal(
+        np.asarray(open_zarr_array(cli_out)[...]),
+        np.asarray(open_zarr_array(tmp_path / "widget.zarr")[...]),
+    )
+    for key in (
+        "scale",
+        "axis",
+        "model",
+        "tile",
+        "normalisation",
+        "version",
+        "complete",
+        "slices_done",
+    ):
         assert cli_attrs["napari_wpp"][key] == widget_attrs["napari_wpp"][key], key
     assert cli_attrs["napari_wpp"]["model_file"] == widget_attrs["napari_wpp"]["model_file"]
     if as_zarr:
@@ -365,14 +393,14 @@ def test_a_spec_default_changes_the_cli_help_the_form_and_the_runs(
 
     _change_spec_default(monkeypatch, "batch_size", 3)
     specs = []
-    real_job = jobs.superresolve_job
+    real_job = jobs.predict_job
 
     def spy(spec, *args, **kwargs):
         specs.append(spec)
         yield from real_job(spec, *args, **kwargs)
 
-    monkeypatch.setattr(jobs, "superresolve_job", spy)
-    monkeypatch.setattr(superresolve_module, "superresolve_job", spy)
+    monkeypatch.setattr(jobs, "predict_job", spy)
+    monkeypatch.setattr(superresolve_module, "predict_job", spy)
 
     assert main(["predict", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
@@ -382,8 +410,20 @@ def test_a_spec_default_changes_the_cli_help_the_form_and_the_runs(
     image = np.random.default_rng(0).integers(0, 256, (5, 6, 7), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "in.tif", image)
     out = tmp_path / "out.tif"
-    assert main(["predict", str(model_file), str(tmp_path / "in.tif"), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(model_file),
+                str(tmp_path / "in.tif"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert specs[-1].batch_size == 3
 
     viewer = make_napari_viewer()

@@ -1,6 +1,6 @@
 """Command line interface: ``napari-wpp <subcommand> ...``.
 
-One module per subcommand: its docstring gives the ``--help`` texts, ``NAME`` the command,
+One module per subcommand: its docstring gives the command's name and ``--help`` texts,
 ``add_arguments`` its options and ``run`` runs it; what they share (exit codes, argument types,
 the option groups, the error contract, progress, reading) is in :mod:`napari_wpp.cli._common`.
 Every subcommand validates its input before doing any work, prints results on stdout (one JSON
@@ -98,23 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     sub.required = True
     for command in SUBCOMMANDS:
-        summary, description = command_texts(command)
-        p = sub.add_parser(command.NAME, parents=[common], help=summary, description=description)
+        name, summary, description = command_texts(command)
+        p = sub.add_parser(name, parents=[common], help=summary, description=description)
         command.add_arguments(p, common)
         if hasattr(command, "run"):  # commands with actions (transport) set their own
             p.set_defaults(handler=command.run)
     return parser
 
 
-def command_texts(command: ModuleType) -> tuple[str, str | None]:
-    r"""``--help`` summary and description of a subcommand, from its module's docstring.
+def command_texts(command: ModuleType) -> tuple[str, str, str | None]:
+    r"""Name, ``--help`` summary and description of a subcommand, from its module's docstring.
 
     The first paragraph is ``\`\`napari-wpp NAME\`\`: summary.``; the others are the
     description (argparse wraps it again).
     """
     first, _, rest = (command.__doc__ or "").strip().partition("\n\n")
-    summary = " ".join(first.split()).split(": ", 1)[-1].rstrip(".")
-    return summary, " ".join(rest.split()) or None
+    heading, _, summary = " ".join(first.split()).partition(": ")
+    name = heading.strip("`").split()[-1]
+    return name, summary.rstrip("."), " ".join(rest.split()) or None
 
 
 def _name_too_long(exc: OSError) -> str:

@@ -13,18 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_wpp.cli._common import (
-    EXIT_OK,
-    ProgressBar,
-    check_device,
-    drive,
-    emit,
-    minutes_type,
-    number_type,
-    seed_type,
-    shape_text,
-    write_tiff,
-)
+from napari_wpp.cli import _common
 from napari_wpp.cli.train import _run_job
 from napari_wpp.core.errors import InputError
 
@@ -43,9 +32,6 @@ DEMO_CPU_MODEL: dict[str, Any] = {"features": 32, "blocks": 4, "offset": 0.5}
 DEMO_TRAINING: dict[str, Any] = {"batch_size": 4, "patches_per_step": 6000}
 
 
-NAME = "demo"
-
-
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     """The options of ``napari-wpp demo``."""
     p.add_argument(
@@ -56,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     )
     p.add_argument(
         "--minutes",
-        type=minutes_type,
+        type=_common.minutes_type,
         default=DEMO_MINUTES,
         metavar="M",
         help=f"total time budget: a third for variational WPP, two thirds for WPPNet "
@@ -64,12 +50,12 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     )
     p.add_argument(
         "--size",
-        type=number_type(int, 48, True, "e.g. --size 192"),
+        type=_common.number_type(int, 48, True, "e.g. --size 192"),
         default=DEMO_SIZE,
         metavar="N",
         help=f"side of the HR slice in pixels (default {DEMO_SIZE})",
     )
-    p.add_argument("--seed", type=seed_type, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_common.seed_type, default=0, help="seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -97,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             f"parent folder {str(folder.parent)!r} of --out does not exist: create it first"
         )
-    device = check_device(args.device)
+    device = _common.check_device(args.device)
     size = args.size
     if size % 4:
         raise InputError(f"--size {size} is not a multiple of 4 (the demo's scale): use e.g. 192")
@@ -141,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         bicubic = upsample_aligned(torch.from_numpy(lr), operator).cpu().numpy().astype(np.float32)
     config = VariationalConfig(minutes=wpp_minutes, seed=args.seed, device=device)
-    finished = drive(
+    finished = _common.drive(
         lambda stop: reconstruct_variational(lr, reference, operator, config, stop=stop),
-        ProgressBar("reconstruct"),
+        _common.ProgressBar("reconstruct"),
     )
     wpp = np.asarray(finished.image, dtype=np.float32)
 
@@ -170,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     files = {}
     for name, image in (("truth", truth), ("lr", lr), *images.items()):
         files[name] = folder / f"{name}.tif"
-        write_tiff(files[name], image)
+        _common.write_tiff(files[name], image)
     files["model"] = folder / "wppnet.safetensors"
     save_model(files["model"], state)  # atomic
 
@@ -183,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     lr_view = np.kron(np.clip(lr, 0, 1), np.ones((4, 4), dtype=np.float32))
     files["figure"] = folder / "comparison.png"
     panels = [
-        (f"LR ×4 ({shape_text(lr.shape)})", lr_view),
+        (f"LR ×4 ({_common.shape_text(lr.shape)})", lr_view),
         (title("bicubic", "bicubic"), np.clip(bicubic, 0, 1)),
         (title("wpp", f"variational WPP ({finished.iterations} it)"), np.clip(wpp, 0, 1)),
         (title("wppnet", f"WPPNet ({state.step} steps)"), np.clip(wppnet, 0, 1)),
@@ -204,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         f"on {DEMO_SLICES} LR slices, λ = {state.lam:g}; {device}, crop {crop} px; "
         f"files in {folder})",
     ]
-    emit(
+    _common.emit(
         args,
         {
             "out": str(folder),
@@ -230,4 +216,4 @@ def run(args: argparse.Namespace) -> int:
         },
         "\n".join(rows),
     )
-    return EXIT_OK
+    return _common.EXIT_OK

@@ -12,20 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from napari_wpp.cli._common import (
-    EXIT_OK,
-    add_json_flag,
-    add_spec_option,
-    check_output,
-    emit,
-    kernel_type,
-    read_input,
-    scale_type,
-)
+from napari_wpp.cli import _common
 from napari_wpp.core.config import BlurCheckSpec, EstimateSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
-
-NAME = "estimate-operator"
 
 
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -40,13 +29,13 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     p.add_argument(
         "--scale",
         required=True,
-        type=scale_type,
+        type=_common.scale_type,
         metavar="Q",
         help=help_of(EstimateSpec, "scale"),
     )
-    add_spec_option(p, EstimateSpec, "kernel_size", type=kernel_type, metavar="K")
+    _common.add_spec_option(p, EstimateSpec, "kernel_size", type=_common.kernel_type, metavar="K")
     p.add_argument("--out", metavar="OP.json", help="operator JSON to write (with --hr)")
-    add_json_flag(p)
+    _common.add_json_flag(p)
 
 
 def spec_from_args(args: argparse.Namespace) -> EstimateSpec:
@@ -64,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
             "with --hr give --out OP.json and no --reference (--reference is for the σ search "
             "without a registered pair)"
         )
-    out = check_output(args.out, "operator file", suffixes=(".json",))
-    hr_data = read_input(args.hr, "HR image", ndims=(2,))
-    lr_data = read_input(args.lr, "LR image", ndims=(2,))
+    out = _common.check_output(args.out, "operator file", suffixes=(".json",))
+    hr_data = _common.read_input(args.hr, "HR image", ndims=(2,))
+    lr_data = _common.read_input(args.lr, "LR image", ndims=(2,))
     spec = spec_from_args(args)
     source = {"hr": args.hr, "lr": args.lr}
     inputs = [("HR image", args.hr), ("LR image", args.lr)]
@@ -74,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         estimate_job(spec, hr_data.array, lr_data.array, out=out, source=source, inputs=inputs)
     )
     results = next(e.summary for e in events if isinstance(e, OperatorEstimated))
-    emit(
+    _common.emit(
         args,
         {**results, "scale": spec.scale, "kernel_size": spec.kernel_size, "out": str(out)},
         f"kernel sum    {results['kernel_sum']:.4f}\n"
@@ -83,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         f"residual rms  {results['residual_rms']:.4f}\n"
         f"wrote {out}",
     )
-    return EXIT_OK
+    return _common.EXIT_OK
 
 
 def _cmd_blur_check(args: argparse.Namespace) -> int:
@@ -100,17 +89,17 @@ def _cmd_blur_check(args: argparse.Namespace) -> int:
             "--out writes the operator of a registered pair (--hr); the σ search prints σ: "
             "use it with --scale Q --sigma S"
         )
-    lr = read_input(args.lr, "LR image")
-    reference = read_input(args.reference, "reference")
+    lr = _common.read_input(args.lr, "LR image")
+    reference = _common.read_input(args.reference, "reference")
     spec = spec_from(args, BlurCheckSpec)
     events = list(blur_check_job(spec, lr.array, reference.array))
     summary = next(e.summary for e in events if isinstance(e, BlurChecked))
     bound = " (at the end of the searched range: only a bound)" if summary["at_bound"] else ""
-    emit(
+    _common.emit(
         args,
         summary,
         f"sigma         {summary['sigma']:.3f} HR px{bound}\n"
         f"(Gaussian blur + ×{spec.scale} subsampling, kernel {spec.kernel_size}: the σ under "
         "which the degraded reference's LR patches best match the data's)",
     )
-    return EXIT_OK
+    return _common.EXIT_OK

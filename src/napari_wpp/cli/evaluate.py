@@ -17,22 +17,10 @@ import argparse
 import math
 from typing import Any
 
-from napari_wpp.cli._common import (
-    EXIT_OK,
-    add_operator_flags,
-    add_spec_option,
-    crop_type,
-    emit,
-    noise_type,
-    operator_from_args,
-    read_input,
-    shape_text,
-)
+from napari_wpp.cli import _common
 from napari_wpp.cli.transport import patch_type
 from napari_wpp.core.config import ReadoutSpec, help_text
 from napari_wpp.core.errors import InputError
-
-NAME = "evaluate"
 
 
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -40,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     p.add_argument("pred", metavar="PRED", help="predicted image (2D or 3D)")
     p.add_argument("gt", metavar="GT", nargs="?", help="ground-truth image of the same shape")
     p.add_argument(
-        "--crop", type=crop_type, default=40, metavar="N", help="border ignored (default 40)"
+        "--crop",
+        type=_common.crop_type,
+        default=40,
+        metavar="N",
+        help="border ignored (default 40)",
     )
     p.add_argument(
         "--std",
@@ -60,12 +52,12 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     free.add_argument("--reference", metavar="REF", help="clean reference: patch distance")
     free.add_argument(
         "--noise",
-        type=noise_type,
+        type=_common.noise_type,
         metavar="SIGMA",
         help=help_text(ReadoutSpec, "noise"),
     )
-    add_spec_option(free, ReadoutSpec, "patch_size", type=patch_type, metavar="P")
-    add_operator_flags(p)
+    _common.add_spec_option(free, ReadoutSpec, "patch_size", type=patch_type, metavar="P")
+    _common.add_operator_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -136,10 +128,11 @@ def _read_std(path_text: str, pred_shape: tuple[int, ...], pred_range: tuple[flo
     """Read ``--std`` and put it on PRED's [0, 1] scale (divided by PRED's range, not shifted)."""
     import numpy as np
 
-    std = np.asarray(read_input(path_text, "--std image").array)
+    std = np.asarray(_common.read_input(path_text, "--std image").array)
     if std.shape != pred_shape:
         raise InputError(
-            f"--std image {shape_text(std.shape)} and PRED {shape_text(pred_shape)} differ in "
+            f"--std image {_common.shape_text(std.shape)} and PRED "
+            f"{_common.shape_text(pred_shape)} differ in "
             "shape: give the standard deviation map of PRED"
         )
     if float(std.min()) < 0.0:
@@ -157,12 +150,12 @@ def _read_samples(
     """Read ``--samples`` (K, H, W) and map them like PRED (integer files by their dtype)."""
     import numpy as np
 
-    samples = np.asarray(read_input(path_text, "--samples stack").array)
+    samples = np.asarray(_common.read_input(path_text, "--samples stack").array)
     if samples.ndim != len(gt_shape) + 1 or samples.shape[1:] != tuple(gt_shape):
         raise InputError(
-            f"--samples stack {shape_text(samples.shape)} does not hold samples of GT "
-            f"{shape_text(gt_shape)}: stack the K samples on the first axis, "
-            f"shape K×{shape_text(gt_shape)}"
+            f"--samples stack {_common.shape_text(samples.shape)} does not hold samples of GT "
+            f"{_common.shape_text(gt_shape)}: stack the K samples on the first axis, "
+            f"shape K×{_common.shape_text(gt_shape)}"
         )
     if samples.dtype.kind in "ui":
         info = np.iinfo(samples.dtype)
@@ -190,30 +183,32 @@ def run(args: argparse.Namespace) -> int:
     readouts = _readouts(args) if args.lr is not None or args.reference is not None else None
     if args.gt is None:
         payload: dict[str, Any] = dict(readouts or {})
-        emit(args, payload, "\n".join(_readout_lines(payload)))
-        return EXIT_OK
+        _common.emit(args, payload, "\n".join(_readout_lines(payload)))
+        return _common.EXIT_OK
     return _evaluate_with_truth(args, readouts)
 
 
 def _evaluate_with_truth(args: argparse.Namespace, readouts: dict[str, Any] | None) -> int:
     import numpy as np
 
-    pred_data = read_input(args.pred, "PRED image")
-    gt_data = read_input(args.gt, "GT image")
+    pred_data = _common.read_input(args.pred, "PRED image")
+    gt_data = _common.read_input(args.gt, "GT image")
     pred, gt = np.asarray(pred_data.array), np.asarray(gt_data.array)
     if pred.shape != gt.shape:
         raise InputError(
-            f"PRED {shape_text(pred.shape)} and GT {shape_text(gt.shape)} differ in shape: "
+            f"PRED {_common.shape_text(pred.shape)} and GT "
+            f"{_common.shape_text(gt.shape)} differ in shape: "
             "compare images of the same size"
         )
     if 2 * args.crop + 7 > min(gt.shape[-2:]):
         raise InputError(
-            f"--crop {args.crop} leaves too little of a {shape_text(gt.shape[-2:])} image: "
+            f"--crop {args.crop} leaves too little of a {_common.shape_text(gt.shape[-2:])} image: "
             f"use --crop {max(0, (min(gt.shape[-2:]) - 7) // 2)} or less"
         )
     if args.samples is not None and gt.ndim != 2:
         raise InputError(
-            f"--samples needs 2D images but GT is {shape_text(gt.shape)}: evaluate the samples "
+            f"--samples needs 2D images but GT is {_common.shape_text(gt.shape)}: evaluate "
+            "the samples "
             "of one slice as a (K, H, W) stack"
         )
     pred_range, gt_range, how = _evaluation_ranges(pred, gt)
@@ -251,8 +246,8 @@ def _evaluate_with_truth(args: argparse.Namespace, readouts: dict[str, Any] | No
     if readouts is not None:
         payload.update(readouts)
         lines += _readout_lines(readouts)
-    emit(args, payload, "\n".join(lines))
-    return EXIT_OK
+    _common.emit(args, payload, "\n".join(lines))
+    return _common.EXIT_OK
 
 
 def _readouts(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,16 +261,16 @@ def _readouts(args: argparse.Namespace) -> dict[str, Any]:
         transport_normalisation,
     )
 
-    pred = np.asarray(read_input(args.pred, "PRED image").array)
+    pred = np.asarray(_common.read_input(args.pred, "PRED image").array)
     norm = transport_normalisation(pred)
     pred01 = norm.apply(pred)
     lr01 = operator = ref01 = None
     if args.lr is not None:
-        lr = np.asarray(read_input(args.lr, "--lr image").array)
+        lr = np.asarray(_common.read_input(args.lr, "--lr image").array)
         lr01 = lr_normalisation(lr, norm).apply(lr, clip=False)
-        operator = operator_from_args(args)
+        operator = _common.operator_from_args(args)
     if args.reference is not None:
-        ref = np.asarray(read_input(args.reference, "--reference image").array)
+        ref = np.asarray(_common.read_input(args.reference, "--reference image").array)
         ref01 = transport_normalisation(ref).apply(ref)
     spec = ReadoutSpec(patch_size=args.patch_size, noise=args.noise)
     out = measure_readouts(spec, pred01, lr01, operator, ref01)

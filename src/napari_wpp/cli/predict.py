@@ -17,31 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from napari_wpp.cli._common import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    PROG,
-    ProgressBar,
-    check_array_output,
-    check_device,
-    drive,
-    emit,
-    fail,
-    number_type,
-    positive_types,
-    read_input,
-    seed_type,
-    shape_text,
-)
+from napari_wpp.cli import _common
 from napari_wpp.cli.transport import add_apply_flags, run_apply
 from napari_wpp.core.config import PredictSpec, help_text
 from napari_wpp.core.config.training import PREDICTION_MODELS
 from napari_wpp.core.errors import InputError
 
-_temperature = number_type(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
+_temperature = _common.number_type(float, 0.0, True, "e.g. --temperature 1 (0 gives the mode)")
 
 
-NAME = "predict"
+def _help(name: str) -> str:
+    return help_text(PredictSpec, name)
 
 
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -51,37 +37,26 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     p.add_argument(
         "--out", required=True, metavar="OUT", help="output .tif/.tiff or .zarr (a zarr array)"
     )
-    p.add_argument("--axis", type=int, metavar="A", help=help_text(PredictSpec, "axis"))
-    p.add_argument(
-        "--tile", type=positive_types["--tile"], metavar="T", help=help_text(PredictSpec, "tile")
-    )
+    p.add_argument("--axis", type=int, metavar="A", help=_help("axis"))
+    positive = _common.positive_types
+    p.add_argument("--tile", type=positive["--tile"], metavar="T", help=_help("tile"))
     p.add_argument(
         "--batch-size",
-        type=positive_types["--batch-size"],
+        type=positive["--batch-size"],
         default=PredictSpec.batch_size,
         metavar="B",
-        help=help_text(PredictSpec, "batch_size"),
+        help=_help("batch_size"),
     )
     flow = p.add_argument_group("wppflow models (posterior samples)")
-    flow.add_argument(
-        "--samples",
-        type=positive_types["--samples"],
-        metavar="K",
-        help=help_text(PredictSpec, "samples"),
-    )
-    flow.add_argument(
-        "--temperature",
-        type=_temperature,
-        metavar="T",
-        help=help_text(PredictSpec, "temperature"),
-    )
-    flow.add_argument("--seed", type=seed_type, metavar="N", help=help_text(PredictSpec, "seed"))
+    flow.add_argument("--samples", type=positive["--samples"], metavar="K", help=_help("samples"))
+    flow.add_argument("--temperature", type=_temperature, metavar="T", help=_help("temperature"))
+    flow.add_argument("--seed", type=_common.seed_type, metavar="N", help=_help("seed"))
     flow.add_argument(
         "--save-samples",
         action="store_true",
         help="also write the samples to <OUT stem>_samples<ext> (K times the output's size)",
     )
-    p.add_argument("--device", default=PredictSpec.device, help=help_text(PredictSpec, "device"))
+    p.add_argument("--device", default=PredictSpec.device, help=_help("device"))
     moved = p.add_argument_group(
         "perception ↔ fidelity (patch transport of the result; of the mean for a wppflow)"
     )
@@ -127,7 +102,7 @@ def _check_flow_flags(args: argparse.Namespace, kind: str, name: str) -> None:
         raise InputError(
             f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for wppflow models but "
             f"{name} is a {kind}, which draws no samples: drop {given[0]} or use a wppflow "
-            f"model (train one with '{PROG} train --model wppflow')"
+            f"model (train one with '{_common.PROG} train --model wppflow')"
         )
 
 
@@ -163,7 +138,7 @@ def _predict_source(args: argparse.Namespace, out: Path, out_zarr: bool) -> Any:
                 unit = attrs.get("unit") if isinstance(attrs.get("unit"), str) else None
         what = f"zarr array {args.input!r}"
     else:
-        image = read_input(args.input, "input image", ndims=(2, 3))
+        image = _common.read_input(args.input, "input image", ndims=(2, 3))
         data = np.asarray(image.array)
         if image.pixel_size is not None:
             pixel_size = tuple(float(v) for v in image.pixel_size)  # (y, x)
@@ -207,7 +182,7 @@ def _predict_spec(args: argparse.Namespace, ndim: int, what: str) -> Any:
         axis=axis,
         tile=args.tile,
         batch_size=args.batch_size,
-        device=check_device(args.device),
+        device=_common.check_device(args.device),
         keep_samples=bool(args.save_samples),
         **{name: value for name, value in given.items() if value is not None},
     )
@@ -220,12 +195,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.predict import (
         NormalisationChosen,
         PredictTarget,
-        sample_job,
-        superresolve_job,
+        predict_job,
     )
 
-    out, out_zarr = check_array_output(args.out)
-    device = check_device(args.device)
+    out, out_zarr = _common.check_array_output(args.out)
+    device = _common.check_device(args.device)
     meta, state = _model_for_prediction(args.model)
     _check_flow_flags(args, str(state.kind), Path(args.model).name)
     _check_transport_flags(args)
@@ -235,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     )
     outputs = target.paths(bool(args.save_samples)) if flow else {"result": out}
     for path in list(outputs.values())[1:]:
-        check_array_output(str(path))
+        _common.check_array_output(str(path))
     source, what = _predict_source(args, out, out_zarr)
     shape, dtype = tuple(int(n) for n in source.data.shape), np.dtype(source.data.dtype)
     ndim = len(shape)
@@ -259,20 +233,19 @@ def run(args: argparse.Namespace) -> int:
             chosen["how"] = event.how
         return describe_run(event)
 
-    job = sample_job if flow else superresolve_job
-    finished = drive(
-        lambda stop: job(spec, state.model, recorded, source, target, stop, inputs),
-        ProgressBar("predict"),
+    finished = _common.drive(
+        lambda stop: predict_job(spec, state.model, recorded, source, target, stop, inputs),
+        _common.ProgressBar("predict"),
         describe=describe,
         finished=SamplingFinished if flow else InferenceFinished,
         stopping=f"stopping after this batch; {out} will not be written",
     )
     if finished.stopped_early:
-        fail(f"interrupted: {out} was not written (no partial output is kept)")
-        return EXIT_INTERRUPTED
+        _common.fail(f"interrupted: {out} was not written (no partial output is kept)")
+        return _common.EXIT_INTERRUPTED
     alpha = _transport_output(args, out if not flow else outputs["mean"], spec, ndim)
     if alpha is None:
-        return EXIT_INTERRUPTED
+        return _common.EXIT_INTERRUPTED
     run = _PredictRun(
         spec, state, outputs, tuple(result_shape), slices, chosen["how"], device, dtype
     )
@@ -280,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         return _report_flow(args, run, finished)
     axes = "both axes" if ndim == 2 else f"the axes other than {axis}"
     out_dtype = dtype if out_zarr else finished.result.dtype
-    emit(
+    _common.emit(
         args,
         {
             "out": str(out),
@@ -296,10 +269,10 @@ def run(args: argparse.Namespace) -> int:
             "transport": args.transport,
             "alpha": alpha if args.transport else None,
         },
-        f"wrote {out} ({shape_text(result_shape)}, {out_dtype}, ×{q} on {axes}) in "
+        f"wrote {out} ({_common.shape_text(result_shape)}, {out_dtype}, ×{q} on {axes}) in "
         f"{finished.elapsed_s:.1f} s on {device} (intensities: {run.how})",
     )
-    return EXIT_OK
+    return _common.EXIT_OK
 
 
 def _check_transport_flags(args: argparse.Namespace) -> None:
@@ -325,7 +298,6 @@ def _transport_output(args: argparse.Namespace, path: Path, spec: Any, ndim: int
 
     if args.transport is None:
         return math.nan
-    from napari_wpp.cli._common import read_input
 
     if path.suffix.lower() == ".zarr":
         from napari_wpp.io.zarr_arrays import open_zarr_for_reading
@@ -334,11 +306,11 @@ def _transport_output(args: argparse.Namespace, path: Path, spec: Any, ndim: int
     else:
         import numpy as np
 
-        data = np.asarray(read_input(str(path), "prediction").array)
+        data = np.asarray(_common.read_input(str(path), "prediction").array)
     axis = spec.axis if ndim == 3 else 0
     finished = run_apply(args, data, path, axis=axis, label="transport")
     if finished is None:
-        fail(f"interrupted: {path} was not transported and is left untransported")
+        _common.fail(f"interrupted: {path} was not transported and is left untransported")
         return None
     return float(finished.alpha)
 
@@ -385,7 +357,7 @@ def _report_flow(args: argparse.Namespace, run: _PredictRun, finished: Any) -> i
     )
     written = ", ".join(f"{name} {path}" for name, path in outputs.items())
     axes = "both axes" if ndim == 2 else f"the axes other than {axis}"
-    emit(
+    _common.emit(
         args,
         {
             "out": str(outputs["mean"]),
@@ -408,8 +380,9 @@ def _report_flow(args: argparse.Namespace, run: _PredictRun, finished: Any) -> i
             "kind": run.state.kind,
         },
         f"wrote the mean and std of {spec.samples} posterior samples (temperature "
-        f"{spec.temperature:g}, seed {spec.seed}): {written} ({shape_text(run.result_shape)}, "
+        f"{spec.temperature:g}, seed {spec.seed}): {written} "
+        f"({_common.shape_text(run.result_shape)}, "
         f"×{q} on {axes}; std float32 in {std_units}) in {finished.elapsed_s:.1f} s on "
         f"{run.device} (intensities: {run.how})",
     )
-    return EXIT_OK
+    return _common.EXIT_OK

@@ -10,35 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from napari_wpp.cli._common import (
-    EXIT_OK,
-    ProgressBar,
-    add_device_flag,
-    add_json_flag,
-    add_operator_flags,
-    add_output_flag,
-    add_patch_distance_flags,
-    add_spec_option,
-    check_device,
-    check_output,
-    drive,
-    emit,
-    iterations_type,
-    lambda_type,
-    minutes_type,
-    number_type,
-    operator_from_args,
-    read_input,
-    seed_type,
-    shape_text,
-)
+from napari_wpp.cli import _common
 from napari_wpp.core.config import ReconstructSpec, help_of, spec_from
 from napari_wpp.core.errors import InputError
 
-_patch_count = number_type(int, 0, True, "e.g. --patchnr-patches 40000 (0: all patches)")
-_step = number_type(float, 0.0, False, "e.g. --patchnr-step 0.03")
-
-NAME = "reconstruct"
+_patch_count = _common.number_type(int, 0, True, "e.g. --patchnr-patches 40000 (0: all patches)")
+_step = _common.number_type(float, 0.0, False, "e.g. --patchnr-step 0.03")
 
 
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -59,27 +36,31 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
         metavar="PRIOR.safetensors",
         help="a trained PatchNR prior (`napari-wpp train --model patchnr`) instead of the WPP",
     )
-    add_operator_flags(p)
-    add_spec_option(p, ReconstructSpec, "lam", "--lambda", type=lambda_type, metavar="L")
-    add_patch_distance_flags(p, ReconstructSpec)
-    add_spec_option(
-        p, ReconstructSpec, "patchnr_lam", "--patchnr-lambda", type=lambda_type, metavar="L"
+    _common.add_operator_flags(p)
+    _common.add_spec_option(
+        p, ReconstructSpec, "lam", "--lambda", type=_common.lambda_type, metavar="L"
     )
-    add_spec_option(p, ReconstructSpec, "patchnr_patches", type=_patch_count, metavar="N")
-    add_spec_option(p, ReconstructSpec, "patchnr_step", type=_step, metavar="S")
-    add_spec_option(
+    _common.add_patch_distance_flags(p, ReconstructSpec)
+    _common.add_spec_option(
+        p, ReconstructSpec, "patchnr_lam", "--patchnr-lambda", type=_common.lambda_type, metavar="L"
+    )
+    _common.add_spec_option(p, ReconstructSpec, "patchnr_patches", type=_patch_count, metavar="N")
+    _common.add_spec_option(p, ReconstructSpec, "patchnr_step", type=_step, metavar="S")
+    _common.add_spec_option(
         p,
         ReconstructSpec,
         "minutes",
-        type=minutes_type,
+        type=_common.minutes_type,
         metavar="M",
         help=help_of(ReconstructSpec, "minutes"),
     )
-    add_spec_option(p, ReconstructSpec, "iterations", type=iterations_type, metavar="N")
-    add_spec_option(p, ReconstructSpec, "seed", type=seed_type)
-    add_device_flag(p, ReconstructSpec)
-    add_output_flag(p)
-    add_json_flag(p)
+    _common.add_spec_option(
+        p, ReconstructSpec, "iterations", type=_common.iterations_type, metavar="N"
+    )
+    _common.add_spec_option(p, ReconstructSpec, "seed", type=_common.seed_type)
+    _common.add_device_flag(p, ReconstructSpec)
+    _common.add_output_flag(p)
+    _common.add_json_flag(p)
 
 
 def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
@@ -90,19 +71,20 @@ def spec_from_args(args: argparse.Namespace) -> ReconstructSpec:
 def run(args: argparse.Namespace) -> int:
     from napari_wpp.jobs.reconstruct import ReconstructResult, load_prior, reconstruct_job
 
-    out = check_output(args.out)
-    device = check_device(args.device)
-    operator = operator_from_args(args)
-    lr_data = read_input(args.lr, "LR image", ndims=(2, 3))
+    out = _common.check_output(args.out)
+    device = _common.check_device(args.device)
+    operator = _common.operator_from_args(args)
+    lr_data = _common.read_input(args.lr, "LR image", ndims=(2, 3))
     prior = None if args.prior is None else load_prior(args.prior)
     reference = None
     if args.reference is not None:
-        reference = read_input(args.reference, "reference", ndims=(2, 3)).array
+        reference = _common.read_input(args.reference, "reference", ndims=(2, 3)).array
     lr = lr_data.array
     if lr.ndim == 3:
         if args.slice is None:
             raise InputError(
-                f"LR image {args.lr!r} is a {shape_text(lr.shape)} stack: choose the slice to "
+                f"LR image {args.lr!r} is a {_common.shape_text(lr.shape)} stack: choose the "
+                "slice to "
                 "reconstruct with --slice Z"
             )
         if not -lr.shape[0] <= args.slice < lr.shape[0]:
@@ -119,15 +101,15 @@ def run(args: argparse.Namespace) -> int:
         ("prior", args.prior),
         ("operator file", args.operator),
     ]
-    result = drive(
+    result = _common.drive(
         lambda stop: reconstruct_job(
             spec, operator, lr_data, reference, out, stop=stop, inputs=inputs, prior=prior
         ),
-        ProgressBar("reconstruct"),
+        _common.ProgressBar("reconstruct"),
         finished=ReconstructResult,
     )
     image = result.image
-    emit(
+    _common.emit(
         args,
         {
             "out": str(out),
@@ -140,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
             "stopped_early": result.stopped_early,
         },
-        f"wrote {out} ({shape_text(image.shape)}, {image.dtype}) after "
+        f"wrote {out} ({_common.shape_text(image.shape)}, {image.dtype}) after "
         f"{result.iterations} iterations in {result.elapsed_s:.1f} s (λ = {result.lam:g}, "
         f"{device})" + (" [stopped early]" if result.stopped_early else ""),
     )
-    return EXIT_OK
+    return _common.EXIT_OK

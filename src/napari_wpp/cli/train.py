@@ -18,25 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from napari_wpp.cli._common import (
-    EXIT_OK,
-    ProgressBar,
-    add_operator_flags,
-    add_patch_distance_flags,
-    check_output,
-    drive,
-    emit,
-    lambda_type,
-    minutes_type,
-    noise_type,
-    number_type,
-    one_line,
-    operator_from_args,
-    parsed,
-    positive_types,
-    read_input,
-    seed_type,
-)
+from napari_wpp.cli import _common
 from napari_wpp.core.config import CHECKPOINT_MINUTES, default_of, help_text
 from napari_wpp.core.errors import InputError
 
@@ -74,15 +56,12 @@ def _help(name: str, extra: str = "") -> str:
     return help_text(_spec(), name) + extra
 
 
-_rho = number_type(float, 0.0, True, "e.g. --rho 100")
-_steps = number_type(int, 1, True, "e.g. --steps 500")
-_positive_int = number_type(int, 1, True, "e.g. --hidden 256")
-_checkpoint_minutes = number_type(
+_rho = _common.number_type(float, 0.0, True, "e.g. --rho 100")
+_steps = _common.number_type(int, 1, True, "e.g. --steps 500")
+_positive_int = _common.number_type(int, 1, True, "e.g. --hidden 256")
+_checkpoint_minutes = _common.number_type(
     float, 0.0, True, "e.g. --checkpoint-minutes 5 (0: only at the end)"
 )
-
-
-NAME = "train"
 
 
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -97,12 +76,12 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
         metavar="REF",
         help="HR reference image or stack (a patchnr without it learns the LR data: zero-shot)",
     )
-    add_operator_flags(p)
+    _common.add_operator_flags(p)
     p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="model file to write")
     p.add_argument(
         "--model", metavar="KIND", help=_help("model", "; --resume keeps the file's kind")
     )
-    p.add_argument("--minutes", type=minutes_type, metavar="M", help=_help("minutes"))
+    p.add_argument("--minutes", type=_common.minutes_type, metavar="M", help=_help("minutes"))
     p.add_argument("--steps", type=_steps, metavar="N", help=_help("steps"))
     p.add_argument("--lambda", dest="lam", type=_train_lambda, metavar="L", help=_help("lam"))
     p.add_argument("--rho", type=_train_rho, metavar="R", help=_help("rho"))
@@ -111,30 +90,23 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
         "--noise",
         "--noise-std",
         dest="noise",
-        type=noise_type,
+        type=_common.noise_type,
         metavar="SIGMA",
         help=_help("noise_std"),
     )
-    p.add_argument(
-        "--batch-size", type=positive_types["--batch-size"], metavar="B", help=_help("batch_size")
-    )
-    p.add_argument(
-        "--crop-size", type=positive_types["--crop-size"], metavar="C", help=_help("crop_size")
-    )
-    p.add_argument(
-        "--reference-patches",
-        type=positive_types["--reference-patches"],
-        metavar="M",
-        help=_help("n_reference_patches"),
-    )
-    p.add_argument(
-        "--psi-passes", type=positive_types["--psi-passes"], metavar="P", help=_help("psi_passes")
-    )
-    add_patch_distance_flags(p, _spec(), spec_defaults=False)
+    for flag, metavar, field_name in (
+        ("--batch-size", "B", "batch_size"),
+        ("--crop-size", "C", "crop_size"),
+        ("--reference-patches", "M", "n_reference_patches"),
+        ("--psi-passes", "P", "psi_passes"),
+    ):
+        positive = _common.positive_types[flag]
+        p.add_argument(flag, type=positive, metavar=metavar, help=_help(field_name))
+    _common.add_patch_distance_flags(p, _spec(), spec_defaults=False)
     p.add_argument("--hidden", type=_positive_int, metavar="H", help=_help("patchnr_hidden"))
     p.add_argument("--patch-batch", type=_positive_int, metavar="B", help=_help("patchnr_batch"))
     p.add_argument("--device", metavar="DEVICE", help=_help("device"))
-    p.add_argument("--seed", type=seed_type, metavar="N", help=_help("seed"))
+    p.add_argument("--seed", type=_common.seed_type, metavar="N", help=_help("seed"))
     p.add_argument(
         "--resume",
         metavar="MODEL",
@@ -160,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
 def _mean_warmup(text: str) -> float:
     """``--mean-warmup`` of ``train``: a share of the budget in [0, 1)."""
     hint = "a share of the budget in [0, 1), e.g. --mean-warmup 0.3 (0: no warm-up)"
-    value = parsed(float, text, f"expected {hint}, got {text!r}")
+    value = _common.parsed(float, text, f"expected {hint}, got {text!r}")
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be {hint}, got {text}")
     return value
@@ -183,7 +155,7 @@ def _number_or_auto(number: Callable[[str], float], example: str) -> Callable[[s
 
 
 #: ``--lambda`` of ``train``: a number ≥ 0 or ``auto``.
-_train_lambda = _number_or_auto(lambda_type, "e.g. --lambda 0.02 or --lambda auto")
+_train_lambda = _number_or_auto(_common.lambda_type, "e.g. --lambda 0.02 or --lambda auto")
 #: ``--rho`` of ``train``: a number ≥ 0 or ``auto``.
 _train_rho = _number_or_auto(_rho, "e.g. --rho 100 or --rho auto")
 
@@ -273,7 +245,7 @@ def _resume_operator(args: argparse.Namespace, state: Any, name: str) -> Any:
     saved = operator_from_dict(state.operator)
     if asked_none:
         return saved
-    asked = operator_from_args(args)
+    asked = _common.operator_from_args(args)
     if int(asked.scale) != int(saved.scale):
         raise InputError(
             f"{name} was trained for ×{saved.scale} ({_operator_text(saved.to_dict())}), you "
@@ -363,7 +335,7 @@ def _write_failure(event: Any, kept_step: int | None) -> str:
     import errno
 
     error = event.error
-    reason = one_line(error.strerror or str(error)) if isinstance(error, OSError) else ""
+    reason = _common.one_line(error.strerror or str(error)) if isinstance(error, OSError) else ""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         fix = "free disk space or choose another --out"
     else:
@@ -411,9 +383,9 @@ def _run_job(
                 raise event.error
             yield event
 
-    final = drive(
+    final = _common.drive(
         events,
-        ProgressBar(label, silent=not main_rank),
+        _common.ProgressBar(label, silent=not main_rank),
         describe=_describe_training,
         finished=TrainingFinished,
         stopping="stopping after this step; the model file will still be written",
@@ -467,7 +439,7 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
 
     from napari_wpp.jobs.train import TrainSource, check_resume_budget, load_resume
 
-    out = check_output(args.out, "model file", suffixes=(".safetensors",))
+    out = _common.check_output(args.out, "model file", suffixes=(".safetensors",))
     if args.model is not None:
         _check_model_kind(args.model)
     resume = None
@@ -483,7 +455,7 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         _check_prior_weight_flags(args, kind)
         given = args.operator is not None or args.scale is not None
         # a PatchNR prior records the operator it is meant for when one is given
-        operator = operator_from_args(args) if kind != "patchnr" or given else None
+        operator = _common.operator_from_args(args) if kind != "patchnr" or given else None
     _check_replaces(out, args, kind)
     spec = _spec()(
         **{
@@ -497,10 +469,10 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         check_resume_budget(spec, resume, name, "--steps", "--minutes")
     lr = None
     if args.lr_data is not None:
-        lr = np.asarray(read_input(args.lr_data, "LR data", ndims=(2, 3)).array)
+        lr = np.asarray(_common.read_input(args.lr_data, "LR data", ndims=(2, 3)).array)
     reference = None
     if args.reference is not None:
-        reference = np.asarray(read_input(args.reference, "reference", ndims=(2, 3)).array)
+        reference = np.asarray(_common.read_input(args.reference, "reference", ndims=(2, 3)).array)
     source = TrainSource(lr, reference)
     main_rank = group is None or group.is_main
     if "auto" in (args.lam, args.rho) and resume is None and main_rank:
@@ -511,7 +483,7 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     inputs = [("LR data", args.lr_data), ("reference", args.reference)]
     final, checkpoints = _run_job(spec, source, operator, out, resume, group, inputs=inputs)
     if not main_rank:  # rank 0 reports for all
-        return EXIT_OK
+        return _common.EXIT_OK
     if group is not None and group.active:
         device = f"{device} ×{group.world_size}"
     state = final.state
@@ -519,14 +491,14 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
     stopped = bool(final.stopped_early)
     if state.kind == "patchnr":
         _report_patchnr(args, out, state, device, stopped, first_step, checkpoints)
-        return EXIT_OK
+        return _common.EXIT_OK
     q = int(operator.scale)
     losses = {k: last.get(k) for k in ("data_term", "wpp_term", "loss")}
     flow = state.kind == "wppflow"
     noise_std = (state.config or {}).get("noise_std", spec.noise_std)
     weight_text = f"ρ = {state.lam:g}, σ = {noise_std:g}" if flow else f"λ = {state.lam:g}"
     loss_text = f"; data {losses['data_term']:.3e}, wpp {losses['wpp_term']:.3e}" if last else ""
-    emit(
+    _common.emit(
         args,
         {
             "out": str(out),
@@ -547,7 +519,7 @@ def _train_command(args: argparse.Namespace, device: str, group: Any) -> int:
         f"wrote {out} ({state.kind} ×{q}) after {state.step} steps in {state.elapsed_s:.1f} s "
         f"({weight_text}, {device}){loss_text}" + (" [stopped early]" if stopped else ""),
     )
-    return EXIT_OK
+    return _common.EXIT_OK
 
 
 def _report_patchnr(
@@ -565,7 +537,7 @@ def _report_patchnr(
     mode = "zero-shot" if args.reference is None else "reference"
     nll_text = f"; NLL {last['nll']:.4g}" if "nll" in last else ""
     held_text = f", held-out NLL {held[-1]:.4g}" if held else ""
-    emit(
+    _common.emit(
         args,
         {
             "out": str(out),

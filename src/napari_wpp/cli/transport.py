@@ -13,37 +13,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from napari_wpp.cli._common import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    Parser,
-    ProgressBar,
-    add_json_flag,
-    add_operator_flags,
-    add_spec_option,
-    check_array_output,
-    check_output,
-    drive,
-    emit,
-    fail,
-    noise_type,
-    number_type,
-    operator_from_args,
-    parsed,
-    read_input,
-    shape_text,
-)
+from napari_wpp.cli import _common
 from napari_wpp.core.config import ReadoutSpec, TransportSpec, bounds, help_text
 from napari_wpp.core.errors import InputError
 
-_floor_type = number_type(float, 0.0, True, "e.g. --floor 1e-4")
-_steps_type = number_type(int, 0, True, "e.g. --data-steps 5")
+_floor_type = _common.number_type(float, 0.0, True, "e.g. --floor 1e-4")
+_steps_type = _common.number_type(int, 0, True, "e.g. --data-steps 5")
 
 
 def alpha_type(text: str) -> float:
     """An α in the spec's bounds (1 unchanged, 0 fully transported)."""
     low, high = bounds(TransportSpec, "alpha")
-    value = parsed(float, text, f"expected a number, got {text!r}: e.g. --alpha 0.75")
+    value = _common.parsed(float, text, f"expected a number, got {text!r}: e.g. --alpha 0.75")
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(
             f"must lie in [{low:g}, {high:g}], got {text}: 1 leaves the input unchanged, "
@@ -58,18 +39,15 @@ alpha_type.__name__ = "float"
 def patch_type(text: str) -> int:
     """A patch size within the spec's bounds."""
     low, high = bounds(TransportSpec, "patch_size")
-    value = number_type(int, low, True, "e.g. --patch-size 6")(text)
+    value = _common.number_type(int, low, True, "e.g. --patch-size 6")(text)
     if value > high:
         raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}: e.g. 6")
     return value
 
 
-NAME = "transport"
-
-
 def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     """The options of ``napari-wpp transport``."""
-    actions = p.add_subparsers(dest="action", metavar="<action>", parser_class=Parser)
+    actions = p.add_subparsers(dest="action", metavar="<action>", parser_class=_common.Parser)
     actions.required = True
     fit = actions.add_parser(
         "fit",
@@ -84,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     )
     fit.add_argument("--reference", required=True, metavar="REF", help="clean reference image")
     fit.add_argument("--out", required=True, metavar="T.json", help="transport file to write")
-    add_spec_option(fit, TransportSpec, "patch_size", type=patch_type, metavar="P")
-    add_spec_option(fit, TransportSpec, "floor", type=_floor_type, metavar="F")
-    add_json_flag(fit)
+    _common.add_spec_option(fit, TransportSpec, "patch_size", type=patch_type, metavar="P")
+    _common.add_spec_option(fit, TransportSpec, "floor", type=_floor_type, metavar="F")
+    _common.add_json_flag(fit)
     fit.set_defaults(handler=_cmd_fit)
 
     apply = actions.add_parser(
@@ -104,12 +82,12 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     )
     apply.add_argument("--axis", type=int, default=0, metavar="A", help="slice axis of a stack")
     apply.add_argument("--lr", metavar="LR", help="LR image/stack of PRED (for --data-steps)")
-    add_spec_option(apply, TransportSpec, "data_steps", type=_steps_type, metavar="N")
+    _common.add_spec_option(apply, TransportSpec, "data_steps", type=_steps_type, metavar="N")
     apply.add_argument(
-        "--noise", type=noise_type, metavar="SIGMA", help=help_text(ReadoutSpec, "noise")
+        "--noise", type=_common.noise_type, metavar="SIGMA", help=help_text(ReadoutSpec, "noise")
     )
-    add_operator_flags(apply)
-    add_json_flag(apply)
+    _common.add_operator_flags(apply)
+    _common.add_json_flag(apply)
     apply.set_defaults(handler=_cmd_apply)
 
 
@@ -144,19 +122,20 @@ def _read_array(path_text: str, what: str) -> tuple[Any, Path | None]:
         if len(data.shape) not in (2, 3):
             raise InputError(f"{what} {path_text!r} has shape {data.shape}: give a 2D or 3D array")
         return data, path
-    return np.asarray(read_input(path_text, what).array), None
+    return np.asarray(_common.read_input(path_text, what).array), None
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from napari_wpp.io import check_not_an_input
-    from napari_wpp.jobs.transport import TransportFitted, TransportProgress, fit_transport_job
+    from napari_wpp.jobs.notices import JobProgress
+    from napari_wpp.jobs.transport import TransportFitted, fit_transport_job
 
-    out = check_output(args.out, "--out", suffixes=(".json",))
+    out = _common.check_output(args.out, "--out", suffixes=(".json",))
     check_not_an_input(
         [out], [("source", s) for s in args.source] + [("reference", args.reference)]
     )
     sources = [_read_array(s, "--source image")[0] for s in args.source]
-    reference = read_input(args.reference, "--reference image").array
+    reference = _common.read_input(args.reference, "--reference image").array
     spec = TransportSpec(patch_size=args.patch_size, floor=args.floor)
     provenance = {
         "sources": [str(Path(s).expanduser().resolve()) for s in args.source],
@@ -164,19 +143,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     }
 
     def describe(event: Any) -> tuple[float, str] | None:
-        if isinstance(event, TransportProgress):
+        if isinstance(event, JobProgress):
             return event.done / event.total, f"{event.what} {event.done}/{event.total}"
         return None
 
-    finished = drive(
+    finished = _common.drive(
         lambda stop: fit_transport_job(spec, sources, reference, out, provenance, stop),
-        ProgressBar("transport fit"),
+        _common.ProgressBar("transport fit"),
         describe=describe,
         finished=TransportFitted,
     )
     content = finished.content
     band = content.band["gelbrich"]
-    emit(
+    _common.emit(
         args,
         {
             "out": str(out),
@@ -194,7 +173,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         f"{band['low']:.4f}–{band['high']:.4f}, middle {band['middle']:.4f}) in "
         f"{finished.elapsed_s:.1f} s",
     )
-    return EXIT_OK
+    return _common.EXIT_OK
 
 
 def run_apply(
@@ -210,7 +189,8 @@ def run_apply(
     """Run :func:`~napari_wpp.jobs.transport.apply_transport_job` with a progress bar; returns
     the finished event (``None`` when stopped)."""
     from napari_wpp.io.transport import read_transport
-    from napari_wpp.jobs.transport import TransportApplied, TransportProgress, apply_transport_job
+    from napari_wpp.jobs.notices import JobProgress
+    from napari_wpp.jobs.transport import TransportApplied, apply_transport_job
 
     content = read_transport(args.transport)
     spec = TransportSpec(
@@ -221,16 +201,16 @@ def run_apply(
     )
 
     def describe(event: Any) -> tuple[float, str] | None:
-        if isinstance(event, TransportProgress):
+        if isinstance(event, JobProgress):
             return event.done / event.total, f"slice {event.done}/{event.total}"
         return None
 
     noise = getattr(args, "noise", None)
-    finished = drive(
+    finished = _common.drive(
         lambda stop: apply_transport_job(
             spec, content, data, out, axis, lr, operator, noise, stop=stop
         ),
-        ProgressBar(label),
+        _common.ProgressBar(label),
         describe=describe,
         finished=TransportApplied,
         stopping=f"stopping after this slice; {out} will not be written",
@@ -241,7 +221,7 @@ def run_apply(
 def _cmd_apply(args: argparse.Namespace) -> int:
     from napari_wpp.io import check_not_an_input
 
-    out, _ = check_array_output(args.out)
+    out, _ = _common.check_array_output(args.out)
     data, zarr_path = _read_array(args.pred, "PRED")
     inputs = [("PRED", args.pred), ("transport file", args.transport), ("LR image", args.lr)]
     check_not_an_input([out], inputs)
@@ -253,14 +233,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if args.lr is None:
             raise InputError("--data-steps needs the LR image: give --lr LR and the operator")
         lr = _read_array(args.lr, "--lr image")[0]
-        operator = operator_from_args(args)
+        operator = _common.operator_from_args(args)
     elif args.lr is not None:
         raise InputError("--lr is only used with --data-steps N: add --data-steps or drop --lr")
     finished = run_apply(args, data, out, axis=args.axis % max(ndim, 1), lr=lr, operator=operator)
     if finished is None:
-        fail(f"interrupted: {out} was not written (no partial output is kept)")
-        return EXIT_INTERRUPTED
-    emit(
+        _common.fail(f"interrupted: {out} was not written (no partial output is kept)")
+        return _common.EXIT_INTERRUPTED
+    _common.emit(
         args,
         {
             "out": str(out),
@@ -270,10 +250,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "data_steps": args.data_steps,
             "seconds": finished.elapsed_s,
         },
-        f"wrote {out} ({shape_text(data.shape)}, α = {finished.alpha:.3f} ({finished.alpha_how})"
+        f"wrote {out} ({_common.shape_text(data.shape)}, α = {finished.alpha:.3f} "
+        f"({finished.alpha_how})"
         f") in {finished.elapsed_s:.1f} s",
     )
-    return EXIT_OK
+    return _common.EXIT_OK
 
 
 __all__ = ["add_apply_flags", "add_arguments", "alpha_type", "patch_type", "run_apply"]

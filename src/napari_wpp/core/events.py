@@ -5,11 +5,32 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
 from typing import Any, ParamSpec
 
-__all__ = ["final_result", "forward_until_finished", "run_to_end"]
+__all__ = ["RunFinished", "final_result", "forward_until_finished", "run_to_end"]
 
 P = ParamSpec("P")
+
+
+@dataclass(frozen=True, eq=False)
+class RunFinished:
+    """End of a run (always its last event); each kind of run says what its ``result`` is.
+
+    Attributes
+    ----------
+    result
+        What the run made, or ``None`` when it was stopped early (a partial result is never
+        returned) or wrote its output into targets.
+    elapsed_s
+        Seconds the run took.
+    stopped_early
+        ``True`` when the ``stop`` event ended the run before its end.
+    """
+
+    result: Any
+    elapsed_s: float
+    stopped_early: bool
 
 
 def forward_until_finished(

@@ -258,10 +258,8 @@ def estimate_blur_sigma(
 
     Parameters
     ----------
-    lr
-        LR data ``(h, w)`` or ``(Z, h, w)``, float in [0, 1].
-    reference
-        HR reference ``(H, W)`` or ``(Z, H, W)``, float in [0, 1].
+    lr, reference
+        As in :func:`suitability`.
     spec
         Scale and kernel side of the Gaussian blur + subsampling operator (centre anchored,
         circular padding; the phases make the anchoring irrelevant), patch side, phases,

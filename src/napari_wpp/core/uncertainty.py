@@ -191,9 +191,7 @@ class RunningMoments:
                 raise InputError(f"samples have dtype {data.dtype}: pass real-valued images")
             if first:
                 self._as_numpy = False
-                self._device = (
-                    torch.device("cpu") if data.device.type == "mps" else data.device
-                )
+                self._device = torch.device("cpu") if data.device.type == "mps" else data.device
             x = data.detach().to(device=self._device, dtype=torch.float64)
         else:
             array = np.asarray(data)

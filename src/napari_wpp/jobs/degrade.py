@@ -19,10 +19,11 @@ import numpy as np
 from napari_wpp.core.config import DegradeSpec
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import ImageData
+from napari_wpp.jobs.notices import JobProgress
 from napari_wpp.jobs.operator import scaled_pixel_size
 from napari_wpp.jobs.predict import OutputWritten
 
-__all__ = ["DegradeResult", "SliceDegraded", "degrade_job"]
+__all__ = ["DegradeResult", "degrade_job"]
 
 
 def _check_output(operator: Any, lr: Any) -> None:
@@ -30,14 +31,6 @@ def _check_output(operator: Any, lr: Any) -> None:
     from napari_wpp.core.operators import check_operator_output
 
     check_operator_output(operator, lr)
-
-
-@dataclass(frozen=True)
-class SliceDegraded:
-    """Progress: ``done`` of ``total`` slices degraded."""
-
-    done: int
-    total: int
 
 
 @dataclass(frozen=True)
@@ -56,10 +49,10 @@ def degrade_job(
     source: ImageData,
     out: Path | None = None,
     inputs: Sequence[tuple[str, Path | str | None]] = (),
-) -> Iterator[Any]:
+) -> Iterator[JobProgress | DegradeResult | OutputWritten]:
     """Degrade ``source`` with ``operator`` and ``spec``'s noise (a generator of events).
 
-    Yields :class:`SliceDegraded` after each slice, then :class:`DegradeResult` and, when
+    Yields :class:`JobProgress` after each slice, then :class:`DegradeResult` and, when
     ``out`` is given, :class:`OutputWritten` (a TIFF, written atomically). ``out`` may not
     be ``source``'s file nor one of ``inputs`` (``(what, path)`` pairs).
     """
@@ -89,7 +82,7 @@ def degrade_job(
             if spec.noise > 0:
                 lr = add_noise(lr, spec.noise, seed=spec.seed + i)
         results.append(lr.detach().cpu().numpy())
-        yield SliceDegraded(i + 1, len(slices))
+        yield JobProgress(i + 1, len(slices), "slices")
     low = np.stack(results) if array.ndim == 3 else results[0]
     if array.dtype.kind in "ui":
         low = np.clip(low, 0.0, 1.0)

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["JobWarning", "reference_warning"]
+__all__ = ["JobProgress", "JobWarning", "reference_warning"]
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Progress of a job: ``done`` of ``total`` units of work, ``what`` they are."""
+
+    done: int
+    total: int
+    what: str = "slices"
 
 
 @dataclass(frozen=True)

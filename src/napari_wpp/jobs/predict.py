@@ -55,9 +55,8 @@ __all__ = [
     "PredictTarget",
     "input_normalisation",
     "percentile_sample",
-    "sample_job",
+    "predict_job",
     "suffixed_path",
-    "superresolve_job",
 ]
 
 #: Slices whose percentiles normalise a lazily read float input.
@@ -247,6 +246,20 @@ def _remove(paths: Mapping[str, Path]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _partial_zarrs(paths: Mapping[str, Path], zarr: bool) -> Iterator[dict[str, Path]]:
+    """The ``.partial.zarr`` path of each output (none unless ``zarr``), removed on the way out.
+
+    A partial array moved into place is popped from the dict, so only unfinished ones go.
+    """
+    tmps = {name: partial_path(path) for name, path in paths.items()} if zarr else {}
+    _remove(tmps)
+    try:
+        yield tmps
+    finally:
+        _remove(tmps)
+
+
 # --------------------------------------------------------------------------- superresolution
 def _checked_and_locked(
     outputs: Sequence[Path],
@@ -264,7 +277,7 @@ def _checked_and_locked(
         yield from events
 
 
-def superresolve_job(
+def predict_job(
     spec: PredictSpec,
     model: Any,
     recorded_normalisation: Mapping[str, Any] | None,
@@ -273,52 +286,80 @@ def superresolve_job(
     stop: threading.Event | None = None,
     inputs: Sequence[tuple[str, Path | str | None]] = (),
 ) -> Iterator[Any]:
-    """Superresolve ``source`` with a WPPNet into ``target`` (a generator of events).
+    """Superresolve (WPPNet) or sample (WPPFlow) ``source`` into ``target`` (a generator of events).
 
-    Yields :class:`NormalisationChosen`, the core's ``InferenceProgress`` events, then
-    ``InferenceFinished`` (its ``result`` ``None`` unless the target is in memory) and, when a
-    file was written, :class:`OutputWritten`. Bad input raises ``InputError``.
+    Both yield :class:`NormalisationChosen` first. A WPPNet then yields the core's
+    ``InferenceProgress`` events and ``InferenceFinished``; a WPPFlow draws ``spec.samples``
+    samples per slice at ``spec.temperature`` from ``spec.seed`` and yields
+    ``SamplingProgress`` and ``SamplingFinished``. The finished event's ``result`` is ``None``
+    unless the target is in memory. When files were written, :class:`OutputWritten` follows
+    (``result``; for a flow ``mean``, ``std``, ``samples``: the mean and samples in the input's
+    dtype, the std float32 in the input's intensity units). Bad input raises ``InputError``.
 
     No output may be an input (``source``'s zarr array or a file of ``inputs``, ``(what,
     path)`` pairs); the outputs' locks are held while they are written.
     """
-    events = _superresolve_events(spec, model, recorded_normalisation, source, target, stop)
-    outputs = [] if target.path is None else [target.path]
+    from napari_wpp.core.inference import is_flow
+
+    flow = is_flow(model)
+    if target.path is None:
+        outputs: list[Path] = []
+    elif flow:
+        outputs = list(target.paths(spec.keep_samples).values())
+    else:
+        outputs = [target.path]
+    events = _prediction_events(spec, model, recorded_normalisation, source, target, stop, flow)
     yield from _checked_and_locked(outputs, source, inputs, events)
 
 
-def _slicing(spec: PredictSpec, source: PredictSource) -> tuple[Any, int | None, list[bool]]:
-    """The input, its slice axis (``None`` for a 2D image) and which axes grow."""
-    data = source.data
-    ndim = len(data.shape)
-    axis = int(spec.axis) % 3 if ndim == 3 else None
-    return data, axis, grown_axes(ndim, axis)
+@dataclass(frozen=True)
+class _PredictRun:
+    """One prediction run, as its two kinds of event stream read it."""
+
+    spec: PredictSpec
+    model: Any
+    source: PredictSource
+    target: PredictTarget
+    stop: threading.Event | None
+    data: Any
+    axis: int | None
+    grow: list[bool]
+    norm: Any
 
 
-def _superresolve_events(
+def _prediction_events(
     spec: PredictSpec,
     model: Any,
     recorded_normalisation: Mapping[str, Any] | None,
     source: PredictSource,
     target: PredictTarget,
     stop: threading.Event | None,
+    flow: bool,
 ) -> Iterator[Any]:
-    """The events of :func:`superresolve_job` (outputs checked and locked)."""
-    from napari_wpp.core import inference
-
-    data, axis, grow = _slicing(spec, source)
+    """The events of :func:`predict_job` (outputs checked and locked)."""
+    data = source.data
+    ndim = len(data.shape)
+    axis = int(spec.axis) % 3 if ndim == 3 else None
     norm, how = source.normalisation(recorded_normalisation)
     yield NormalisationChosen(norm.to_dict(), how)
-    common = {"tile": spec.tile, "normalisation": norm, "device": spec.device, "stop": stop}
+    run = _PredictRun(spec, model, source, target, stop, data, axis, grown_axes(ndim, axis), norm)
+    yield from (_sample_events if flow else _superresolve_events)(run)
+
+
+def _superresolve_events(run: _PredictRun) -> Iterator[Any]:
+    """A WPPNet's events: superresolution, then the output written."""
+    from napari_wpp.core import inference
+
+    spec, model, source, target = run.spec, run.model, run.source, run.target
+    data, axis, grow, norm = run.data, run.axis, run.grow, run.norm
+    common = {"tile": spec.tile, "normalisation": norm, "device": spec.device, "stop": run.stop}
     if target.path is None:
         yield from inference.superresolve(
             model, data, axis=axis or 0, batch_size=spec.batch_size, **common
         )
         return
     out = target.path
-    tmps = {"result": partial_path(out)} if target.zarr else {}
-    _remove(tmps)
-    try:
+    with _partial_zarrs({"result": out}, target.zarr) as tmps:
         if target.zarr and source.zarr_path is not None:
             events = superresolve_zarr(
                 model,
@@ -361,8 +402,6 @@ def _superresolve_events(
             _write_tiff(out, finished.result, source, scale, grow)
             yield finished
         yield OutputWritten({"result": out})
-    finally:
-        _remove(tmps)
 
 
 def _stream_into_zarr(
@@ -397,45 +436,12 @@ def _stream_into_zarr(
 
 
 # --------------------------------------------------------------------------- sampling
-def sample_job(
-    spec: PredictSpec,
-    model: Any,
-    recorded_normalisation: Mapping[str, Any] | None,
-    source: PredictSource,
-    target: PredictTarget,
-    stop: threading.Event | None = None,
-    inputs: Sequence[tuple[str, Path | str | None]] = (),
-) -> Iterator[Any]:
-    """Posterior mean, std (and samples) of ``source`` with a WPPFlow (a generator of events).
-
-    ``spec.samples`` samples per slice at ``spec.temperature`` from ``spec.seed``. Yields
-    :class:`NormalisationChosen`, the core's ``SamplingProgress`` events, then
-    ``SamplingFinished`` (its ``result`` ``None`` unless the target is in memory) and, when
-    files were written, :class:`OutputWritten` (``mean``, ``std``, ``samples``: the mean and
-    samples in the input's dtype, the std float32 in the input's intensity units).
-
-    No output may be an input (``source``'s zarr array or a file of ``inputs``, ``(what,
-    path)`` pairs); the outputs' locks are held while they are written.
-    """
-    events = _sample_events(spec, model, recorded_normalisation, source, target, stop)
-    outputs = [] if target.path is None else list(target.paths(spec.keep_samples).values())
-    yield from _checked_and_locked(outputs, source, inputs, events)
-
-
-def _sample_events(
-    spec: PredictSpec,
-    model: Any,
-    recorded_normalisation: Mapping[str, Any] | None,
-    source: PredictSource,
-    target: PredictTarget,
-    stop: threading.Event | None,
-) -> Iterator[Any]:
-    """The events of :func:`sample_job` (outputs checked and locked)."""
+def _sample_events(run: _PredictRun) -> Iterator[Any]:
+    """A WPPFlow's events: posterior sampling, then the mean, std (and samples) written."""
     from napari_wpp.core import inference
 
-    data, axis, grow = _slicing(spec, source)
-    norm, how = source.normalisation(recorded_normalisation)
-    yield NormalisationChosen(norm.to_dict(), how)
+    spec, model, source, target = run.spec, run.model, run.source, run.target
+    data, axis, grow, norm = run.data, run.axis, run.grow, run.norm
     common = {
         "axis": axis or 0,
         "temperature": spec.temperature,
@@ -444,12 +450,10 @@ def _sample_events(
         "tile": spec.tile,
         "normalisation": norm,
         "device": spec.device,
-        "stop": stop,
+        "stop": run.stop,
     }
     paths = {} if target.path is None else target.paths(spec.keep_samples)
-    tmps = {name: partial_path(path) for name, path in paths.items()} if target.zarr else {}
-    _remove(tmps)
-    try:
+    with _partial_zarrs(paths, target.zarr) as tmps:
         if target.zarr and source.zarr_path is not None:
             events = sample_zarr(
                 model,
@@ -504,8 +508,6 @@ def _sample_events(
                 _write_tiff(path, arrays[name], source, scale, grow)
             yield finished
         yield OutputWritten(dict(paths))
-    finally:
-        _remove(tmps)
 
 
 def _write_statistic_zarr(

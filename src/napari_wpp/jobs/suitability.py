@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from napari_wpp.core.config import BlurCheckSpec, SuitabilitySpec
+from napari_wpp.jobs.notices import JobProgress
 from napari_wpp.jobs.predict import OutputWritten
 
 __all__ = [
     "BlurChecked",
-    "CheckProgress",
     "SuitabilityMapped",
     "blur_check_job",
     "sigma_warning",
@@ -28,14 +28,6 @@ __all__ = [
 
 #: A typed σ further than this share from the estimated one is warned about.
 SIGMA_TOLERANCE = 0.25
-
-
-@dataclass(frozen=True)
-class CheckProgress:
-    """Progress: ``done`` of ``total`` steps (LR slices, or σ values tried)."""
-
-    done: int
-    total: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +65,7 @@ def suitability_job(
 ) -> Iterator[Any]:
     """Map how well ``reference`` explains every LR patch of ``lr`` (a generator of events).
 
-    Yields :class:`CheckProgress` per LR slice, :class:`SuitabilityMapped` and, with ``out``,
+    Yields :class:`JobProgress` per LR slice, :class:`SuitabilityMapped` and, with ``out``,
     :class:`OutputWritten` (the float32 score map on the LR grid, shaped like ``lr``).
     """
     from napari_wpp.core.suitability import suitability
@@ -82,10 +74,10 @@ def suitability_job(
     check_not_an_input([out], inputs)
     lr = np.asarray(lr)
     data, ref = _normalised(lr), _normalised(reference)
-    events: list[CheckProgress] = []
+    events: list[JobProgress] = []
 
     def progress(done: int, total: int) -> None:
-        events.append(CheckProgress(done, total))
+        events.append(JobProgress(done, total, "LR slices"))
 
     result = suitability(data, ref, operator, spec, progress=progress)
     yield from events
@@ -101,14 +93,14 @@ def suitability_job(
 def blur_check_job(spec: BlurCheckSpec, lr: Any, reference: Any) -> Iterator[Any]:
     """Search the blur σ under which ``reference`` degraded best matches ``lr``'s patches.
 
-    Yields :class:`CheckProgress` per σ tried, then :class:`BlurChecked`.
+    Yields :class:`JobProgress` per σ tried, then :class:`BlurChecked`.
     """
     from napari_wpp.core.suitability import estimate_blur_sigma
 
-    events: list[CheckProgress] = []
+    events: list[JobProgress] = []
 
     def progress(done: int, total: int) -> None:
-        events.append(CheckProgress(done, total))
+        events.append(JobProgress(done, total, "σ values"))
 
     fit = estimate_blur_sigma(_normalised(lr), _normalised(reference), spec, progress=progress)
     yield from events

@@ -28,12 +28,11 @@ import numpy as np
 from napari_wpp.core.config import ReadoutSpec, TransportSpec
 from napari_wpp.core.errors import InputError
 from napari_wpp.io import PROVENANCE_ATTR
+from napari_wpp.jobs.notices import JobProgress
 
 __all__ = [
-    "ReadoutsMeasured",
     "TransportApplied",
     "TransportFitted",
-    "TransportProgress",
     "apply_transport_job",
     "auto_alpha",
     "fit_transport_job",
@@ -45,15 +44,6 @@ __all__ = [
 
 #: α values on which the automatic α is searched (the blend distance is exact on each).
 ALPHA_GRID = np.linspace(0.0, 1.0, 41)
-
-
-@dataclass(frozen=True)
-class TransportProgress:
-    """``done`` of ``total`` slices of a fit or an application."""
-
-    done: int
-    total: int
-    what: str
 
 
 @dataclass(frozen=True)
@@ -76,13 +66,6 @@ class TransportApplied:
     path: Path | None
     elapsed_s: float
     stopped_early: bool = False
-
-
-@dataclass(frozen=True)
-class ReadoutsMeasured:
-    """The readouts of :func:`measure_readouts` as a plain dict."""
-
-    readouts: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- intensities
@@ -128,7 +111,7 @@ def fit_transport_job(
     """Fit the source (``sources``: images or stacks, any dtype) and target (``reference``)
     patch statistics; write them to ``out`` when given (a generator of events).
 
-    Yields :class:`TransportProgress` per slice, then :class:`TransportFitted`.
+    Yields :class:`JobProgress` per slice, then :class:`TransportFitted`.
     """
     from napari_wpp.core.patch_distance import reference_band
     from napari_wpp.core.transport import GaussianTransport, PatchMoments
@@ -147,7 +130,7 @@ def fit_transport_job(
                 raise InputError("the fit was stopped: nothing was written")
             moments.add(norm.apply(image))
             done += 1
-            yield TransportProgress(done, total, "source slices")
+            yield JobProgress(done, total, "source slices")
     ref_norm = transport_normalisation(reference)
     ref01 = ref_norm.apply(np.asarray(reference[...]))
     target = PatchMoments(spec.patch_size).add(ref01).statistics()
@@ -231,7 +214,7 @@ def apply_transport_job(
 
     With ``lr`` (the LR image or stack, same slicing) and ``operator``, ``spec.data_steps``
     data-consistency steps follow the blend, stopped at ``noise``. Yields
-    :class:`TransportProgress` per slice, then :class:`TransportApplied`. The output has the
+    :class:`JobProgress` per slice, then :class:`TransportApplied`. The output has the
     input's dtype and intensity range.
     """
     from napari_wpp.core.transport import check_alpha
@@ -285,7 +268,7 @@ def apply_transport_job(
                 noise,
             )
             writer.put(i, norm.invert(moved))
-            yield TransportProgress(i + 1, count, "slices")
+            yield JobProgress(i + 1, count, "slices")
         result = writer.finish()
     except BaseException:
         writer.discard()
@@ -435,14 +418,3 @@ def measure_readouts(
         band = reference_band(reference01, p, spec.projections, spec.samples, spec.seed)
         out["reference_band"] = band.to_dict()
     return out
-
-
-def readouts_job(
-    spec: ReadoutSpec,
-    image01: np.ndarray,
-    lr01: np.ndarray | None = None,
-    operator: Any = None,
-    reference01: np.ndarray | None = None,
-) -> Iterator[Any]:
-    """:func:`measure_readouts` as a job: yields one :class:`ReadoutsMeasured`."""
-    yield ReadoutsMeasured(measure_readouts(spec, image01, lr01, operator, reference01))

@@ -482,3 +482,19 @@ class LayerChoice:
                 self.combo.value = value
         if value != current:
             setattr(settings, self.setting, value)
+
+
+def rectangle_choice(owner: JobDockWidget, setting: str = "region_shapes") -> LayerChoice:
+    """The optional choice of a Shapes layer whose rectangle cuts the slice (none: all of it)."""
+    from napari.layers import Shapes
+
+    return LayerChoice(
+        owner,
+        setting,
+        lambda viewer: [layer for layer in viewer.layers if isinstance(layer, Shapes)],
+        lambda _layers: NO_LAYER,
+        empty_text="(whole slice)",
+        optional=True,
+        label="Rectangle",
+        tooltip="A Shapes layer whose rectangle cuts the slice",
+    )

@@ -496,3 +496,13 @@ def add_or_update_kernel(viewer: Any, estimate: Any, source: dict[str, Any]) -> 
         metadata={PROVENANCE_KEY: {"role": "kernel", **fit, **source}},
         colormap="magma",
     )
+
+
+def slice_region(viewer: Any, layer: Any, shapes_name: str) -> tuple[int | None, slice, slice]:
+    """The slice shown of ``layer`` (``None`` for 2D) and the rows and columns under the
+    rectangle of the Shapes layer ``shapes_name`` (``""``: the whole slice); see
+    :func:`region_slices` for the errors."""
+    shapes = chosen_layer(viewer, shapes_name, "Shapes layer") if shapes_name else None
+    rows, cols = region_slices(layer, shapes)
+    index = current_index(layer, viewer, 0) if layer.ndim == 3 else None
+    return index, rows, cols

@@ -1,11 +1,13 @@
-"""The "Reconstruct" dock widget: variational superresolution of the current slice.
+"""The "Reconstruct" dock widget: variational superresolution of the current slice or a rectangle.
 
 It runs :func:`napari_wpp.jobs.reconstruct.reconstruct_job`, the job of ``napari-wpp
-reconstruct``, on the slice shown of an LR layer, with the session's forward operator and one
+reconstruct``, on the slice shown of an LR layer (or the part of it under the rectangle of a
+Shapes layer), with the session's forward operator and one
 of two priors: the WPP of the session's reference, or a trained PatchNR (the session's model or
 a model file, :class:`~napari_wpp.widgets._model_source.ModelSourcePanel`). The form comes from
 :class:`~napari_wpp.core.config.ReconstructSpec`. The result becomes the layer
-``"<LR name> reconstructed"`` over the LR layer (updated in place by the next run).
+``"<LR name> reconstructed"`` over the LR layer, or over the rectangle's pixels (updated in
+place by the next run).
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ from qtpy.QtWidgets import QGroupBox
 
 from napari_wpp.core.config import ReconstructSpec
 from napari_wpp.core.errors import InputError
-from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
+from napari_wpp.widgets._base import (
+    NO_LAYER,
+    JobLaunch,
+    LayerChoice,
+    job_finished_alias,
+    rectangle_choice,
+)
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     checked_image,
     crop_geometry,
-    current_index,
     full_resolution,
     greyscale_images,
     layer_with_role,
     show_result,
+    slice_region,
 )
 from napari_wpp.widgets._layout import group_box, scrolled_column, shrinkable
 from napari_wpp.widgets._model_source import ModelDockWidget, ModelSourcePanel
@@ -71,6 +79,8 @@ class ReconstructSettings:
         Where the PatchNR comes from: ``"session"`` or ``"file"`` (``model_file``).
     input_layer
         Name of the LR image layer (2D image or 3D stack: the slice shown on axis 0).
+    region_shapes
+        Name of a Shapes layer whose rectangle cuts the slice; ``""``: the whole slice.
     lam, patchnr_lam, patchnr_patches, patchnr_step, iterations, seed, device
         The :class:`~napari_wpp.core.config.ReconstructSpec` fields.
     """
@@ -79,6 +89,7 @@ class ReconstructSettings:
     model_source: str = "session"
     model_file: str = ""
     input_layer: str = NO_LAYER
+    region_shapes: str = NO_LAYER
     lam: float = field(default_factory=spec_default(ReconstructSpec, "lam"))
     patchnr_lam: float = field(default_factory=spec_default(ReconstructSpec, "patchnr_lam"))
     patchnr_patches: int = field(default_factory=spec_default(ReconstructSpec, "patchnr_patches"))
@@ -89,7 +100,8 @@ class ReconstructSettings:
 
 
 class ReconstructWidget(ModelDockWidget):
-    """Dock widget: reconstruct the current slice of an LR layer with the WPP or a PatchNR.
+    """Dock widget: reconstruct the current slice of an LR layer (or a rectangle of it) with the
+    WPP or a PatchNR.
 
     Public methods: :meth:`run`, :meth:`cancel`, :meth:`load_model`, :meth:`shutdown`.
     :attr:`reconstruct_finished` is emitted at the end of a run with the output layer (``None``
@@ -106,14 +118,19 @@ class ReconstructWidget(ModelDockWidget):
             self, kind="patchnr", title="PatchNR prior", placeholder="prior.safetensors"
         )
         scrolled_column(self, [self._input_box(), self.model_panel])
-        self.watch_layers(self.layer_choice.refresh)
+        self.watch_layers(self._refresh_layers)
         self.listen_settings(self._update_controls, "prior", "model_source")
         self._update_controls()
+
+    def _refresh_layers(self, *_args: Any) -> None:
+        self.layer_choice.refresh()
+        self.shapes_choice.refresh()
 
     def _input_box(self) -> QGroupBox:
         self.layer_choice = LayerChoice(
             self, "input_layer", greyscale_images, layer_with_role("lr"), label="LR layer"
         )
+        self.shapes_choice = rectangle_choice(self)
         self.prior_choice = self.bind("prior", shrinkable(ComboBox(label="Prior", choices=PRIORS)))
         self.form = self.bind_form(
             spec_form(
@@ -127,10 +144,11 @@ class ReconstructWidget(ModelDockWidget):
             )
         )
         self.form.insert(0, self.layer_choice.combo)
-        self.form.insert(1, self.prior_choice)
+        self.form.insert(1, self.shapes_choice.combo)
+        self.form.insert(2, self.prior_choice)
         controls = self.job_controls("Reconstruct")
         self.progress_bar.setFormat("%p%")  # the share of the budget
-        return group_box("Current slice", self.form, controls)
+        return group_box("Current slice (or a rectangle of it)", self.form, controls)
 
     def _update_controls(self, *_args: Any) -> None:
         super()._update_controls()
@@ -168,13 +186,17 @@ class ReconstructWidget(ModelDockWidget):
                 )
             reference = np.asarray(chosen.regions[0], np.float32)  # the first region
         data = full_resolution(layer)
-        index = current_index(layer, self.viewer, 0) if len(data.shape) == 3 else None
-        plane = np.asarray(data if index is None else data[index])
-        start = [0, 0] if index is None else [index, 0, 0]
+        index, rows, cols = slice_region(self.viewer, layer, s.region_shapes)
+        plane = np.asarray((data if index is None else data[index])[rows, cols])
+        start = [rows.start, cols.start] if index is None else [index, rows.start, cols.start]
         spec = spec_from_values(ReconstructSpec, {n: getattr(s, n) for n in FORM_FIELDS})
         lr = ImageData(array=plane)
         q = int(operator.scale)
         what = layer.name if index is None else f"slice {index} of {layer.name}"
+        if plane.shape != tuple(data.shape[-2:]):
+            what = (
+                f"rows {rows.start}–{rows.stop - 1}, columns {cols.start}–{cols.stop - 1} of {what}"
+            )
         return JobLaunch(
             functools.partial(reconstruct_job, prior=state),
             (spec, operator, lr, reference, None),
@@ -190,6 +212,8 @@ class ReconstructWidget(ModelDockWidget):
                     "role": "reconstructed",
                     "source": layer.name,
                     "slice": index,
+                    "rows": [rows.start, rows.stop],
+                    "cols": [cols.start, cols.stop],
                     "prior": s.prior,
                     "prior_file": model_file,
                     "spec": spec.__dict__,

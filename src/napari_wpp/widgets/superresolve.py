@@ -3,7 +3,7 @@
 It shows a model source (:class:`~napari_wpp.widgets._model_source.ModelSourcePanel`: the
 session's model or a model file), the input layer with the prediction form of
 :class:`~napari_wpp.core.config.PredictSpec`, and runs :func:`napari_wpp.jobs.predict.
-superresolve_job`, the job of ``napari-wpp predict`` (in memory, or into a zarr array for
+predict_job`, the job of ``napari-wpp predict`` (in memory, or into a zarr array for
 stacks too large for memory), with progress (also in napari's activity dock) and Cancel.
 
 Intensities are handled by the job's one rule (:func:`napari_wpp.jobs.predict.
@@ -32,7 +32,7 @@ from napari_wpp.jobs.predict import (
     OutputWritten,
     PredictSource,
     PredictTarget,
-    superresolve_job,
+    predict_job,
 )
 from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
@@ -237,7 +237,7 @@ class SuperresolveWidget(ModelDockWidget):
             provenance={"model_file": model_file, "model_step": int(state.step)},
         )
         return JobLaunch(
-            superresolve_job,
+            predict_job,
             (spec, state.model, state.normalisation, source, target),
             total=slices,
             activity="Superresolving",

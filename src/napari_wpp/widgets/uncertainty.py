@@ -49,7 +49,13 @@ from napari_wpp.jobs.uncertainty import (
     statistics_texts,
     uncertainty_job,
 )
-from napari_wpp.widgets._base import NO_LAYER, JobLaunch, LayerChoice, job_finished_alias
+from napari_wpp.widgets._base import (
+    NO_LAYER,
+    JobLaunch,
+    LayerChoice,
+    job_finished_alias,
+    rectangle_choice,
+)
 from napari_wpp.widgets._forms import device_choices, spec_default, spec_form, spec_from_values
 from napari_wpp.widgets._layers import (
     MIN_REGION,
@@ -58,11 +64,10 @@ from napari_wpp.widgets._layers import (
     checked_image,
     chosen_layer,
     crop_geometry,
-    current_index,
     full_resolution,
     greyscale_images,
     layer_with_role,
-    region_slices,
+    slice_region,
     superresolved_provenance,
     truth_index,
 )
@@ -127,12 +132,14 @@ class UncertaintySettings:
         Name of a Shapes layer whose rectangle cuts the slice; ``""``: the whole slice.
     truth_layer
         Name of a ground-truth layer on the superresolved grid; ``""``: none.
-    k, temperature, seed, batch_size, tile, device, keep_samples
-        The spec's ``samples`` ... ``keep_samples`` (``tile`` 0: the whole region).
+    k, temperature, seed, keep_samples
+        The spec's ``samples``, ``temperature``, ``seed`` and ``keep_samples``.
     overlay_std
         Blend the std layer additively over the mean.
     threshold_percent
         Threshold of the "share above" statistic, in percent of the intensity range.
+    batch_size, tile, device
+        The spec's fields of the same names (``tile`` 0: the whole region).
     """
 
     model_source: str = "session"
@@ -140,15 +147,16 @@ class UncertaintySettings:
     input_layer: str = NO_LAYER
     region_shapes: str = NO_LAYER
     truth_layer: str = NO_LAYER
+    # what is drawn and kept, how it is shown, how it is computed
     k: int = _spec_setting("samples")
     temperature: float = _spec_setting("temperature")
     seed: int = _spec_setting("seed")
-    batch_size: int = _spec_setting("batch_size")
-    tile: int = _spec_setting("tile")
-    device: str = _spec_setting("device")
     keep_samples: bool = _spec_setting("keep_samples")
     overlay_std: bool = True
     threshold_percent: float = 5.0
+    batch_size: int = _spec_setting("batch_size")
+    tile: int = _spec_setting("tile")
+    device: str = _spec_setting("device")
 
 
 class UncertaintyWidget(ModelDockWidget):
@@ -187,8 +195,6 @@ class UncertaintyWidget(ModelDockWidget):
 
     # ------------------------------------------------------------------ UI
     def _region_box(self) -> QGroupBox:
-        from napari.layers import Shapes
-
         self.layer_choice = LayerChoice(
             self,
             "input_layer",
@@ -197,16 +203,7 @@ class UncertaintyWidget(ModelDockWidget):
             label="LR layer",
             tooltip="LR image or stack; a stack is sampled at the current slice",
         )
-        self.shapes_choice = LayerChoice(
-            self,
-            "region_shapes",
-            lambda viewer: [layer for layer in viewer.layers if isinstance(layer, Shapes)],
-            lambda _layers: NO_LAYER,
-            empty_text="(whole slice)",
-            optional=True,
-            label="Rectangle",
-            tooltip="A Shapes layer whose rectangle cuts the slice",
-        )
+        self.shapes_choice = rectangle_choice(self)
         self.truth_choice = LayerChoice(
             self,
             "truth_layer",
@@ -279,11 +276,7 @@ class UncertaintyWidget(ModelDockWidget):
 
     def _region(self, layer: Any) -> tuple[int | None, slice, slice]:
         """Slice index (``None`` for 2D) and the rows and columns of the region."""
-        shapes_name = self.settings.region_shapes
-        shapes = chosen_layer(self.viewer, shapes_name, "Shapes layer") if shapes_name else None
-        rows, cols = region_slices(layer, shapes)
-        index = current_index(layer, self.viewer, 0) if layer.ndim == 3 else None
-        return index, rows, cols
+        return slice_region(self.viewer, layer, self.settings.region_shapes)
 
     def _update_region_label(self, *_args: Any) -> None:
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, field, fields
 from typing import Any
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "field_meta",
     "help_of",
     "help_text",
+    "spec_field",
     "spec_from",
 ]
 
@@ -31,6 +32,14 @@ def field_meta(help: str, low: float | None = None, high: float | None = None, *
     if high is not None:
         data["max"] = high
     return data
+
+
+def spec_field(
+    default: Any, help: str, low: float | None = None, high: float | None = None, **extra: Any
+) -> Any:
+    """A spec's dataclass field: its default, one-line help and inclusive bounds (``None``:
+    open); ``extra`` metadata such as ``choices`` or ``default_text``."""
+    return field(default=default, metadata=field_meta(help, low, high, **extra))
 
 
 def _field(spec: type, name: str) -> Any:

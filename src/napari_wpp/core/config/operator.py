@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from napari_wpp.core.config.fields import MAX_SEED, field_meta
+from napari_wpp.core.config.fields import MAX_SEED, spec_field
 
 __all__ = [
     "ANCHORS",
@@ -45,31 +45,18 @@ class OperatorSpec:
     (:func:`default_sigma`), see :attr:`resolved_sigma`.
     """
 
-    path: str | None = field(
-        default=None,
-        metadata=field_meta("operator JSON (from estimate-operator)", default_text="none"),
+    path: str | None = spec_field(
+        None, "operator JSON (from estimate-operator)", default_text="none"
     )
-    scale: int = field(
-        default=4,
-        metadata=field_meta("integer downsampling factor q ≥ 2", 2, choices=SCALES),
+    scale: int = spec_field(4, "integer downsampling factor q ≥ 2", 2, choices=SCALES)
+    sigma: float | None = spec_field(
+        None, "Gaussian blur σ in HR pixels", 0.05, 64.0, default_text=_sigma_rule_text()
     )
-    sigma: float | None = field(
-        default=None,
-        metadata=field_meta(
-            "Gaussian blur σ in HR pixels", 0.05, 64.0, default_text=_sigma_rule_text()
-        ),
+    kernel_size: int = spec_field(16, "kernel side", 1, 129)
+    anchor: str = spec_field(
+        "center", "kernel anchoring; 'corner' reproduces the published data", choices=ANCHORS
     )
-    kernel_size: int = field(default=16, metadata=field_meta("kernel side", 1, 129))
-    anchor: str = field(
-        default="center",
-        metadata=field_meta(
-            "kernel anchoring; 'corner' reproduces the published data", choices=ANCHORS
-        ),
-    )
-    padding: str = field(
-        default="circular",
-        metadata=field_meta("border handling of the blur", choices=PADDINGS),
-    )
+    padding: str = spec_field("circular", "border handling of the blur", choices=PADDINGS)
 
     @property
     def resolved_sigma(self) -> float:
@@ -81,18 +68,13 @@ class OperatorSpec:
 class DegradeSpec:
     """Degradation of an HR image or stack by a forward operator, plus Gaussian noise."""
 
-    noise: float = field(
-        default=0.0,
-        metadata=field_meta("Gaussian noise std on the [0, 1] intensity scale", 0.0, 1.0),
-    )
-    seed: int = field(
-        default=0, metadata=field_meta("noise seed (slice i uses seed + i)", 0, MAX_SEED)
-    )
+    noise: float = spec_field(0.0, "Gaussian noise std on the [0, 1] intensity scale", 0.0, 1.0)
+    seed: int = spec_field(0, "noise seed (slice i uses seed + i)", 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
 class EstimateSpec:
     """Estimation of a K×K kernel and a bias from a registered HR/LR pair."""
 
-    scale: int = field(default=4, metadata=field_meta("integer factor ≥ 2", 2, choices=SCALES))
-    kernel_size: int = field(default=15, metadata=field_meta("kernel side", 1, 64))
+    scale: int = spec_field(4, "integer factor ≥ 2", 2, choices=SCALES)
+    kernel_size: int = spec_field(15, "kernel side", 1, 64)

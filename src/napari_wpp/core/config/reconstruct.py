@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from napari_wpp.core.config.fields import MAX_SEED, field_meta
+from napari_wpp.core.config.fields import MAX_SEED, spec_field
 from napari_wpp.core.config.patch_distance import patch_distance_field, projections_field
 
 __all__ = ["FALLBACK_ITERATIONS", "ReconstructSpec"]
@@ -28,51 +28,37 @@ class ReconstructSpec:
     :data:`FALLBACK_ITERATIONS` iterations.
     """
 
-    lam: float = field(
-        default=0.008,
-        metadata=field_meta("weight λ of the patch prior, mean data term", 0.0, 10.0),
-    )
+    lam: float = spec_field(0.008, "weight λ of the patch prior, mean data term", 0.0, 10.0)
     patch_distance: str = patch_distance_field()
     projections: int = projections_field()
-    patchnr_lam: float = field(
-        default=PATCHNR_LAMBDA,
-        metadata=field_meta(
-            "weight λ of a PatchNR prior's mean patch NLL (mean data term; the published "
-            "λ = 0.15 with a summed data term is 0.15 / LR pixels: 6.7e-6 for 150² pixels)",
-            0.0,
-            1.0,
-        ),
+    patchnr_lam: float = spec_field(
+        PATCHNR_LAMBDA,
+        "weight λ of a PatchNR prior's mean patch NLL (mean data term; the published "
+        "λ = 0.15 with a summed data term is 0.15 / LR pixels: 6.7e-6 for 150² pixels)",
+        0.0,
+        1.0,
     )
-    patchnr_patches: int = field(
-        default=PATCHNR_PATCHES,
-        metadata=field_meta(
-            "about this many patches per iteration scored by a PatchNR prior (0: all)", 0, 10**8
-        ),
+    patchnr_patches: int = spec_field(
+        PATCHNR_PATCHES,
+        "about this many patches per iteration scored by a PatchNR prior (0: all)",
+        0,
+        10**8,
     )
-    patchnr_step: float = field(
-        default=0.03,
-        metadata=field_meta(
-            "Adam step on the image with a PatchNR prior, decayed to a tenth (published 0.03; "
-            "0.01 for a zero-shot prior)",
-            0.0,
-            1.0,
-        ),
+    patchnr_step: float = spec_field(
+        0.03,
+        "Adam step on the image with a PatchNR prior, decayed to a tenth (published 0.03; "
+        "0.01 for a zero-shot prior)",
+        0.0,
+        1.0,
     )
-    minutes: float | None = field(
-        default=None,
-        metadata=field_meta(
-            "time budget in minutes (with --iterations: whichever ends first)",
-            0.0,
-            default_text="none",
-        ),
+    minutes: float | None = spec_field(
+        None,
+        "time budget in minutes (with --iterations: whichever ends first)",
+        0.0,
+        default_text="none",
     )
-    iterations: int | None = field(
-        default=None,
-        metadata=field_meta(
-            "iteration budget",
-            1,
-            default_text=f"{FALLBACK_ITERATIONS} when no budget is given",
-        ),
+    iterations: int | None = spec_field(
+        None, "iteration budget", 1, default_text=f"{FALLBACK_ITERATIONS} when no budget is given"
     )
-    seed: int = field(default=0, metadata=field_meta("seed of every random choice", 0, MAX_SEED))
-    device: str = field(default="auto", metadata=field_meta("auto, cpu, cuda, cuda:N or mps"))
+    seed: int = spec_field(0, "seed of every random choice", 0, MAX_SEED)
+    device: str = spec_field("auto", "auto, cpu, cuda, cuda:N or mps")

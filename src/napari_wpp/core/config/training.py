@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from napari_wpp.core.config.fields import MAX_COUNT, MAX_SEED, field_meta
+from napari_wpp.core.config.fields import MAX_COUNT, MAX_SEED, field_meta, spec_field
 from napari_wpp.core.config.patch_distance import (
     PATCH_DISTANCES,
     patch_distance_field,
@@ -167,75 +167,59 @@ class TrainSpec:
         Extra constructor arguments of the model (e.g. ``{"features": 32}``).
     """
 
-    model: str = field(
-        default="wppnet",
-        metadata=field_meta(
-            "wppnet (a CNN), wppflow (a conditional normalizing flow: posterior samples) or "
-            "patchnr (a patch flow: the learned prior of `reconstruct --prior`)",
-            choices=TRAINABLE_MODELS,
-        ),
+    model: str = spec_field(
+        "wppnet",
+        "wppnet (a CNN), wppflow (a conditional normalizing flow: posterior samples) or "
+        "patchnr (a patch flow: the learned prior of `reconstruct --prior`)",
+        choices=TRAINABLE_MODELS,
     )
-    lam: float | str | None = field(
-        default=None,
-        metadata=field_meta(
-            "wppnet: weight λ of the patch prior (mean data term), or 'auto' (chosen on the "
-            "reference)",
-            0.0,
-            None,
-            default_text=(
-                f"{PAPER_LAMBDA_NUMERATOR:g} · gain² / crop-size², gain the operator's kernel "
-                "sum: 0.02 for 25-pixel crops and a normalised blur"
-            ),
-        ),
+    lam: float | str | None = spec_field(
+        None,
+        "wppnet: weight λ of the patch prior (mean data term), or 'auto' (chosen on the reference)",
+        0.0,
+        None,
+        default_text=f"{PAPER_LAMBDA_NUMERATOR:g} · gain² / crop-size², gain the operator's kernel "
+        "sum: 0.02 for 25-pixel crops and a normalised blur",
     )
-    rho: float | str | None = field(
-        default=None,
-        metadata=field_meta(
-            "wppflow: weight ρ of the patch prior in the flow's loss per LR pixel, "
-            "data/(2σ²) + ρ·W₂² − log-det/n_LR, or 'auto' (the λ chosen on the reference "
-            "divided by 2σ²)",
-            0.0,
-            None,
-            default_text=f"the published weighting, ρ = {PUBLISHED_RHO_PER_CROP:g} per LR crop, "
-            f"which is {PUBLISHED_RHO_PER_CROP:g}/(σ²·crop²) per LR pixel: 1600 for σ = 0.01 "
-            "and 25-pixel crops",
-        ),
+    rho: float | str | None = spec_field(
+        None,
+        "wppflow: weight ρ of the patch prior in the flow's loss per LR pixel, "
+        "data/(2σ²) + ρ·W₂² − log-det/n_LR, or 'auto' (the λ chosen on the reference "
+        "divided by 2σ²)",
+        0.0,
+        None,
+        default_text=f"the published weighting, ρ = {PUBLISHED_RHO_PER_CROP:g} per LR crop, "
+        f"which is {PUBLISHED_RHO_PER_CROP:g}/(σ²·crop²) per LR pixel: 1600 for σ = 0.01 "
+        "and 25-pixel crops",
     )
-    mean_warmup: float = field(
-        default=DEFAULT_MEAN_WARMUP,
-        metadata=field_meta(
-            "wppflow: share of the budget that trains the flow's mean network alone, as a "
-            "WPPNet, before it is frozen and the flow learns the spread around it (0: train "
-            "everything together)",
-            0.0,
-            0.9,
-        ),
+    mean_warmup: float = spec_field(
+        DEFAULT_MEAN_WARMUP,
+        "wppflow: share of the budget that trains the flow's mean network alone, as a "
+        "WPPNet, before it is frozen and the flow learns the spread around it (0: train "
+        "everything together)",
+        0.0,
+        0.9,
     )
-    steps: int | None = field(
-        default=None,
-        metadata=field_meta(
-            "step budget; budgets count the whole run, including resumed steps",
-            1,
-            10**9,
-            default_text=f"{DEFAULT_STEPS} steps when no time budget is given either",
-        ),
+    steps: int | None = spec_field(
+        None,
+        "step budget; budgets count the whole run, including resumed steps",
+        1,
+        10**9,
+        default_text=f"{DEFAULT_STEPS} steps when no time budget is given either",
     )
-    minutes: float | None = field(
-        default=None,
-        metadata=field_meta(
-            "time budget in minutes (with a step budget: whichever ends first)",
-            0.0,
-            None,
-            default_text="none",
-        ),
+    minutes: float | None = spec_field(
+        None,
+        "time budget in minutes (with a step budget: whichever ends first)",
+        0.0,
+        None,
+        default_text="none",
     )
     batch_size: int | None = field(
         default=None,
         metadata=_per_device("LR crops per step (per process under torchrun)", 8, 25, 1, MAX_COUNT),
     )
-    crop_size: int = field(
-        default=25,
-        metadata=field_meta("side of the LR crops in LR pixels (clipped to the data)", 4, 4096),
+    crop_size: int = spec_field(
+        25, "side of the LR crops in LR pixels (clipped to the data)", 4, 4096
     )
     n_reference_patches: int | None = field(
         default=None,
@@ -247,26 +231,19 @@ class TrainSpec:
         default=None,
         metadata=_per_device("dual (ψ) ascent passes per step", 2, 5, 1, 100),
     )
-    psi_mode: str = field(
-        default="shared",
-        metadata=field_meta(
-            "shared: one ψ, fresh random crops every step; per_batch (published): fixed "
-            "batches of crops, one ψ each",
-            choices=PSI_MODES,
-        ),
+    psi_mode: str = spec_field(
+        "shared",
+        "shared: one ψ, fresh random crops every step; per_batch (published): fixed "
+        "batches of crops, one ψ each",
+        choices=PSI_MODES,
     )
-    psi_solver: str = field(
-        default="adam", metadata=field_meta("ψ solver of the semi-dual W₂² (adam, gd, asgd)")
-    )
-    psi_lr: float | None = field(
-        default=None,
-        metadata=field_meta("step of the ψ solver", 0.0, None, default_text="the solver's"),
+    psi_solver: str = spec_field("adam", "ψ solver of the semi-dual W₂² (adam, gd, asgd)")
+    psi_lr: float | None = spec_field(
+        None, "step of the ψ solver", 0.0, None, default_text="the solver's"
     )
     patch_distance: str = patch_distance_field()
     projections: int = projections_field()
-    n_fixed_batches: int = field(
-        default=40, metadata=field_meta("number of fixed batches in per_batch ψ mode", 1, 10_000)
-    )
+    n_fixed_batches: int = spec_field(40, "number of fixed batches in per_batch ψ mode", 1, 10_000)
     patches_per_step: int | None = field(
         default=None,
         metadata=_per_device(
@@ -277,45 +254,36 @@ class TrainSpec:
             10**8,
         ),
     )
-    patch_size: int = field(default=6, metadata=field_meta("side p of the patches", 1, 64))
-    learning_rate: float = field(
-        default=1e-3,
-        metadata=field_meta("Adam step of the network, cosine-decayed to a tenth", 0.0, None),
+    patch_size: int = spec_field(6, "side p of the patches", 1, 64)
+    learning_rate: float = spec_field(
+        1e-3, "Adam step of the network, cosine-decayed to a tenth", 0.0, None
     )
-    mixed_precision: str = field(
-        default="auto",
-        metadata=field_meta("auto (bfloat16 where native), bf16 or off", choices=PRECISIONS),
+    mixed_precision: str = spec_field(
+        "auto", "auto (bfloat16 where native), bf16 or off", choices=PRECISIONS
     )
-    augment: bool = field(
-        default=True,
-        metadata=field_meta("random flips and 90° rotations of the crops, where consistent"),
+    augment: bool = spec_field(
+        True, "random flips and 90° rotations of the crops, where consistent"
     )
-    noise_std: float = field(
-        default=0.01,
-        metadata=field_meta(
-            "noise std σ of the LR data on the [0, 1] intensity scale: the σ of wppflow's data "
-            "term, and used by λ/ρ 'auto'",
-            0.0,
-            1.0,
-        ),
+    noise_std: float = spec_field(
+        0.01,
+        "noise std σ of the LR data on the [0, 1] intensity scale: the σ of wppflow's data "
+        "term, and used by λ/ρ 'auto'",
+        0.0,
+        1.0,
     )
-    seed: int = field(default=0, metadata=field_meta("seed of every random choice", 0, MAX_SEED))
-    device: str = field(default="auto", metadata=field_meta("auto, cpu, cuda, cuda:N or mps"))
-    preview_every: int | None = field(
-        default=None,
-        metadata=field_meta("preview every this many steps", 1, None, default_text="never"),
+    seed: int = spec_field(0, "seed of every random choice", 0, MAX_SEED)
+    device: str = spec_field("auto", "auto, cpu, cuda, cuda:N or mps")
+    preview_every: int | None = spec_field(
+        None, "preview every this many steps", 1, None, default_text="never"
     )
-    checkpoint_every: int | None = field(
-        default=None,
-        metadata=field_meta("checkpoint every this many steps", 1, None, default_text="never"),
+    checkpoint_every: int | None = spec_field(
+        None, "checkpoint every this many steps", 1, None, default_text="never"
     )
-    checkpoint_minutes: float | None = field(
-        default=None,
-        metadata=field_meta("checkpoint every this many minutes", 0.0, None, default_text="never"),
+    checkpoint_minutes: float | None = spec_field(
+        None, "checkpoint every this many minutes", 0.0, None, default_text="never"
     )
-    validate_every: int | None = field(
-        default=None,
-        metadata=field_meta("validation PSNR every this many steps", 1, None, default_text="never"),
+    validate_every: int | None = spec_field(
+        None, "validation PSNR every this many steps", 1, None, default_text="never"
     )
     patchnr_hidden: int | None = field(
         default=None,

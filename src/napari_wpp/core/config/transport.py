@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from napari_wpp.core.config.fields import MAX_SEED, field_meta
+from napari_wpp.core.config.fields import MAX_SEED, spec_field
 
 __all__ = ["ReadoutSpec", "TransportSpec"]
 
@@ -17,33 +17,24 @@ class TransportSpec:
     the α whose patch distance to the reference meets the middle of the reference's own band.
     """
 
-    patch_size: int = field(
-        default=6, metadata=field_meta("side p of the p×p patches whose statistics move", 2, 16)
+    patch_size: int = spec_field(6, "side p of the p×p patches whose statistics move", 2, 16)
+    floor: float = spec_field(
+        1e-4, "eigenvalue floor of the source patch covariance (intensity² on [0, 1])", 0.0, 1.0
     )
-    floor: float = field(
-        default=1e-4,
-        metadata=field_meta(
-            "eigenvalue floor of the source patch covariance (intensity² on [0, 1])", 0.0, 1.0
-        ),
+    alpha: float | None = spec_field(
+        None,
+        "blend α·input + (1 − α)·transported: 1 unchanged (fidelity), 0 fully transported "
+        "(perception)",
+        -0.5,
+        1.5,
+        default_text="auto: where the patch distance meets the reference's band",
     )
-    alpha: float | None = field(
-        default=None,
-        metadata=field_meta(
-            "blend α·input + (1 − α)·transported: 1 unchanged (fidelity), 0 fully transported "
-            "(perception)",
-            -0.5,
-            1.5,
-            default_text="auto: where the patch distance meets the reference's band",
-        ),
-    )
-    data_steps: int = field(
-        default=0,
-        metadata=field_meta(
-            "steepest-descent steps on ‖f(x) − y‖² after the transport (needs the LR image), "
-            "stopped at the noise level",
-            0,
-            1000,
-        ),
+    data_steps: int = spec_field(
+        0,
+        "steepest-descent steps on ‖f(x) − y‖² after the transport (needs the LR image), "
+        "stopped at the noise level",
+        0,
+        1000,
     )
 
 
@@ -51,23 +42,14 @@ class TransportSpec:
 class ReadoutSpec:
     """Readouts without ground truth: data residual and patch distance to the reference."""
 
-    patch_size: int = field(
-        default=6, metadata=field_meta("side p of the patches compared with the reference", 2, 16)
+    patch_size: int = spec_field(6, "side p of the patches compared with the reference", 2, 16)
+    noise: float | None = spec_field(
+        None,
+        "noise std of the LR image on the [0, 1] scale",
+        0.0,
+        1.0,
+        default_text="estimated from the LR image",
     )
-    noise: float | None = field(
-        default=None,
-        metadata=field_meta(
-            "noise std of the LR image on the [0, 1] scale",
-            0.0,
-            1.0,
-            default_text="estimated from the LR image",
-        ),
-    )
-    projections: int = field(
-        default=64, metadata=field_meta("random directions of the sliced distance", 1, 4096)
-    )
-    samples: int = field(
-        default=20000,
-        metadata=field_meta("patches per image drawn for the sliced distance", 100, 10**7),
-    )
-    seed: int = field(default=0, metadata=field_meta("seed of the random choices", 0, MAX_SEED))
+    projections: int = spec_field(64, "random directions of the sliced distance", 1, 4096)
+    samples: int = spec_field(20000, "patches per image drawn for the sliced distance", 100, 10**7)
+    seed: int = spec_field(0, "seed of the random choices", 0, MAX_SEED)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.events import RunFinished
 from napari_wpp.core.intensity import Normalisation
 
 
@@ -38,23 +39,12 @@ class InferenceProgress:
 
 
 @dataclass(frozen=True, eq=False)
-class InferenceFinished:
-    """End of a run (always the last event).
+class InferenceFinished(RunFinished):
+    """End of a superresolution run: ``result`` is the superresolved array, or ``None``.
 
-    Attributes
-    ----------
-    result
-        The superresolved array, or ``None`` when the run was stopped early (a partial array
-        is never returned) or wrote its output elsewhere (:func:`superresolve_into`).
-    elapsed_s
-        Seconds the run took.
-    stopped_early
-        ``True`` when the ``stop`` event ended the run before the last slice.
+    ``None`` when the run was stopped early (a partial array is never returned) or wrote its
+    output elsewhere (:func:`superresolve_into`).
     """
-
-    result: np.ndarray | None
-    elapsed_s: float
-    stopped_early: bool
 
 
 #: Events yielded by the inference generators.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.errors import InputError
-from napari_wpp.core.events import run_to_end
+from napari_wpp.core.events import RunFinished, run_to_end
 from napari_wpp.core.inference.common import (
     _check_batch_size,
     _check_flow,
@@ -79,23 +79,12 @@ class SampleResult:
 
 
 @dataclass(frozen=True, eq=False)
-class SamplingFinished:
-    """End of a sampling run (always the last event).
+class SamplingFinished(RunFinished):
+    """End of a sampling run: ``result`` is a :class:`SampleResult`, or ``None``.
 
-    Attributes
-    ----------
-    result
-        The statistics, or ``None`` when the run was stopped early or wrote its output into
-        target arrays (:func:`sample_into`).
-    elapsed_s
-        Seconds the run took.
-    stopped_early
-        ``True`` when the ``stop`` event ended the run before the last sample.
+    ``None`` when the run was stopped early or wrote its output into target arrays
+    (:func:`sample_into`).
     """
-
-    result: SampleResult | None
-    elapsed_s: float
-    stopped_early: bool
 
 
 #: Events yielded by the sampling generators.
@@ -179,12 +168,12 @@ class _FlowRun:
         cls,
         model: nn.Module,
         k: int,
-        temperature: float,
-        seed: int,
-        batch_size: int,
-        tile: int | None,
-        halo: int | None,
-        device: str | torch.device,
+        temperature: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 4,
+        tile: int | None = None,
+        halo: int | None = None,
+        device: str | torch.device = "auto",
     ) -> _FlowRun:
         _check_flow(model)
         k = _check_count(k)
@@ -243,71 +232,24 @@ def _check_image2d(lr: np.ndarray) -> np.ndarray:
 
 
 def sample(
-    model: nn.Module,
-    lr: np.ndarray,
-    k: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    tile: int | None = None,
-    keep_samples: bool = False,
-    device: str | torch.device = "auto",
-    stop: threading.Event | None = None,
-    halo: int | None = None,
-    slice_index: int = 0,
+    model: nn.Module, lr: np.ndarray, k: int, *, slice_index: int = 0, **options: Any
 ) -> Iterator[SamplingProgress | SamplingFinished]:
     """Draw ``k`` posterior samples of a WPPFlow for one 2D image (a generator of events).
 
-    Samples are drawn in batches and folded into streaming moments
-    (:class:`~napari_wpp.core.uncertainty.RunningMoments`), so the ``k`` samples are held
-    in memory only with ``keep_samples``.
-
-    Parameters
-    ----------
-    model
-        A WPPFlow; it is copied to ``device``, the caller's model is not modified.
-    lr
-        ``(h, w)`` float image normalised to ``[0, 1]``; never modified.
-    k
-        Number of samples (≥ 1; the std is 0 for one sample).
-    temperature
-        Latent ``temperature · N(0, I)`` (1: the trained posterior; 0: every sample is the
-        mode).
-    seed
-        Seed of the latents; the same seed on the same device gives the same samples,
-        whatever ``batch_size`` and ``tile``.
-    batch_size
-        Samples per forward pass.
-    tile, halo
-        ``None``: the whole slice at once. Otherwise square tiles of ``tile`` LR pixels, cut
-        with a halo (default :func:`flow_receptive_radius`) from the slice and its latent,
-        which is drawn for the whole slice first; results agree with untiled runs to float32
-        rounding.
-    keep_samples
-        Also return the ``(k, q·h, q·w)`` samples.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-    stop
-        Checked before every batch; when set the run ends with
-        ``SamplingFinished(result=None, stopped_early=True)``.
-    slice_index
-        Which random stream of ``seed`` to use: slice ``i`` of :func:`sample_volume` uses
-        stream ``i``, so ``sample(volume[i], …, slice_index=i)`` reproduces it.
-
-    Yields
-    ------
-    SamplingProgress
-        After every batch (``done``/``total`` count samples).
-    SamplingFinished
-        Last event; ``result`` is a :class:`SampleResult` with float32 ``mean`` and ``std``
-        of shape ``(q·h, q·w)`` in normalised units. Bad input raises :class:`InputError` at
-        the first ``next()``.
+    ``lr`` is an ``(h, w)`` float image normalised to ``[0, 1]`` (never modified); the
+    ``options`` (``temperature``, ``seed``, ``batch_size``, ``tile``, ``halo``,
+    ``keep_samples``, ``device``, ``stop``) and the events are those of
+    :func:`sample_volume`, whose result this is for a normalised image, with float32 ``mean``
+    and ``std`` of shape ``(q·h, q·w)`` in normalised units. ``slice_index`` chooses the
+    random stream of ``seed``: slice ``i`` of :func:`sample_volume` uses stream ``i``, so
+    ``sample(volume[i], …, slice_index=i)`` reproduces it.
     """
     start = time.perf_counter()
     image = _check_image2d(lr)
     slice_index = _check_seed(slice_index)
-    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
-    run = replace(run, first_stream=slice_index)
+    keep_samples = bool(options.pop("keep_samples", False))
+    stop = options.pop("stop", None)
+    run = replace(_FlowRun.prepare(model, k, **options), first_stream=slice_index)
     dtype = np.dtype(np.float32)
     yield from _sample_in_memory(run, image, 0, None, dtype, keep_samples, stop, start)
 
@@ -447,43 +389,15 @@ def _sample_in_memory(
 
 
 def sample_volume(
-    model: nn.Module,
-    volume: np.ndarray,
-    k: int,
-    axis: int = 0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    tile: int | None = None,
-    keep_samples: bool = False,
-    device: str | torch.device = "auto",
-    normalisation: Normalisation | None = None,
-    stop: threading.Event | None = None,
-    halo: int | None = None,
+    model: nn.Module, volume: np.ndarray, k: int, *, keep_samples: bool = False, **options: Any
 ) -> Iterator[SamplingProgress | SamplingFinished]:
     """Posterior mean and std of a 2D image or, slice by slice, a 3D volume (a generator).
 
-    Parameters
-    ----------
-    model
-        A WPPFlow (not modified).
-    volume
-        ``(H, W)`` image or 3D volume; raw dtype with ``normalisation``, else normalised
-        floats. Never modified.
-    k, temperature, seed, batch_size, tile, halo, device
-        As in :func:`sample`; slice ``i`` along ``axis`` uses the random stream ``i`` of
-        ``seed`` (a 2D image is slice 0).
-    axis
-        Axis of a volume cut into slices (it keeps its size, the two others grow ``q`` times).
-    keep_samples
-        Also return all samples, ``(k, *output shape)`` (sample axis first).
-    normalisation
-        Applied to the input; ``mean`` and ``samples`` go back to the input's dtype and range
-        (rounded and clipped for integers), ``std`` becomes float32 in the input's intensity
-        units. ``None``: everything float32 in normalised units.
-    stop
-        Checked before every batch; when set the run ends with
-        ``SamplingFinished(result=None, stopped_early=True)``.
+    :func:`sample_into` into new in-memory arrays: ``model``, ``k`` and the ``options``
+    (``axis``, ``normalisation``, ``temperature``, ``seed``, ``batch_size``, ``tile``,
+    ``halo``, ``device``, ``stop``) are its own. ``volume`` is an ``(H, W)`` image or a 3D
+    volume (raw dtype with ``normalisation``, else normalised floats; never modified);
+    ``keep_samples`` also returns all samples, ``(k, *output shape)`` (sample axis first).
 
     Yields
     ------
@@ -491,12 +405,16 @@ def sample_volume(
         After every batch of samples.
     SamplingFinished
         Last event with a :class:`SampleResult` of the input's layout (superresolved axes
-        ``q`` times larger). Bad input raises :class:`InputError` at the first ``next()``.
+        ``q`` times larger), or ``None`` when stopped early. Bad input raises
+        :class:`InputError` at the first ``next()``.
     """
     start = time.perf_counter()
     vol = np.asarray(volume)
+    axis = options.pop("axis", 0)
+    normalisation = options.pop("normalisation", None)
+    stop = options.pop("stop", None)
     out_dt, ax = _check_layout(vol.shape, vol.dtype, axis, normalisation)
-    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
+    run = _FlowRun.prepare(model, k, **options)
     yield from _sample_in_memory(run, vol, ax, normalisation, out_dt, keep_samples, stop, start)
 
 
@@ -511,34 +429,50 @@ def sample_into(
     std_target: Any,
     k: int,
     samples_target: Any = None,
+    *,
     axis: int = 0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    tile: int | None = None,
     normalisation: Normalisation | None = None,
-    device: str | torch.device = "auto",
     stop: threading.Event | None = None,
-    halo: int | None = None,
+    **options: Any,
 ) -> Iterator[SamplingProgress | SamplingFinished]:
-    """Posterior mean and std of an out-of-core volume, slice by slice into targets.
+    """Posterior mean and std of a volume, slice by slice into targets (a generator of events).
+
+    Out of core: one slice of ``source`` is read at a time, and each is written to the
+    targets when its samples are drawn.
 
     Parameters
     ----------
     model
         A WPPFlow (not modified).
     source
-        2D/3D array-like that slices lazily (a zarr array, a memory map, a dask array); one
-        slice is read at a time.
+        2D/3D array-like that slices lazily (a zarr array, a memory map, a dask array); raw
+        dtype with ``normalisation``, else normalised floats. Never modified.
     mean_target, std_target
         Array-likes of the output shape (:func:`output_shape`) supporting
         ``target[region] = values``: the mean in :func:`output_dtype`, the std in float32
         (intensity units with ``normalisation``).
-    k, axis, temperature, seed, batch_size, tile, halo, normalisation, device
-        As in :func:`sample_volume` (the results are identical).
+    k
+        Number of samples (≥ 1; the std is 0 for one sample).
     samples_target
         Optional array-like of shape ``(k, *output shape)`` and the mean's dtype: samples are
         written batch by batch, so memory stays bounded by one batch of samples of a slice.
+    axis
+        Axis of a volume cut into slices (it keeps its size, the two others grow ``q`` times).
+    normalisation
+        Applied to the input; ``mean`` and ``samples`` go back to the input's dtype and range
+        (rounded and clipped for integers), ``std`` becomes float32 in the input's intensity
+        units. ``None``: everything float32 in normalised units.
+    options
+        ``temperature`` (default 1.0): latent ``temperature · N(0, I)`` (1: the trained
+        posterior; 0: every sample is the mode). ``seed`` (default 0): seed of the latents;
+        the same seed on the same device gives the same samples, whatever ``batch_size`` and
+        ``tile``; slice ``i`` along ``axis`` uses the random stream ``i`` of ``seed`` (a 2D
+        image is slice 0). ``batch_size`` (default 4): samples per forward pass. ``tile``,
+        ``halo``: ``None`` (default), the whole slice at once; otherwise square tiles of
+        ``tile`` LR pixels, cut with a halo (default :func:`flow_receptive_radius`) from the
+        slice and its latent, which is drawn for the whole slice first (results agree with
+        untiled runs to float32 rounding). ``device``: ``"auto"`` (default), ``"cpu"``,
+        ``"cuda"``, ...
     stop
         Checked before every batch; when set the run ends with
         ``SamplingFinished(None, elapsed, stopped_early=True)``; the slices completed so far
@@ -554,7 +488,7 @@ def sample_into(
     start = time.perf_counter()
     shape = tuple(int(n) for n in source.shape)
     out_dt, ax = _check_layout(shape, source.dtype, axis, normalisation)
-    run = _FlowRun.prepare(model, k, temperature, seed, batch_size, tile, halo, device)
+    run = _FlowRun.prepare(model, k, **options)
     out_shape = output_shape(shape, run.scale, ax)
     expected = (
         ("mean target", mean_target, out_shape, out_dt),

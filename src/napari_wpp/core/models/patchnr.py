@@ -126,12 +126,15 @@ class PatchNR(nn.Module):
         clamp: float = PUBLISHED_CLAMP,
         seed: int = 0,
     ) -> None:
+        checked = (
+            _positive("patch size", patch_size),
+            _positive("hidden width", hidden),
+            _positive("number of blocks", blocks),
+            _check_clamp(clamp),
+            int(seed),
+        )
         super().__init__()
-        self.patch_size = _positive("patch size", patch_size)
-        self.hidden = _positive("hidden width", hidden)
-        self.n_blocks = _positive("number of blocks", blocks)
-        self.clamp = _check_clamp(clamp)
-        self.seed = int(seed)
+        self.patch_size, self.hidden, self.n_blocks, self.clamp, self.seed = checked
         dim = self.dim
         self.couplings = nn.ModuleList(
             PatchCoupling(dim, self.hidden, self.clamp) for _ in range(self.n_blocks)
@@ -152,13 +155,8 @@ class PatchNR(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments (stored in model files)."""
-        return {
-            "patch_size": self.patch_size,
-            "hidden": self.hidden,
-            "blocks": self.n_blocks,
-            "clamp": self.clamp,
-            "seed": self.seed,
-        }
+        sizes = {"patch_size": self.patch_size, "hidden": self.hidden, "blocks": self.n_blocks}
+        return {**sizes, "clamp": self.clamp, "seed": self.seed}
 
     @torch.no_grad()
     def standardise_on(self, patches: Tensor) -> None:

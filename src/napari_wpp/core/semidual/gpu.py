@@ -139,22 +139,15 @@ def _kernels() -> tuple[object, object]:
         import triton
         import triton.language as tl
 
+        # fmt: off
         @triton.jit
         def top2_kernel(
-            x_ptr,
-            mu_ptr,
-            yt_ptr,
-            coeff_ptr,
-            idx_ptr,
-            unc_ptr,
-            n,
-            m,
-            d,
-            stride_x,
-            K: tl.constexpr,  # noqa: N803
-            BN: tl.constexpr,  # noqa: N803
-            BM: tl.constexpr,  # noqa: N803
+            x_ptr, mu_ptr, yt_ptr, coeff_ptr,  # in: patches, their mean, Yᵀ with ψ, bound
+            idx_ptr, unc_ptr,  # out: nearest index, 1 where the top-2 gap is not certified
+            n, m, d, stride_x,
+            K: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,  # noqa: N803
         ):
+            # fmt: on
             pid = tl.program_id(0)
             rows = pid * BN + tl.arange(0, BN)
             ks = tl.arange(0, K)
@@ -194,20 +187,16 @@ def _kernels() -> tuple[object, object]:
             tl.store(idx_ptr + rows, idx.to(tl.int64), mask=row_ok)
             tl.store(unc_ptr + rows, tl.where(certified, 0, 1).to(tl.int32), mask=row_ok)
 
+        # fmt: off
         @triton.jit
         def rerank64_kernel(
-            x_ptr,
-            yt_ptr,
-            psi_ptr,
-            slot_ptr,
-            count_ptr,
-            idx_ptr,
-            m,
-            d,
-            stride_x,
-            BR: tl.constexpr,  # noqa: N803
-            BM: tl.constexpr,  # noqa: N803
+            x_ptr, yt_ptr, psi_ptr,  # in: patches, Yᵀ, ψ
+            slot_ptr, count_ptr,  # in: the rows to re-rank and how many there are
+            idx_ptr,  # out: their nearest index in float64
+            m, d, stride_x,
+            BR: tl.constexpr, BM: tl.constexpr,  # noqa: N803
         ):
+            # fmt: on
             pid = tl.program_id(0)
             count = tl.load(count_ptr)
             if pid * BR < count:
@@ -216,9 +205,8 @@ def _kernels() -> tuple[object, object]:
                 rows = tl.load(slot_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
                 best = tl.full((BR,), float("inf"), tl.float64)
                 idx = tl.zeros((BR,), tl.int64)
-                lanes = tl.arange(0, BM)
                 for start in range(0, m, BM):
-                    cols = start + lanes
+                    cols = start + tl.arange(0, BM)
                     col_ok = cols < m
                     acc = tl.zeros((BR, BM), tl.float64)
                     for i in range(0, d):

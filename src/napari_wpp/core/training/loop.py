@@ -18,16 +18,7 @@ from napari_wpp.core.distributed import DataParallel
 from napari_wpp.core.errors import DivergenceError
 from napari_wpp.core.metrics import psnr
 from napari_wpp.core.operators import ForwardOperator
-from napari_wpp.core.training.events import (
-    RATE_WINDOW,
-    TrainingCheckpoint,
-    TrainingEvent,
-    TrainingFinished,
-    TrainingPreview,
-    TrainingProgress,
-    TrainingState,
-    steps_per_second,
-)
+from napari_wpp.core.training import events
 from napari_wpp.core.training.losses import LossTerms
 from napari_wpp.core.training.setup import (
     CHANNELS_LAST,
@@ -128,12 +119,12 @@ def train(
     operator: ForwardOperator,
     config: TrainingConfig | None = None,
     stop: threading.Event | None = None,
-    resume: TrainingState | None = None,
+    resume: events.TrainingState | None = None,
     normalisation: dict | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     preview_input: np.ndarray | None = None,
     data_parallel: DataParallel | None = None,
-) -> Iterator[TrainingEvent]:
+) -> Iterator[events.TrainingEvent]:
     """Train a WPPNet or a WPPFlow on LR data without paired HR data.
 
     Parameters
@@ -178,8 +169,8 @@ def train(
         reference,
         operator,
         config,
-        stop=stop,
-        resume=resume,
+        stop,
+        resume,
         normalisation=normalisation,
         validation=validation,
         preview_input=preview_input,
@@ -193,7 +184,7 @@ def train(
         run.model.mean_net.requires_grad_(False)
     trained = data_parallel_modules(run.model, run.device, dp)
     device_text = str(run.device) + (f" ×{dp.world_size}" if dp.active else "")
-    step_times: deque[float] = deque([time.perf_counter()], maxlen=RATE_WINDOW + 1)
+    step_times: deque[float] = deque([time.perf_counter()], maxlen=events.RATE_WINDOW + 1)
     while True:
         decision, fraction = _decide(run, stop)
         if decision == _STOP_ASKED:
@@ -220,7 +211,7 @@ def train(
         if val_psnr is not None:
             record["psnr"] = val_psnr
         run.history.append(record)
-        yield TrainingProgress(
+        yield events.TrainingProgress(
             step=run.step,
             elapsed_s=record["elapsed_s"],
             data_term=record["data_term"],
@@ -230,7 +221,7 @@ def train(
             psnr=val_psnr,
             logdet=record.get("logdet"),
             phase=("mean warm-up" if mean_phase else "spread") if run.warmup else None,
-            steps_per_s=steps_per_second(step_times),
+            steps_per_s=events.steps_per_second(step_times),
             device=device_text,
             total_steps=budget.max_steps,
         )
@@ -238,14 +229,14 @@ def train(
             continue
         if config.preview_every and run.step % config.preview_every == 0:
             image = run.run_model(run.preview)[0, 0].cpu().numpy().astype(np.float32)
-            yield TrainingPreview(step=run.step, elapsed_s=budget.elapsed(), image=image)
+            yield events.TrainingPreview(step=run.step, elapsed_s=budget.elapsed(), image=image)
         due = bool(config.checkpoint_every) and run.step % config.checkpoint_every == 0
         if config.checkpoint_minutes:
             due = due or time.perf_counter() - last_checkpoint >= 60.0 * config.checkpoint_minutes
         if due:
             last_checkpoint = time.perf_counter()
-            yield TrainingCheckpoint(state=run.snapshot())
-    yield TrainingFinished(state=run.snapshot(), stopped_early=stopped_early)
+            yield events.TrainingCheckpoint(state=run.snapshot())
+    yield events.TrainingFinished(state=run.snapshot(), stopped_early=stopped_early)
 
 
 def run_training(
@@ -254,11 +245,11 @@ def run_training(
     operator: ForwardOperator,
     config: TrainingConfig | None = None,
     **options: Any,
-) -> TrainingFinished:
+) -> events.TrainingFinished:
     """Run :func:`train` to the end and return its final event."""
     final = None
     for event in train(lr_data, reference, operator, config, **options):
-        if isinstance(event, TrainingFinished):
+        if isinstance(event, events.TrainingFinished):
             final = event
     assert final is not None
     return final

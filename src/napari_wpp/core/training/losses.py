@@ -37,10 +37,9 @@ class LossTerms:
 
     Attributes
     ----------
-    data_term
-        ``mean((f(x) − y)²)`` over the inner LR pixels.
-    wpp_term
-        W₂² between generated and reference patches (0 when the weight is 0).
+    data_term, wpp_term
+        ``mean((f(x) − y)²)`` over the inner LR pixels, and W₂² between the generated and
+        the reference patches (0 when the weight is 0).
     loss
         The loss as defined by the loss object.
     scaled

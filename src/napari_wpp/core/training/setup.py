@@ -11,6 +11,7 @@ import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,16 +278,21 @@ def setup_run(
     lr_data: np.ndarray,
     reference: np.ndarray | list[np.ndarray],
     operator: ForwardOperator,
-    config: TrainingConfig | None = None,
-    stop: threading.Event | None = None,
-    resume: TrainingState | None = None,
-    normalisation: dict | None = None,
-    validation: tuple[np.ndarray, np.ndarray] | None = None,
-    preview_input: np.ndarray | None = None,
-    data_parallel: DataParallel | None = None,
+    config: TrainingConfig | None,
+    stop: threading.Event | None,
+    resume: TrainingState | None,
+    **inputs: Any,
 ) -> TrainingRun:
-    """Check the inputs and build a :class:`TrainingRun` (see :func:`train` for the
-    parameters); bad input raises ``InputError`` naming the fix."""
+    """Check the inputs and build a :class:`TrainingRun`; bad input raises ``InputError``.
+
+    The parameters are those of :func:`~napari_wpp.core.training.loop.train`, which passes
+    them all; ``inputs`` holds its ``normalisation``, ``validation``, ``preview_input`` and
+    ``data_parallel``.
+    """
+    normalisation = inputs.get("normalisation")
+    validation = inputs.get("validation")
+    preview_input = inputs.get("preview_input")
+    data_parallel = inputs.get("data_parallel")
     config = resolved_config(config, operator, resume)
     dp = data_parallel if data_parallel is not None else current()
     device = resolve_device(config.device)
