@@ -37,9 +37,10 @@ def estimated_like(gain: float, bias: float = -0.2, seed: int = 0) -> FourierDow
     ],
 )
 def test_unit_gain_operators_keep_the_paper_rule(operator) -> None:
-    assert operator_gain(operator) == pytest.approx(1.0, abs=1e-6)
-    assert default_lambda(25, operator) == pytest.approx(0.02, rel=1e-6)
-    assert default_lambda(16, operator) == pytest.approx(paper_lambda(16), rel=1e-6)
+    # exactly: a unit-gain operator trains with the paper's λ, bit for bit
+    assert operator_gain(operator) == 1.0
+    assert default_lambda(25, operator) == paper_lambda(25) == 0.02
+    assert default_lambda(16, operator) == paper_lambda(16)
 
 
 def test_gain_is_the_kernel_sum_whatever_the_bias() -> None:
