@@ -41,6 +41,11 @@ def _cli(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _flags(**options: object) -> list[str]:
+    """``--name value`` pairs of the options that are not ``None``."""
+    return [t for k, v in options.items() if v is not None for t in (f"--{k}", str(v))]
+
+
 def _write(path: Path, image: np.ndarray) -> Path:
     import tifffile
 
@@ -99,39 +104,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     files = prepare(work)
     op_path = work / "operator.json"
-    estimate = _cli(
-        "estimate-operator",
-        "--hr",
-        str(files["hr_half"]),
-        "--lr",
-        str(files["lr_half"]),
-        "--scale",
-        str(SCALE),
-        "--out",
-        str(op_path),
-    )
+    hr_half, lr_half = str(files["hr_half"]), str(files["lr_half"])
+    estimate = _cli("estimate-operator", *_flags(hr=hr_half, lr=lr_half, scale=SCALE, out=op_path))
     print(f"operator: {json.dumps({k: estimate[k] for k in estimate if k != 'kernel'})}")
     model = work / f"wppnet_seed{args.seed}.safetensors"
-    train_args = [
-        "train",
-        "--lr-data",
-        str(files["lr_train"]),
-        "--reference",
-        str(files["reference"]),
-        "--operator",
-        str(op_path),
-        "--minutes",
-        f"{args.minutes:g}",
-        "--seed",
-        str(args.seed),
-        "--out",
-        str(model),
-        "--overwrite",
-    ]
-    if args.steps is not None:
-        train_args += ["--steps", str(args.steps)]
-    if args.lam is not None:
-        train_args += ["--lambda", str(args.lam)]
+    options = {
+        "lr-data": files["lr_train"],
+        "reference": files["reference"],
+        "operator": op_path,
+        "minutes": f"{args.minutes:g}",
+        "seed": args.seed,
+        "out": model,
+        "steps": args.steps,
+        "lambda": args.lam,
+    }
+    train_args = ["train", *_flags(**options), "--overwrite"]
     trained = _cli(*train_args)
     print(f"train: {json.dumps(trained)}")
     pred = work / f"pred_seed{args.seed}.tif"
