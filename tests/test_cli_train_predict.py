@@ -128,7 +128,8 @@ def test_train_writes_a_loadable_model_file(
     assert payload["device"] == "cpu" and payload["stopped_early"] is False
     for key in ("data_term", "wpp_term", "loss", "lambda", "seconds"):
         assert np.isfinite(payload[key]), key
-    assert payload["lambda"] == pytest.approx(12.5 / 24**2)  # paper rule, crops clipped to 24
+    # the default rule with a unit-gain blur, crops clipped to 24
+    assert payload["lambda"] == pytest.approx(12.5 / 24**2)
 
     meta = io.read_model_metadata(out)
     assert meta["kind"] == "wppnet" and meta["scale"] == 2 and meta["step"] == 2
@@ -323,7 +324,7 @@ def test_train_help_states_the_spec_defaults(capsys: pytest.CaptureFixture) -> N
     assert f"(default {cpu.batch_size}; {cuda.batch_size} on CUDA)" in text
     assert f"(default {cpu.n_reference_patches}; {cuda.n_reference_patches} on CUDA)" in text
     assert f"(default {cpu.psi_passes}; {cuda.psi_passes} on CUDA)" in text
-    assert f"default {PAPER_LAMBDA_NUMERATOR:g} / crop-size²" in text
+    assert f"default {PAPER_LAMBDA_NUMERATOR:g} · gain² / crop-size²" in text
 
 
 def test_a_spec_default_changes_the_help_and_the_run(

@@ -51,7 +51,7 @@ DEFAULT_PREVIEW_EVERY = 25
 BUDGET_UNITS = ("steps", "minutes")
 #: Placeholder and tooltip of the prior weight, per model kind.
 PRIOR_WEIGHT_HINTS = {
-    "wppnet": ("λ", "paper rule 12.5 / crop²", "lam"),
+    "wppnet": ("λ", "12.5 · gain² / crop²", "lam"),
     "wppflow": ("ρ", "published: 100 / (σ² · crop²)", "rho"),
 }
 
@@ -69,7 +69,7 @@ def parse_lambda(text: str) -> float | str | None:
     except ValueError:
         raise InputError(
             f"λ {text!r} is not a number: give a number ≥ 0, 'auto', or leave it empty for the "
-            "paper rule"
+            "default rule"
         ) from None
     if not math.isfinite(number) or number < 0:
         raise InputError(f"λ must be a finite number ≥ 0, got {text!r}")

@@ -47,7 +47,8 @@ PSI_MODES = ("shared", "per_batch")
 PRECISIONS = ("auto", "bf16", "off")
 #: Steps used when neither a step nor a time budget is given.
 DEFAULT_STEPS = 500
-#: λ · n_LR² of the paper's rule λ = 12.5 / n_LR² (mean data term, n_LR the LR crop side).
+#: λ · n_LR² of the paper's rule λ = 12.5 / n_LR² (mean data term, n_LR the LR crop side); the
+#: default λ multiplies it by the operator's squared gain (``default_lambda``).
 PAPER_LAMBDA_NUMERATOR = 12.5
 #: The published flow's prior weight ρ per LR crop: its loss is ``½‖f(x) − y‖² + ρ·W₂² −
 #: σ²·log|det ∇T|`` with the squared error summed over the crop (REFERENCE.md §5).
@@ -92,7 +93,9 @@ class TrainSpec:
         data's own in zero-shot mode: a prior for the variational reconstruction).
     lam
         WPPNet: weight λ of the patch prior (mean data term). ``None``: the paper's rule
-        :func:`paper_lambda`; ``"auto"``: chosen on the reference by :func:`choose_lambda`.
+        :func:`paper_lambda` times the operator's squared gain, :func:`default_lambda`
+        (unchanged for normalised blurs, about 3.2× for the estimated sandstone kernel of sum
+        1.8); ``"auto"``: chosen on the reference by :func:`choose_lambda`.
     rho
         WPPFlow: weight ρ of the patch prior in the loss per LR pixel ``mean‖f(x) − y‖²/(2σ²)
         + ρ·W₂² − log|det ∇T|/n_LR``. ``None``: the published weighting
@@ -187,7 +190,8 @@ class TrainSpec:
         "wppnet: weight λ of the patch prior (mean data term), or 'auto' (chosen on the reference)",
         0.0,
         None,
-        default_text=f"{PAPER_LAMBDA_NUMERATOR:g} / crop-size², 0.02 for 25-pixel crops",
+        default_text=f"{PAPER_LAMBDA_NUMERATOR:g} · gain² / crop-size², gain the operator's kernel "
+        "sum: 0.02 for 25-pixel crops and a normalised blur",
     )
     rho: float | str | None = spec_field(
         None,

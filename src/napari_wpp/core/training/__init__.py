@@ -49,6 +49,8 @@ from napari_wpp.core.training.events import (
 from napari_wpp.core.training.lambdas import (
     AUTO_LAMBDA_GRID,
     choose_lambda,
+    default_lambda,
+    operator_gain,
     paper_lambda,
     published_rho,
 )
@@ -98,6 +100,8 @@ __all__ = [
     "augmentation_is_consistent",
     "choose_lambda",
     "native_bf16",
+    "default_lambda",
+    "operator_gain",
     "paper_lambda",
     "published_rho",
     "rate_text",

@@ -40,7 +40,7 @@ from napari_wpp.core.training.data import (
     reference_patches,
 )
 from napari_wpp.core.training.events import TrainingState, saved_config, snapshot
-from napari_wpp.core.training.lambdas import choose_lambda, paper_lambda, published_rho
+from napari_wpp.core.training.lambdas import choose_lambda, default_lambda, published_rho
 from napari_wpp.core.training.losses import FlowLoss, WPPNetLoss
 
 __all__ = [
@@ -334,7 +334,7 @@ def setup_run(
     def wppnet_lambda() -> float:
         if config.lam == "auto":
             return chosen_lambda()
-        return paper_lambda(crop) if config.lam is None else float(config.lam)
+        return default_lambda(crop, operator) if config.lam is None else float(config.lam)
 
     if resume is not None:
         lam = resume.lam
