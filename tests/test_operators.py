@@ -590,3 +590,13 @@ def test_operators_on_cuda_match_cpu():
         up = upsample_aligned(y_gpu, op_cuda)
         assert up.device.type == "cuda"
         torch.testing.assert_close(up.cpu(), upsample_aligned(y_cpu, op), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_size_limits_are_absolute_and_relative_to_the_image():
+    """Above MAX_KERNEL_SIZE taps the constructor refuses; above 4× a side the forward does."""
+    with pytest.raises(InputError, match="kernel size 100000000 is far too large.*4096"):
+        GaussianDownsampling(2, 2.0, kernel_size=100_000_000)
+    wide = GaussianDownsampling(2, 2.0, kernel_size=1000)
+    with pytest.raises(InputError, match="far larger than the image.*at most 256"):
+        wide(torch.zeros(64, 64, dtype=torch.float64))
+    assert wide(torch.zeros(256, 256, dtype=torch.float64)).shape == (128, 128)

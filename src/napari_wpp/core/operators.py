@@ -54,6 +54,8 @@ __all__ = [
 _ANCHORS = ("center", "corner")
 #: Kernels up to this size are accepted on any image (above it: at most 4× the image side).
 MAX_SMALL_IMAGE_KERNEL = 256
+#: No kernel is built with more taps than this (a Gaussian of σ 680 fits in it).
+MAX_KERNEL_SIZE = 4096
 _PADDINGS = ("circular", "reflect", "zeros")
 
 
@@ -275,6 +277,12 @@ class GaussianDownsampling(ForwardOperator):
             or kernel_size < 1
         ):
             raise InputError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+        if kernel_size > MAX_KERNEL_SIZE:  # refused before its taps are sampled
+            raise InputError(
+                f"kernel size {kernel_size} is far too large: use a kernel size of at most "
+                f"{MAX_KERNEL_SIZE} (about 6·sigma + 1 taps hold the Gaussian, e.g. "
+                "--kernel-size 13 for sigma 2)"
+            )
         if anchor not in _ANCHORS:
             raise InputError(f"anchor must be one of {', '.join(_ANCHORS)}, got {anchor!r}")
         if padding not in _PADDINGS:
