@@ -114,16 +114,17 @@ def main() -> None:
         mean = tifffile.imread(args.mean)
         std = tifffile.imread(f"{stem}_std{args.mean.suffix}")
         raw = tifffile.imread(f"{stem}_raw_std{args.mean.suffix}")
-        seconds = float("nan")
+        source = f"read from {args.mean}"
     else:
         mean, std, raw, seconds = _sampled(args.model, DATA_ROOT / "sic" / "lr_SiC_x4.png")
+        source = f"sampling 16 × 600²: {seconds:.1f} s"
     mean01 = np.asarray(mean, np.float64) / 255.0
     std01, raw01 = np.asarray(std, np.float64) / 255.0, np.asarray(raw, np.float64) / 255.0
     inner = (slice(CROP, -CROP), slice(CROP, -CROP))
     error = (mean01 - truth)[inner]
     calibration = model_calibration(load_model(args.model))
 
-    print(f"model {args.model}  (sampling 16 × 600²: {seconds:.1f} s)")
+    print(f"model {args.model}  ({source})")
     print(f"mean PSNR {psnr(mean01, truth, crop=CROP):.2f} dB ({CROP}-pixel crop)")
     print(
         f"calibration σ_cal = {calibration.coverage_scale:.3g}·√(({calibration.std_scale:.3g}·σ)²"
