@@ -25,7 +25,11 @@ ci_seconds() {  # REV LOG -> "TOTAL PYTEST"
     git clone -q "$repo" "$dir/main"
     git -C "$dir/main" checkout -q "$rev"
     if [[ -n $shared ]]; then ln -s "$shared" "$dir/shared"; fi
-    bash "$dir/main/.ci/run" >"$log" 2>&1
+    if ! bash "$dir/main/.ci/run" >"$log" 2>&1; then
+        echo "CI failed at $rev; the end of its log:" >&2
+        tail -n 20 "$log" >&2
+        return 1
+    fi
     local total pytest
     total=$(sed -n 's/^CI passed in \([0-9]*\) s$/\1/p' "$log")
     pytest=$(sed -n 's/^--- pytest: \([0-9]*\) s$/\1/p' "$log")
@@ -35,8 +39,10 @@ ci_seconds() {  # REV LOG -> "TOTAL PYTEST"
 
 echo "round  base total/pytest  new total/pytest  ratio total  ratio pytest"
 for round in $(seq 1 "$runs"); do
-    read -r base_total base_pytest < <(ci_seconds "$base_rev" "$work/base-$round.log")
-    read -r new_total new_pytest < <(ci_seconds "$new_rev" "$work/new-$round.log")
+    base_times=$(ci_seconds "$base_rev" "$work/base-$round.log")
+    new_times=$(ci_seconds "$new_rev" "$work/new-$round.log")
+    read -r base_total base_pytest <<<"$base_times"
+    read -r new_total new_pytest <<<"$new_times"
     python3 -c "
 b, bp, n, np_ = $base_total, $base_pytest, $new_total, $new_pytest
 print(f'{$round:5d}  {b:5d} s / {bp:3d} s     {n:5d} s / {np_:3d} s     {n / b:.3f}        {np_ / bp:.3f}')
