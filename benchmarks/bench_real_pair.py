@@ -13,6 +13,16 @@ The protocol of docs/benchmarks.md ("A real registered scan pair"), on
 
 Run: ``python benchmarks/bench_real_pair.py --minutes 5 [--seed 0] [--lam auto|0.02]
 [--work DIR]`` (the files go to DIR, default a temporary folder).
+
+``--diagnose`` adds readouts that use the test HR (never the method): the sub-pixel shift
+between f(HR) and the real LR of the test quadrant (the registration's local error under the
+operator estimated on the left half), the shift between the WPPNet output and the HR scan, the
+PSNR the output would have if it were re-aligned with the HR scan (an oracle), and PSNR and
+blur effect of the output after Gaussian blurs (where smoothing the output would land).
+``--diagnose-only PRED`` prints them for an existing prediction in ``--work``.
+
+``--curve`` trains with ``--checkpoint-minutes 1``, copies the model file each time it is
+rewritten, and afterwards predicts and scores every copy: PSNR and blur effect along the run.
 """
 
 from __future__ import annotations
@@ -92,6 +102,99 @@ def bicubic_row(files: dict[str, Path], operator: dict, work: Path) -> dict:
     return _cli("evaluate", str(path), str(files["hr_test"]), "--crop", str(CROP))
 
 
+def train_with_snapshots(train_args: list[str], model: Path) -> tuple[dict, list[Path]]:
+    """Run ``train`` with a checkpoint every minute and keep a copy of each checkpoint."""
+    import shutil
+    import time
+
+    command = [sys.executable, "-m", "napari_wpp.cli", *train_args, "--checkpoint-minutes", "1"]
+    process = subprocess.Popen(
+        [*command, "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    copies: list[Path] = []
+    seen = None
+    while True:
+        finished = process.poll() is not None
+        stamp = model.stat().st_mtime_ns if model.exists() else None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            name = f"{model.stem}_snapshot{len(copies) + 1:02d}.safetensors"
+            copies.append(model.with_name(name))
+            shutil.copyfile(model, copies[-1])
+        if finished:
+            break
+        time.sleep(2.0)
+    out = process.stdout.read() if process.stdout else ""
+    if process.returncode != 0:
+        raise SystemExit(f"train failed ({process.returncode})")
+    return json.loads(out.strip().splitlines()[-1]), copies
+
+
+def curve_rows(copies: list[Path], files: dict[str, Path]) -> list[str]:
+    """``| minute | steps | PSNR | blur |`` of each model snapshot on the test quadrant."""
+    from safetensors import safe_open
+
+    rows = ["| seconds | steps | PSNR | SSIM | blur effect |", "|---|---|---|---|---|"]
+    for copy in copies:
+        with safe_open(str(copy), "pt") as handle:
+            meta = json.loads(handle.metadata()["napari_wpp"])
+        pred = copy.with_suffix(".tif")
+        _cli("predict", str(copy), str(files["lr_test"]), "--out", str(pred))
+        score = _cli("evaluate", str(pred), str(files["hr_test"]), "--crop", str(CROP))
+        rows.append(
+            f"| {meta['elapsed_s']:.0f} | {meta['step']} | {score['psnr']:.2f} | "
+            f"{score['ssim']:.4f} | {score['blur_effect']:.3f} |"
+        )
+    return rows
+
+
+def _pair(values: np.ndarray) -> str:
+    return f"({values[0]:+.2f}, {values[1]:+.2f})"
+
+
+def diagnostic_rows(files: dict[str, Path], operator_path: Path, pred: Path) -> list[str]:
+    """Readouts on the test quadrant that use its HR: registration, re-alignment, smoothing."""
+    import tifffile
+    import torch
+    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import shift as shift_image
+    from skimage.measure import blur_effect
+    from skimage.metrics import peak_signal_noise_ratio
+    from skimage.registration import phase_cross_correlation
+
+    from napari_wpp.io import read_operator
+
+    operator = read_operator(operator_path)
+    hr = tifffile.imread(files["hr_test"]).astype(np.float32) / 255.0
+    lr = tifffile.imread(files["lr_test"]).astype(np.float32) / 255.0
+    out = tifffile.imread(pred).astype(np.float32)
+    out = out / 255.0 if out.max() > 1.5 else out
+    with torch.no_grad():
+        f_hr = operator(torch.from_numpy(hr)).numpy()
+    m = 10  # LR border left out of the readouts
+    lr_shift = phase_cross_correlation(lr[m:-m, m:-m], f_hr[m:-m, m:-m], upsample_factor=20)[0]
+    out_shift = phase_cross_correlation(hr, out, upsample_factor=20)[0]
+    inner = (slice(CROP, -CROP), slice(CROP, -CROP))
+
+    def score(image: np.ndarray) -> float:
+        return peak_signal_noise_ratio(hr[inner], np.clip(image[inner], 0, 1), data_range=1.0)
+
+    realigned = shift_image(out.astype(np.float64), out_shift, order=3, mode="nearest")
+    residual = float(np.sqrt(np.mean((f_hr - lr)[m:-m, m:-m] ** 2)))
+    return [
+        f"f(HR) against the real LR (test quadrant): shift (y, x) = {_pair(lr_shift)} LR px, "
+        f"rms {residual:.4f}",
+        f"output against the HR scan: shift (y, x) = {_pair(out_shift)} HR px",
+        f"PSNR as predicted {score(out):.2f} dB; re-aligned with the HR scan (oracle) "
+        f"{score(realigned):.2f} dB",
+    ] + [
+        f"Gaussian blur σ {sigma:g} of the output: PSNR {score(smooth):.2f} dB, blur effect "
+        f"{blur_effect(np.clip(smooth[inner], 0, 1)):.3f}"
+        for sigma in (0.5, 0.7, 0.85, 1.0)
+        for smooth in [np.rint(gaussian_filter(out.astype(np.float64), sigma) * 255) / 255]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0)
@@ -99,11 +202,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lam", default=None, help="λ for train --lambda (default: the spec's)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the files")
+    parser.add_argument("--diagnose", action="store_true", help="add the readouts that use HR")
+    parser.add_argument("--diagnose-only", type=Path, default=None, metavar="PRED")
+    parser.add_argument("--curve", action="store_true", help="score a snapshot every minute")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="real_pair_"))
     work.mkdir(parents=True, exist_ok=True)
     files = prepare(work)
     op_path = work / "operator.json"
+    if args.diagnose_only is not None:
+        if not op_path.exists():
+            raise SystemExit(f"{op_path} is missing: run the benchmark with --work {work} first")
+        print("\n".join(diagnostic_rows(files, op_path, args.diagnose_only)))
+        return
     hr_half, lr_half = str(files["hr_half"]), str(files["lr_half"])
     estimate = _cli("estimate-operator", *_flags(hr=hr_half, lr=lr_half, scale=SCALE, out=op_path))
     print(f"operator: {json.dumps({k: estimate[k] for k in estimate if k != 'kernel'})}")
@@ -119,7 +230,11 @@ def main() -> None:
         "lambda": args.lam,
     }
     train_args = ["train", *_flags(**options), "--overwrite"]
-    trained = _cli(*train_args)
+    snapshots: list[Path] = []
+    if args.curve:
+        trained, snapshots = train_with_snapshots(train_args, model)
+    else:
+        trained = _cli(*train_args)
     print(f"train: {json.dumps(trained)}")
     pred = work / f"pred_seed{args.seed}.tif"
     _cli("predict", str(model), str(files["lr_test"]), "--out", str(pred))
@@ -137,6 +252,12 @@ def main() -> None:
     )
     print(f"| {label} | {net['psnr']:.2f} | {net['ssim']:.4f} | {net['blur_effect']:.3f} |")
     print(f"| (HR scan itself) | | | {hr_self['blur_effect']:.3f} |")
+    if snapshots:
+        print("\nalong the run (one snapshot a minute):")
+        print("\n".join(curve_rows(snapshots, files)))
+    if args.diagnose:
+        print("\nreadouts that use the test HR:")
+        print("\n".join(diagnostic_rows(files, op_path, pred)))
 
 
 if __name__ == "__main__":
