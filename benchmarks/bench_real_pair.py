@@ -131,7 +131,7 @@ def train_with_snapshots(train_args: list[str], model: Path) -> tuple[dict, list
 
 
 def curve_rows(copies: list[Path], files: dict[str, Path]) -> list[str]:
-    """``| minute | steps | PSNR | blur |`` of each model snapshot on the test quadrant."""
+    """``| seconds | steps | PSNR | SSIM | blur |`` of each model snapshot on the test quadrant."""
     from safetensors import safe_open
 
     rows = ["| seconds | steps | PSNR | SSIM | blur effect |", "|---|---|---|---|---|"]
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="also a step budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lam", default=None, help="λ for train --lambda (default: the spec's)")
+    parser.add_argument("--crop-size", type=int, default=None, help="train --crop-size")
     parser.add_argument("--work", type=Path, default=None, help="folder for the files")
     parser.add_argument("--diagnose", action="store_true", help="add the readouts that use HR")
     parser.add_argument("--diagnose-only", type=Path, default=None, metavar="PRED")
@@ -228,6 +229,7 @@ def main() -> None:
         "out": model,
         "steps": args.steps,
         "lambda": args.lam,
+        "crop-size": args.crop_size,
     }
     train_args = ["train", *_flags(**options), "--overwrite"]
     snapshots: list[Path] = []
@@ -248,7 +250,7 @@ def main() -> None:
     )
     label = (
         f"WPPNet, {args.minutes:g} min ({trained['steps']} steps), seed {args.seed}, "
-        f"λ = {trained['lambda']:.4g}"
+        f"λ = {trained['lambda']:.4g}" + (f", crops {args.crop_size}²" if args.crop_size else "")
     )
     print(f"| {label} | {net['psnr']:.2f} | {net['ssim']:.4f} | {net['blur_effect']:.3f} |")
     print(f"| (HR scan itself) | | | {hr_self['blur_effect']:.3f} |")
