@@ -109,8 +109,8 @@ def train_with_snapshots(train_args: list[str], model: Path) -> tuple[dict, list
 
     command = [sys.executable, "-m", "napari_wpp.cli", *train_args, "--checkpoint-minutes", "1"]
     process = subprocess.Popen(
-        [*command, "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+        [*command, "--json"], stdout=subprocess.PIPE, text=True
+    )  # stderr (progress, and the one-line error of a failed run) goes to the terminal
     copies: list[Path] = []
     seen = None
     while True:
@@ -167,8 +167,8 @@ def diagnostic_rows(files: dict[str, Path], operator_path: Path, pred: Path) -> 
     operator = read_operator(operator_path)
     hr = tifffile.imread(files["hr_test"]).astype(np.float32) / 255.0
     lr = tifffile.imread(files["lr_test"]).astype(np.float32) / 255.0
-    out = tifffile.imread(pred).astype(np.float32)
-    out = out / 255.0 if out.max() > 1.5 else out
+    out = tifffile.imread(pred)
+    out = out.astype(np.float32) / (255.0 if np.issubdtype(out.dtype, np.integer) else 1.0)
     with torch.no_grad():
         f_hr = operator(torch.from_numpy(hr)).numpy()
     m = 10  # LR border left out of the readouts
