@@ -191,10 +191,14 @@ def test_estimate_job_on_a_region_normalises_by_the_whole_plane(tmp_path: Path) 
         "residual_rms",
         "kernel_peak",
         "kernel_peak_index",
+        "lr_noise_model",
     }
     written = json.loads(out.read_text())
     assert written["fit"]["a"] == 1 and "bias" not in written["fit"]
     assert written["fit"]["residual_rms"] == estimated.summary["residual_rms"]
+    # the 24² LR region holds the LR noise model (8×8 DCT variances of the residual)
+    assert estimated.summary["lr_noise_model"] is True
+    assert np.asarray(written["noise_variance"]).shape == (8, 8)
 
 
 @pytest.mark.parametrize(

@@ -398,6 +398,7 @@ def test_estimate_size_not_divisible_by_scale():
     assert y.shape == (16, 16)
     est = estimate_operator(x.numpy(), y.numpy(), 2, kernel_size=33, eps=0.0)
     assert est.residual_rms < 1e-10  # full window: exact
+    assert est.operator.noise_variance is None  # a 16² LR is too small for the noise model
     # LR on the HR grid: both images are cropped to a multiple of the scale
     y_hr_grid = np.kron(y.numpy(), np.ones((2, 2)))
     y_hr_grid = np.pad(y_hr_grid, ((0, 1), (0, 1)), mode="edge")  # 33 x 33, last row unused

@@ -70,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
         f"kernel peak   {results['kernel_peak']:.4f} at {tuple(results['kernel_peak_index'])}\n"
         f"bias          {results['bias']:.5f}\n"
         f"residual rms  {results['residual_rms']:.4f}\n"
-        f"wrote {out}",
+        + (
+            "LR noise model kept (a wppnet trained with it denoises its LR input)\n"
+            if results["lr_noise_model"]
+            else ""
+        )
+        + f"wrote {out}",
     )
     return _common.EXIT_OK
 

@@ -58,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
         help="also write the samples to <OUT stem>_samples<ext> (K times the output's size)",
     )
     p.add_argument("--device", default=PredictSpec.device, help=_help("device"))
+    p.add_argument(
+        "--no-lr-denoise",
+        dest="lr_denoise",
+        action="store_false",
+        help="superresolve the LR input as it is, even with a model that holds an LR noise "
+        "model (to compare)",
+    )
     moved = p.add_argument_group(
         "perception ↔ fidelity (patch transport of the result; of the mean for a wppflow)"
     )
@@ -185,6 +192,7 @@ def _predict_spec(args: argparse.Namespace, ndim: int, what: str) -> Any:
         batch_size=args.batch_size,
         device=_common.check_device(args.device),
         keep_samples=bool(args.save_samples),
+        lr_denoise=bool(getattr(args, "lr_denoise", True)),
         **{name: value for name, value in given.items() if value is not None},
     )
 

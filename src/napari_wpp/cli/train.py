@@ -42,6 +42,7 @@ SPEC_FLAGS = (
     ("--patch-batch", "patch_batch", "patchnr_batch"),
     ("--device", "device", "device"),
     ("--seed", "seed", "seed"),
+    ("--no-lr-denoise", "lr_denoise", "lr_denoise"),
 )
 
 
@@ -114,6 +115,14 @@ def add_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     p.add_argument("--patch-batch", type=_positive_int, metavar="B", help=_help("patchnr_batch"))
     p.add_argument("--device", metavar="DEVICE", help=_help("device"))
     p.add_argument("--seed", type=_common.seed_type, metavar="N", help=_help("seed"))
+    p.add_argument(
+        "--no-lr-denoise",
+        dest="lr_denoise",
+        action="store_const",
+        const=False,
+        help="do not keep the operator's LR noise model (a wppnet then superresolves the LR "
+        "input as it is; operators estimated from a registered pair carry one)",
+    )
     p.add_argument(
         "--resume",
         metavar="MODEL",

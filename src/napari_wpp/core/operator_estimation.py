@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.lr_denoise import BLOCK, noise_dct_variance
 from napari_wpp.core.operators import (
     FourierDownsampling,
     check_scale,
@@ -257,7 +258,10 @@ def estimate_operator(
     Returns
     -------
     OperatorEstimate
-        The operator, kernel, bias and residual rms on the pair (against the reduced LR).
+        The operator, kernel, bias and residual rms on the pair (against the reduced LR). The
+        operator carries the residual's variance per 8 × 8 DCT coefficient as its
+        ``noise_variance`` (the LR noise model, :mod:`napari_wpp.core.lr_denoise`) when the LR
+        is at least 22 pixels each way.
 
     Notes
     -----
@@ -321,6 +325,9 @@ def estimate_operator(
     with torch.no_grad():
         pred = op(torch.from_numpy(x)).numpy()
     residual_rms = float(np.sqrt(np.mean((pred - y) ** 2)))
+    border = BLOCK - 1  # the LR noise model, a band of BLOCK - 1 pixels left out
+    if min(y.shape) - 2 * border >= BLOCK:
+        op.noise_variance = noise_dct_variance((y - pred)[border:-border, border:-border])
     return OperatorEstimate(
         operator=op, kernel=kernel, bias=bias, residual_rms=residual_rms, method=method
     )

@@ -420,9 +420,20 @@ class FourierDownsampling(ForwardOperator):
         2-D kernel (numpy array or tensor), applied on the HR grid.
     bias
         Constant added after the convolution.
+    noise_variance
+        What the operator leaves unexplained in the LR scan it was estimated on: the variance
+        of each 8 × 8 DCT coefficient of ``y - f(x)`` on the pair
+        (:func:`napari_wpp.core.lr_denoise.noise_dct_variance`), or ``None``. Not used by the
+        forward map; a WPPNet trained with it denoises its LR input at inference.
     """
 
-    def __init__(self, scale: int, kernel: np.ndarray | Tensor, bias: float = 0.0) -> None:
+    def __init__(
+        self,
+        scale: int,
+        kernel: np.ndarray | Tensor,
+        bias: float = 0.0,
+        noise_variance: np.ndarray | None = None,
+    ) -> None:
         super().__init__()
         self.scale = check_scale(scale)
         try:
@@ -440,6 +451,11 @@ class FourierDownsampling(ForwardOperator):
             raise InputError(f"bias must be a finite number, got {bias!r}")
         self.bias = float(bias)
         self.register_buffer("_kernel", k, persistent=False)
+        self.noise_variance: np.ndarray | None = None
+        if noise_variance is not None:
+            from napari_wpp.core.lr_denoise import check_noise_variance
+
+            self.noise_variance = check_noise_variance(noise_variance, "operator noise_variance")
 
     @property
     def kernel(self) -> Tensor:
@@ -508,12 +524,15 @@ class FourierDownsampling(ForwardOperator):
         return torch.fft.ifft2(full2).real  # adjoint of fft2(norm="forward")
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "kind": "fourier",
             "scale": self.scale,
             "kernel": self._kernel.tolist(),
             "bias": self.bias,
         }
+        if self.noise_variance is not None:
+            data["noise_variance"] = self.noise_variance.tolist()
+        return data
 
     def extra_repr(self) -> str:
         kh, kw = self._kernel.shape
@@ -594,7 +613,7 @@ def operator_from_dict(data: dict) -> ForwardOperator:
             raise InputError(
                 "fourier operator 'kernel' must be a rectangular nested list of numbers"
             ) from None
-        return FourierDownsampling(scale, arr, bias=bias)
+        return FourierDownsampling(scale, arr, bias=bias, noise_variance=data.get("noise_variance"))
     raise InputError(f"unknown operator kind {kind!r}: use 'gaussian' or 'fourier'")
 
 

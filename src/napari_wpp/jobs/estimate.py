@@ -29,7 +29,8 @@ class OperatorEstimated:
     """The :class:`~napari_wpp.core.operator_estimation.OperatorEstimate` and its summary numbers.
 
     ``summary``: ``kernel_sum``, ``bias``, ``residual_rms``, ``kernel_peak`` and
-    ``kernel_peak_index`` as plain Python numbers.
+    ``kernel_peak_index`` as plain Python numbers; ``lr_noise_model``: whether the operator
+    carries the LR scan's noise model (:mod:`napari_wpp.core.lr_denoise`).
     """
 
     estimate: Any
@@ -48,6 +49,7 @@ def _summary(estimate: Any) -> dict[str, Any]:
         "residual_rms": float(data["residual_rms"]),
         "kernel_peak": float(data["kernel_peak"]),
         "kernel_peak_index": [int(i) for i in data["kernel_peak_index"]],
+        "lr_noise_model": estimate.operator.noise_variance is not None,
     }
 
 

@@ -21,6 +21,7 @@ One rule for both faces (``napari-wpp predict`` and the Superresolve/Uncertainty
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import shutil
 import threading
@@ -300,6 +301,9 @@ def predict_job(
     (``result``; for a flow ``mean``, ``std``, ``samples``: the mean and samples in the input's
     dtype, the std float32 in the input's intensity units). Bad input raises ``InputError``.
 
+    A WPPNet that holds an LR noise model denoises its input (``spec.lr_denoise`` ``False``:
+    not, on a copy of the model).
+
     A flow's ``calibration`` (:func:`napari_wpp.jobs.calibration.model_calibration`) makes
     ``std`` the calibrated std and keeps the raw one as ``raw_std`` (not for zarr streamed into
     zarr).
@@ -310,6 +314,9 @@ def predict_job(
     from napari_wpp.core.inference import is_flow
 
     flow = is_flow(model)
+    if not spec.lr_denoise and getattr(model, "denoises", False):
+        model = copy.deepcopy(model)  # the caller's model keeps its noise model
+        model.set_noise_variance(np.zeros_like(model.noise_variance.cpu().numpy()))
     if not flow or (target.zarr and source.zarr_path is not None):
         calibration = None  # streamed slice by slice: the raw std only
     if target.path is None:

@@ -101,7 +101,8 @@ class TrainSettings:
     ----------
     lr_layer
         Name of the LR image layer (2D image or 3D stack).
-    model, mean_warmup, batch_size, crop_size, n_reference_patches, patch_distance, device, seed
+    model, mean_warmup, batch_size, crop_size, n_reference_patches, patch_distance, lr_denoise,
+    device, seed
         The :class:`~napari_wpp.core.config.TrainSpec` fields (``batch_size`` and
         ``n_reference_patches`` 0: the device's default).
     lam
@@ -127,6 +128,7 @@ class TrainSettings:
     crop_size: int = _spec_default("crop_size")
     n_reference_patches: int = _spec_default("n_reference_patches")
     patch_distance: str = _spec_default("patch_distance")
+    lr_denoise: bool = _spec_default("lr_denoise")
     device: str = _spec_default("device")
     preview_every: int = DEFAULT_PREVIEW_EVERY
     save_path: str = ""
@@ -166,6 +168,7 @@ class TrainSettings:
             "crop_size",
             "n_reference_patches",
             "patch_distance",
+            "lr_denoise",
             "device",
             "seed",
         ]

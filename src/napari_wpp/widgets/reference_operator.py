@@ -416,6 +416,11 @@ class ReferenceOperatorWidget(JobDockWidget):
         return (
             f"Residual rms {est.residual_rms:.4g} · kernel {est.kernel.shape[0]}×"
             f"{est.kernel.shape[1]}, sum {est.kernel_sum:.3f}, bias {est.bias:.4f}"
+            + (
+                " · LR noise model kept (a WPPNet denoises its input with it)"
+                if est.operator.noise_variance is not None
+                else ""
+            )
         )
 
     def fail(self, exc: BaseException) -> None:

@@ -84,6 +84,7 @@ FORM_FIELDS = (
     "crop_size",
     "n_reference_patches",
     "patch_distance",
+    "lr_denoise",
 )
 
 
@@ -137,6 +138,7 @@ class TrainWidget(JobDockWidget):
                 crop_size={"label": "Crop size (px)"},
                 n_reference_patches={"special_text": "device default", "step": 1000},
                 patch_distance={"choices": list(specs.PATCH_DISTANCES)},
+                lr_denoise={"label": "Denoise LR input"},
             )
         )
         self.form.insert(0, self.layer_choice.combo)

@@ -42,3 +42,8 @@ class PredictSpec:
         0, "seed of the latents; the same seed gives the same samples", 0, MAX_SEED
     )
     keep_samples: bool = spec_field(False, "also keep every posterior sample (sample axis first)")
+    lr_denoise: bool = spec_field(
+        True,
+        "wppnet: denoise the LR input with the model's noise model, when it holds one "
+        "(trained with an operator estimated from a registered pair)",
+    )

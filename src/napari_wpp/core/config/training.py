@@ -158,6 +158,10 @@ class TrainSpec:
     augment
         Random flips and 90° rotations of the crops, where the operator allows them
         (:func:`augmentation_is_consistent`).
+    lr_denoise
+        A WPPNet trained with an operator that carries an LR noise model (one estimated from
+        a registered pair) keeps that model and denoises its LR input at inference
+        (:mod:`napari_wpp.core.lr_denoise`); training always sees the crops as they are.
     noise_std
         Noise level σ of the LR data (normalised units), used by ``lam="auto"`` and as the σ
         of WPPFlow's data term.
@@ -283,6 +287,11 @@ class TrainSpec:
     )
     augment: bool = spec_field(
         True, "random flips and 90° rotations of the crops, where consistent"
+    )
+    lr_denoise: bool = spec_field(
+        True,
+        "wppnet: denoise the LR input at inference with the noise model of an operator "
+        "estimated from a registered pair (other operators have none)",
     )
     noise_std: float = spec_field(
         0.01,

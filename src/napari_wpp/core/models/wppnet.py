@@ -15,16 +15,21 @@ images at integer scales 2, 3, 4, 6, 8:
 About 1.07 M parameters at ×4 (0.92 M at ×2, 1.26 M at ×6). Fully convolutional: any input
 size works, the output is ``q`` times larger in both axes. The receptive field radius in LR
 pixels is given by :func:`receptive_radius` (used for tiled inference halos).
+
+Optionally (``denoise_block=8``) the network holds the LR noise model of an estimated
+operator and denoises its input at inference (:mod:`napari_wpp.core.lr_denoise`).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.lr_denoise import BLOCK, check_noise_variance, dct_denoise
 
 #: Scales with a pixel-shuffle factorisation.
 SUPPORTED_SCALES = (2, 3, 4, 6, 8)
@@ -91,6 +96,11 @@ class WPPNet(nn.Module):
         the published ones either way; centring the [0, 1] intensities (the default 0.5)
         makes the unsupervised training converge several times faster (docs/benchmarks.md),
         ``offset=0`` is the published network exactly.
+    denoise_block
+        0 (default): none. 8: the network holds an LR noise model (buffer
+        ``noise_variance``, set by :meth:`set_noise_variance`) and, in eval mode only,
+        denoises its input with it first (:func:`napari_wpp.core.lr_denoise.dct_denoise`).
+        Training (train mode) sees the LR crops as they are.
     """
 
     kind = "wppnet"
@@ -101,9 +111,15 @@ class WPPNet(nn.Module):
         features: int = FEATURES,
         blocks: int = N_BLOCKS,
         offset: float = DEFAULT_OFFSET,
+        denoise_block: int = 0,
     ) -> None:
         super().__init__()
         shuffle_factors(int(scale))  # validates the scale
+        if denoise_block not in (0, BLOCK):
+            raise InputError(f"WPPNet denoise_block must be 0 or {BLOCK}, got {denoise_block!r}")
+        self.denoise_block = int(denoise_block)
+        if self.denoise_block:
+            self.register_buffer("noise_variance", torch.zeros(BLOCK, BLOCK))
         if blocks < 1 or features < 1:
             raise InputError(f"WPPNet needs ≥ 1 block and feature, got {blocks}, {features}")
         self.scale = int(scale)
@@ -135,13 +151,27 @@ class WPPNet(nn.Module):
             "features": self.features,
             "blocks": self.n_blocks,
             "offset": self.offset,
-        }
+        } | ({"denoise_block": self.denoise_block} if self.denoise_block else {})
+
+    def set_noise_variance(self, variance: np.ndarray | Tensor) -> None:
+        """Set the LR noise model (``(8, 8)`` DCT variances; zeros switch denoising off)."""
+        if not self.denoise_block:
+            raise InputError("this WPPNet was built without denoise_block: build it with 8")
+        v = torch.as_tensor(check_noise_variance(np.asarray(variance)), dtype=torch.float32)
+        self.noise_variance.copy_(v)
+
+    @property
+    def denoises(self) -> bool:
+        """Whether inference (eval mode) denoises the LR input (a non-zero noise model)."""
+        return bool(self.denoise_block) and bool(self.noise_variance.any())
 
     def forward(self, lr: Tensor) -> Tensor:
         if lr.ndim != 4 or lr.shape[1] != 1:
             raise InputError(
                 f"WPPNet expects a (batch, 1, h, w) tensor, got shape {tuple(lr.shape)}"
             )
+        if not self.training and self.denoises:
+            lr = dct_denoise(lr, self.noise_variance)
         h = lr - self.offset if self.offset else lr
         memory = None
         first = None
@@ -176,4 +206,4 @@ def receptive_radius(model: WPPNet) -> int:
         radius += 1.0 / factor  # the stage's conv runs at the current resolution
         factor *= r
     radius += 5.0 / factor  # two branch convs + three reconstruction convs at HR
-    return math.ceil(radius)
+    return math.ceil(radius) + (model.denoise_block - 1 if model.denoise_block else 0)

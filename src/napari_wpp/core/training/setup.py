@@ -29,6 +29,7 @@ from napari_wpp.core.config.training import TrainSpec as TrainingConfig
 from napari_wpp.core.devices import resolve_device
 from napari_wpp.core.distributed import DataParallel, current
 from napari_wpp.core.errors import InputError
+from napari_wpp.core.lr_denoise import BLOCK as LR_NOISE_BLOCK
 from napari_wpp.core.models import build_model
 from napari_wpp.core.operators import ForwardOperator
 from napari_wpp.core.semidual import PatchPrior, build_patch_prior
@@ -354,7 +355,14 @@ def setup_run(
     if flow:
         model_options.setdefault("sampling_offset", float(operator.sampling_offset))
         model_options.setdefault("seed", config.seed)
-    model = build_model(config.model, scale=q, **model_options).to(device)
+    noise_variance = getattr(operator, "noise_variance", None)
+    denoise = config.model == "wppnet" and config.lr_denoise and noise_variance is not None
+    if denoise:
+        model_options.setdefault("denoise_block", LR_NOISE_BLOCK)
+    model = build_model(config.model, scale=q, **model_options)
+    if denoise and resume is None:
+        model.set_noise_variance(noise_variance)
+    model = model.to(device)
     n_priors = config.n_fixed_batches if config.psi_mode == "per_batch" else 1
     solver_options = {} if config.psi_lr is None else {"lr": config.psi_lr}
     momentum = None if config.psi_solver == "asgd" else PSI_SCALE_MOMENTUM
