@@ -732,3 +732,28 @@ def test_nan_made_by_a_model_is_not_blamed_on_the_image(
     )
     _assert_bad_input(code, stdout, err, "the model or the operator produced them")
     assert "nan_to_num" not in err
+
+
+def test_lr_noise_model_of_the_operator_is_kept_and_can_be_left_out(
+    capsys: pytest.CaptureFixture, tmp_path: Path, files: dict[str, Path]
+) -> None:
+    from napari_wpp.core.operators import FourierDownsampling
+
+    noisy = FourierDownsampling(2, np.ones((5, 5)) / 25, noise_variance=np.full((8, 8), 1e-3))
+    op_path = io.write_operator(tmp_path / "op.json", noisy)
+    kept, left_out = tmp_path / "kept.safetensors", tmp_path / "left_out.safetensors"
+    for out, extra in ((kept, ()), (left_out, ("--no-lr-denoise",))):
+        code, _, err = _train(capsys, files, out, "--operator", op_path, "--steps", 1, *extra)
+        assert code == 0, err
+    assert io.load_model(kept).model.denoises
+    assert not getattr(io.load_model(left_out).model, "denoises", False)
+    assert io.read_model_metadata(left_out)["config"]["lr_denoise"] is False
+    outputs = {}
+    for name, extra in (("denoised", ()), ("as_measured", ("--no-lr-denoise",))):
+        outputs[name] = tmp_path / f"{name}.tif"
+        code, _, err = _run(capsys, "predict", kept, files["lr2d"], "--out", outputs[name], *extra)
+        assert code == 0, err
+    denoised, as_measured = (tifffile.imread(p).astype(float) for p in outputs.values())
+    assert np.abs(denoised - as_measured).max() > 0
+    # predicting the input as it is leaves the model file unchanged
+    assert io.load_model(kept).model.denoises

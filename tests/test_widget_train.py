@@ -124,6 +124,20 @@ def test_patch_distance_is_a_choice_of_the_form(setup) -> None:
     assert combo.value == "exact"
 
 
+def test_denoising_the_lr_input_is_a_wppnet_checkbox(setup) -> None:
+    viewer, _session = setup
+    widget = _open_widget(viewer)
+    box = widget.form.lr_denoise
+    assert box.value is True and widget.settings.training_config().lr_denoise is True
+    box.value = False  # the check box drives the settings and the run's spec
+    assert widget.settings.training_config().lr_denoise is False
+    assert not box.native.isHidden()
+    widget.settings.model = "wppflow"  # a flow does not denoise its input: no check box
+    assert box.native.isHidden()
+    widget.settings.model = "wppnet"
+    assert not box.native.isHidden()
+
+
 def test_a_spec_default_changes_the_form_and_the_run(setup, monkeypatch) -> None:
     """Editing a default of the training spec is the only edit the widget needs."""
     from cli_helpers import train_spec_with

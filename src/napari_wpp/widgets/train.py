@@ -203,9 +203,11 @@ class TrainWidget(JobDockWidget):
 
     def _on_model(self, kind: str) -> None:
         """The prior weight is λ for a WPPNet, ρ per LR pixel for a WPPFlow (with warm-up); a
-        PatchNR has none (its λ is the reconstruction's) and plots its NLL."""
+        PatchNR has none (its λ is the reconstruction's) and plots its NLL. Only a WPPNet
+        denoises its LR input."""
         flow = kind == "wppflow"
         self.warmup_spin.visible = self.warmup_label.visible = flow
+        self.form.lr_denoise.visible = kind == "wppnet"  # the only model that uses it
         self.lam_edit.visible = self.lam_label.visible = kind != "patchnr"
         if self.worker is None:
             self.plot.show_nll(kind == "patchnr")
