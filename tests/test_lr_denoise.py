@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from test_training import TINY_MODEL, tiny_config
 
 from napari_wpp.core import lr_denoise
 from napari_wpp.core.errors import InputError
@@ -22,10 +23,8 @@ from napari_wpp.core.lr_denoise import (
 from napari_wpp.core.models.wppnet import WPPNet, receptive_radius
 from napari_wpp.core.operator_estimation import estimate_operator
 from napari_wpp.core.operators import FourierDownsampling, GaussianDownsampling, operator_from_dict
-from napari_wpp.core.training import TrainingConfig, TrainingFinished, train
+from napari_wpp.core.training import TrainingFinished, train
 from napari_wpp.io import load_model, read_operator, save_model, write_operator
-
-TINY_MODEL = {"features": 8, "blocks": 2, "offset": 0.5}
 
 
 def grains(shape: tuple[int, int], seed: int) -> np.ndarray:
@@ -164,18 +163,6 @@ def test_model_file_keeps_the_noise_model(tmp_path) -> None:
     torch.testing.assert_close(loaded.noise_variance, net.noise_variance)
 
 
-def small_config(**overrides) -> TrainingConfig:
-    options = dict(
-        steps=2,
-        batch_size=2,
-        crop_size=16,
-        n_reference_patches=200,
-        device="cpu",
-        model_options=dict(TINY_MODEL),
-    )
-    return TrainingConfig(**{**options, **overrides})
-
-
 @pytest.mark.parametrize(
     ("noisy_operator", "overrides", "denoises"),
     [(True, {}, True), (True, {"lr_denoise": False}, False), (False, {}, False)],
@@ -186,7 +173,7 @@ def test_training_keeps_the_operator_noise_model(noisy_operator, overrides, deno
     operator = FourierDownsampling(2, kernel, noise_variance=variance)
     lr = grains((40, 40), 9).astype(np.float32)
     reference = grains((80, 80), 10).astype(np.float32)
-    events = list(train(lr, reference, operator, small_config(**overrides)))
+    events = list(train(lr, reference, operator, tiny_config(steps=2, **overrides)))
     model = next(e for e in events if isinstance(e, TrainingFinished)).state.model
     assert getattr(model, "denoises", False) is denoises
     if denoises:
