@@ -161,6 +161,10 @@ def test_model_file_keeps_the_noise_model(tmp_path) -> None:
     loaded = load_model(save_model(tmp_path / "m.safetensors", state, False)).model
     assert loaded.denoises
     torch.testing.assert_close(loaded.noise_variance, net.noise_variance)
+    net.noise_variance.fill_(float("nan"))  # a damaged file: a clear message, not NaN outputs
+    damaged = save_model(tmp_path / "damaged.safetensors", state, False)
+    with pytest.raises(InputError, match="invalid LR noise model"):
+        load_model(damaged)
 
 
 @pytest.mark.parametrize(

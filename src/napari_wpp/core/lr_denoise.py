@@ -80,7 +80,9 @@ def check_noise_variance(variance: object, where: str = "LR noise variance") -> 
     except (TypeError, ValueError):
         raise InputError(f"{where} must be an {BLOCK}×{BLOCK} nested list of numbers") from None
     if v.shape != (BLOCK, BLOCK):
-        raise InputError(f"{where} must be {BLOCK}×{BLOCK}, got shape {v.shape}")
+        raise InputError(
+            f"{where} must be {BLOCK}×{BLOCK}, got shape {v.shape}: estimate the operator again"
+        )
     if not np.all(np.isfinite(v)) or bool((v < 0).any()):
         raise InputError(f"{where} must be finite and ≥ 0: estimate the operator again")
     return v

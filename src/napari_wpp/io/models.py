@@ -449,6 +449,16 @@ def load_model(path: str | Path, device: str = "cpu") -> TrainingState:
 
     model = build_model(kind, **model_config)  # the shapes fit: as large as the file
     model.load_state_dict(weights, strict=True)
+    if getattr(model, "denoise_block", 0):
+        from napari_wpp.core.lr_denoise import check_noise_variance
+
+        try:
+            check_noise_variance(model.noise_variance.numpy())
+        except InputError as exc:
+            raise InputError(
+                f"model file {path.name} holds an invalid LR noise model ({exc}): the file is "
+                "damaged; save or train the model again"
+            ) from None
     model.to(target).eval()
 
     return TrainingState(
