@@ -16,6 +16,9 @@ Run ``python benchmarks/bench_inference.py`` (``--help`` for options). Prints
   slice). By default this part uses a light WPPNet(4, features=8, blocks=2) so that the volume
   can be much larger than a chunk within seconds; ``--ooc-features 64 --ooc-blocks 10`` runs the
   full architecture.
+
+``--denoise-cost`` instead times a WPPNet ×2 (default size) on whole LR slices with and
+without its LR noise model (``--denoise-sizes``, default 413 and 1024), and the denoiser alone.
 """
 
 from __future__ import annotations
@@ -198,6 +201,35 @@ def memory(args: argparse.Namespace) -> None:
     print(f"both runs give the same output sum: {same}\n")
 
 
+def denoise_cost(args: argparse.Namespace) -> None:
+    """Seconds per LR slice of a WPPNet ×2 with and without its LR noise model (the DCT
+    denoiser of an estimated operator), whole slices, interleaved repeats, medians."""
+    from napari_wpp.core.inference import superresolve_slice
+
+    torch.manual_seed(args.seed)
+    net = WPPNet(2, denoise_block=8)
+    variance = np.full((8, 8), 1e-4)
+    rng = np.random.default_rng(args.seed)
+    print("| LR slice | network alone (s) | with the denoiser (s) | ratio | denoiser alone (s) |")
+    print("|---|---|---|---|---|")
+    for side in args.denoise_sizes:
+        image = rng.random((side, side), dtype=np.float32)
+        times: dict[str, list[float]] = {"plain": [], "denoised": [], "alone": []}
+        for _ in range(args.repeats + 1):  # the first round warms up and is dropped
+            for name in times:
+                net.set_noise_variance(np.zeros((8, 8)) if name == "plain" else variance)
+                start = time.perf_counter()
+                if name == "alone":
+                    from napari_wpp.core.lr_denoise import denoise_image
+
+                    denoise_image(image, variance)
+                else:
+                    superresolve_slice(net, image)
+                times[name].append(time.perf_counter() - start)
+        plain, denoised, alone = (statistics.median(times[k][1:]) for k in times)
+        print(f"| {side}² | {plain:.2f} | {denoised:.2f} | {denoised / plain:.3f} | {alone:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=8, help="LR slices of the speed test")
@@ -211,6 +243,10 @@ def main() -> None:
     parser.add_argument("--ooc-size", type=int, default=128, help="LR side of the zarr volume")
     parser.add_argument("--ooc-features", type=int, default=8)
     parser.add_argument("--ooc-blocks", type=int, default=2)
+    parser.add_argument(
+        "--denoise-cost", action="store_true", help="only the LR denoiser's cost per slice"
+    )
+    parser.add_argument("--denoise-sizes", type=int, nargs="+", default=[413, 1024])
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", choices=("memory", "zarr"), help=argparse.SUPPRESS)
@@ -218,6 +254,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.denoise_cost:
+        denoise_cost(args)
         return
     # memory first: a child's getrusage peak starts at its parent's RSS at fork time on Linux,
     # so the children are started while this process is still small
