@@ -11,6 +11,7 @@ from napari_wpp.core.config import TrainSpec
 from napari_wpp.core.errors import InputError
 from napari_wpp.core.training import TrainingFinished, TrainingProgress
 from napari_wpp.data import synthetic_material
+from napari_wpp.jobs.notices import JobWarning
 from napari_wpp.jobs.train import (
     ModelFileFailed,
     ModelFileWritten,
@@ -61,6 +62,22 @@ def test_job_normalises_trains_and_writes_the_model_file(material, tmp_path: Pat
         check_resume_budget(_spec(steps=2), state, "model", "--steps")
     with pytest.raises(InputError, match="trained on uint8"):
         lr_normalisation(material.lr.astype(np.float32), state)
+
+
+@pytest.mark.parametrize(("model", "warmup", "warned"), [
+    ("wppflow", 0.0, True), ("wppflow", 0.3, False), ("wppnet", 0.0, False),
+])  # fmt: skip
+def test_a_flow_without_the_mean_warmup_is_warned_about(material, model, warmup, warned) -> None:
+    options = {"steps": 1, "checkpoint_every": None, "mean_warmup": warmup}
+    if model == "wppflow":
+        flow = {"steps": 1, "hidden": 8, "cond_features": 4, "mean_features": 8, "mean_blocks": 2}
+        options.update(model=model, model_options=flow, calibration_holdout=0.0)
+    spec = _spec(**options)
+    source = TrainSource(material.lr, material.reference)
+    events = list(train_job(spec, source, material.operator))
+    messages = [e.message for e in events if isinstance(e, JobWarning)]
+    assert any("--mean-warmup 0" in m for m in messages) is warned
+    assert any(isinstance(e, TrainingFinished) for e in events)
 
 
 def test_a_model_file_that_cannot_be_written_is_an_event(material, tmp_path: Path) -> None:
