@@ -4,11 +4,12 @@ A registered HR/LR pair gives, besides the operator ``f``, the LR scan's own mis
 ``r = y - f(x)``: its noise and what the operator cannot model. Its variance per coefficient
 of the 8 × 8 DCT (:func:`noise_dct_variance`) is the noise model of that scanner.
 
-:func:`dct_denoise` removes it from an LR image by empirical Wiener shrinkage in sliding
-8 × 8 DCT blocks: each coefficient ``c`` of each block keeps the fraction ``S / (S + σ²)``
-with ``S = max(c² - σ², 0)`` and ``σ²`` its noise variance (the block mean is kept), and the
-overlapping blocks are averaged. Strong edges pass, noise-sized coefficients are removed, so
-the image keeps its sharpness where a global (linear) Wiener filter would blur it.
+:func:`dct_denoise` removes it from an LR image by shrinkage in sliding 8 × 8 DCT blocks:
+by default (power subtraction) each coefficient ``c`` of each block is scaled by
+``√(max(c² - σ², 0) / c²)``, ``σ²`` its noise variance, so that it keeps its expected signal
+power (the block mean is kept); the overlapping blocks are averaged. Strong edges pass,
+noise-sized coefficients are removed, so the image keeps its sharpness where a global
+(linear) Wiener filter would blur it.
 
 A WPPNet trained on the raw LR crops (its data term must explain the LR as measured) is
 applied to the denoised LR at inference: fed an estimate of ``f(x)`` instead of ``f(x)``
